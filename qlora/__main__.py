@@ -1,0 +1,5 @@
+import sys
+
+from qlora.cli import main
+
+sys.exit(main())

@@ -1,0 +1,54 @@
+"""Attach LoRA adapters with PEFT and keep their weights in fp32."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from qlora.config import LoraConfig
+from qlora.errors import UserError
+
+
+def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool):
+    """A PeftModel with trainable LoRA weights on the frozen (4-bit) base."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    targets = lora.target_modules
+    peft_cfg = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        bias=lora.bias.value, modules_to_save=lora.modules_to_save, use_dora=lora.use_dora,
+        task_type="CAUSAL_LM")
+    try:
+        model = get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise UserError(f"lora.target_modules={list(targets)}: {str(e).splitlines()[0]}") from None
+    keep_trainable_fp32(model)
+    return model
+
+
+def keep_trainable_fp32(model) -> None:
+    """Trainable weights in fp32: TRL casts LoRA to bf16 for quantized models, and the fp16 grad
+    scaler then refuses bf16 gradients (the plain stack's crash with fp16 compute); fp32 costs
+    nothing measurable and keeps small updates from rounding away."""
+    import torch
+
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
+def adapter_dir(path: str) -> Path:
+    """The adapter folder of a run directory (or the folder itself)."""
+    p = Path(path).expanduser()
+    if (p / "adapter" / "adapter_config.json").is_file():
+        return p / "adapter"
+    if (p / "adapter_config.json").is_file():
+        return p
+    raise UserError(f"adapter={path}: no adapter_config.json there or in its adapter/ folder; "
+                    "give a run directory written by `qlora train` or its adapter/ folder")

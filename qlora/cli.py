@@ -1,0 +1,195 @@
+"""`qlora VERB [key=value ...]`: compose the config with Hydra, validate it, run the verb.
+
+Hydra's compose API (not @hydra.main) keeps exit codes ours and writes no outputs/.hydra folders.
+Heavy libraries (torch, transformers, bitsandbytes) are imported by the verbs, never here, so
+`--help` and config errors answer in about a second.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+from qlora.errors import UserError, WorkError
+
+# verb: (one-line description, primary config in conf/, config groups shown by --help)
+VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
+    "train": ("fine-tune a base model with LoRA on 4-bit weights; writes a run directory", "train",
+              ("model", "quant", "lora", "data", "train", "eval")),
+    "recipes": ("list the recipes with their one-line descriptions", "", ()),
+}
+# Values typed as free text: kept out of Hydra's override grammar, which rejects quotes and commas.
+FREE_TEXT = {"prompt": "gen.prompt", "system": "gen.system", "gen.prompt": "gen.prompt",
+             "gen.system": "gen.system"}
+ALIASES = {"prompts": "gen.prompts"}
+
+USAGE = """usage: qlora VERB [key=value ...]      (qlora VERB --help for its keys)
+
+verbs:
+{verbs}
+
+Examples:
+  qlora train                                   # the built-in demo (SmolLM2-135M, CPU or GPU)
+  qlora train recipe=tinyllama_demo_t4 lora.r=32 train.max_steps=100
+Errors exit 2 (bad input) or 1 (failed work); QLORA_DEBUG=1 shows tracebacks."""
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # renamed-argument notices from the libraries, not actionable by users
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        return _dispatch(argv)
+    except (UserError, WorkError) as e:
+        if os.environ.get("QLORA_DEBUG") == "1":
+            raise
+        print(f"qlora: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("qlora: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: List[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        width = max(len(v) for v in VERBS)
+        print(USAGE.format(verbs="\n".join(f"  {v:<{width}}  {d[0]}" for v, d in VERBS.items())))
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        raise UserError(f"unknown verb {verb!r}; choose one of: {', '.join(VERBS)} (qlora --help)")
+    if verb == "recipes":
+        return list_recipes()
+    if "-h" in rest or "--help" in rest:
+        print_config_help(verb)
+        return 0
+    cfg = compose(VERBS[verb][1], rest)
+    runner: Callable = _runner(verb)
+    return runner(cfg) or 0
+
+
+def _runner(verb: str) -> Callable:
+    from qlora.train import train
+    return {"train": train}[verb]
+
+
+def split_overrides(args: List[str]) -> Tuple[List[str], Dict[str, str]]:
+    """Hydra overrides, plus the free-text values set after composition."""
+    overrides, texts = [], {}
+    for arg in args:
+        key, eq, value = arg.partition("=")
+        if key[:1] in "+~":
+            raise UserError(f"{arg!r}: every key already exists; drop the {key[0]!r} (qlora VERB --help lists keys)")
+        if not eq:
+            raise UserError(f"{arg!r} is not key=value; e.g. train.max_steps=100 (qlora VERB --help lists keys)")
+        if key in FREE_TEXT:
+            texts[FREE_TEXT[key]] = value
+        elif key == "recipe":
+            overrides += [f"+recipes={value}", f"recipe={value}"]
+            _check_recipe(value)
+        else:
+            overrides.append(f"{ALIASES.get(key, key)}={value}" if key in ALIASES else arg)
+    return overrides, texts
+
+
+def compose(config_name: str, args: List[str]):
+    """The validated config object (a QLoraConfig) for a verb and its command-line overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from qlora.config import CONF_DIR, RECIPES_DIR, register
+
+    register()
+    overrides, texts = split_overrides(args)
+    search = f"hydra.searchpath=[file://{RECIPES_DIR.parent}]"
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qlora"):
+            cfg = hydra_compose(config_name=config_name, overrides=[search] + overrides)
+        for key, value in texts.items():
+            OmegaConf.update(cfg, key, value, merge=False)
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise UserError(explain_config_error(e)) from None
+
+
+def explain_config_error(e: Exception) -> str:
+    """One line that names the key and the fix, from Hydra's and OmegaConf's messages."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    chain, x = [], e
+    while isinstance(x, BaseException):
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    keyed = next((c for c in chain if getattr(c, "full_key", None)), None)
+    if keyed is not None:
+        key, first = keyed.full_key, str(keyed).splitlines()[0]
+        if isinstance(keyed, (ConfigKeyError, ConfigAttributeError)):
+            return f"{key}: no such key; see `qlora VERB --help` for the keys of each group"
+        if "is not a ListConfig" in first:
+            return f"{key}: expects a list; write it as {key}=[a,b]"
+        return f"{key}: {first}"
+    text = str(e)
+    if isinstance(e, MissingConfigException) and "Could not find" in text:
+        missing = text.split("Could not find '")[1].split("'")[0]  # e.g. model/nope
+        group, _, name = missing.rpartition("/")
+        options = [ln.strip() for ln in text.split("Available options in")[1].splitlines()[1:]
+                   if ln.startswith("\t") and "provider=" not in ln] if "Available options" in text else []
+        hint = f"; choose one of: {', '.join(options)}" if options else ""
+        return f"{group}={name}: no such {group} config{hint}"
+    first = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    if any(s in text for s in ("mismatched input", "token recognition error", "no viable alternative",
+                               "extraneous input")):
+        return f"could not parse an override ({first}); quote values with spaces or commas, e.g. key='a b'"
+    return first
+
+
+def _check_recipe(name: str) -> None:
+    from qlora.config import RECIPES_DIR
+
+    if not (RECIPES_DIR / f"{name}.yaml").is_file():
+        names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+        raise UserError(f"recipe={name}: no such recipe; choose one of: {names} (qlora recipes)")
+
+
+def recipe_description(path) -> str:
+    """The first comment line of a recipe that is not the package directive."""
+    for line in path.read_text().splitlines():
+        if line.startswith("#") and "@package" not in line:
+            return line.lstrip("# ").strip()
+    return ""
+
+
+def list_recipes() -> int:
+    from qlora.config import RECIPES_DIR
+
+    paths = sorted(RECIPES_DIR.glob("*.yaml"))
+    width = max(len(p.stem) for p in paths)
+    for p in paths:
+        print(f"{p.stem:<{width}}  {recipe_description(p)}")
+    print("\nrun one: qlora train recipe=NAME [key=value ...]")
+    return 0
+
+
+def print_config_help(verb: str) -> None:
+    from qlora.config import QLoraConfig, describe
+
+    desc, _, groups = VERBS[verb]
+    print(f"qlora {verb}: {desc}\n\nkeys (type = default  # meaning); override with key=value:\n")
+    lines = describe(QLoraConfig)
+    keep, show = [], True
+    for line in lines:
+        if not line.startswith(" "):  # a top-level key or group header
+            name = line.split(":")[0]
+            show = name not in {"model", "quant", "lora", "data", "train", "eval", "gen"} or name in groups
+        if show:
+            keep.append(line)
+    print("\n".join(keep))
+    print("\nrecipe=NAME applies a preset from `qlora recipes` first; later overrides win.")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,363 @@
+"""Structured configs: every setting is a typed field with a default and a docstring.
+
+Hydra composes conf/ and recipes/ onto these dataclasses, so an unknown key or a wrong type fails
+at composition; `validate` then checks values and combinations. Nothing here imports torch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from pathlib import Path
+from typing import List, Optional
+
+from qlora.errors import UserError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _resource_dir(name: str) -> Path:
+    """conf/ and recipes/: inside the package when installed from a wheel, at the repo root otherwise."""
+    inside = PACKAGE_DIR / name
+    return inside if inside.is_dir() else PACKAGE_DIR.parent / name
+
+
+CONF_DIR = _resource_dir("conf")
+RECIPES_DIR = _resource_dir("recipes")
+DEMO_DIR = PACKAGE_DIR / "demo"
+
+
+class ComputeDtype(Enum):
+    auto = "auto"  # bf16 on GPUs that have it, fp16 on those that do not, fp32 on CPU
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class StorageDtype(Enum):
+    uint8 = "uint8"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class QuantType(Enum):
+    nf4 = "nf4"
+    fp4 = "fp4"
+
+
+class AttnImplementation(Enum):
+    auto = "auto"
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+class LoraBias(Enum):
+    none = "none"
+    all = "all"
+    lora_only = "lora_only"
+
+
+class DataFormat(Enum):
+    auto = "auto"
+    messages = "messages"
+    sharegpt = "sharegpt"
+    alpaca = "alpaca"
+    prompt_completion = "prompt_completion"
+    text = "text"
+
+
+class LossOn(Enum):
+    assistant = "assistant"  # every assistant turn, with its end-of-turn token
+    completion = "completion"  # the completion of prompt/completion data
+    all = "all"  # every token
+
+
+class OnBadRow(Enum):
+    fail = "fail"
+    drop = "drop"
+
+
+class Switch(Enum):
+    auto = "auto"
+    true = "true"
+    false = "false"
+
+
+class Resume(Enum):
+    none = "none"
+    auto = "auto"
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "smollm2-135m-instruct"
+    """Base model: a hub id, a local HF folder, a .gguf file, or a built-in name (smollm2-135m-instruct)."""
+    trust_remote_code: bool = False
+    """Run Python code shipped with a hub model. Off unless you trust its authors."""
+    attn_implementation: AttnImplementation = AttnImplementation.auto
+    """Attention kernel: auto picks sdpa where available."""
+    chat_template: Optional[str] = None
+    """A Jinja chat template (file path or inline text) for base models that lack one."""
+
+
+@dataclass
+class QuantConfig:
+    load_in_4bit: bool = True
+    """Load the base weights in 4-bit through bitsandbytes (QLoRA). false = plain LoRA on a 16/32-bit base."""
+    bnb_4bit_quant_type: QuantType = QuantType.nf4
+    """4-bit data type: nf4 (normal float, the QLoRA default) or fp4."""
+    bnb_4bit_use_double_quant: bool = True
+    """Quantize the per-block scales too (saves ~0.37 bits per parameter)."""
+    bnb_4bit_compute_dtype: ComputeDtype = ComputeDtype.auto
+    """Dtype of the matmuls: auto = bf16 on GPUs with bf16, fp16 on older GPUs (T4), fp32 on CPU."""
+    bnb_4bit_quant_storage: StorageDtype = StorageDtype.uint8
+    """Storage dtype of the packed 4-bit weights (set it to the compute dtype for FSDP)."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator: updates are scaled by lora_alpha / r."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input, in [0, 1)."""
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt, or [all-linear] for every linear layer but the output head."""
+    bias: LoraBias = LoraBias.none
+    """Which biases train: none, all, lora_only."""
+    modules_to_save: Optional[List[str]] = None
+    """Modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head] after adding tokens)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (DoRA)."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "${demo_file:people_train.jsonl}"
+    """Training data: a .jsonl file (one example a line). Default: the shipped demo set."""
+    format: DataFormat = DataFormat.auto
+    """Row format: auto (detected), messages, alpaca. (sharegpt, prompt_completion, text: not available yet.)"""
+    eval_path: Optional[str] = "${demo_file:people_eval.jsonl}"
+    """Held-out data in the same formats; null for none (see eval_fraction)."""
+    eval_fraction: float = 0.0
+    """Share of the training rows held out for evaluation when eval_path is null, in [0, 1)."""
+    loss_on: LossOn = LossOn.assistant
+    """Which tokens are trained: assistant (all assistant turns + end-of-turn) or all."""
+    packing: bool = False
+    """Pack several examples per row (not available yet)."""
+    on_bad_row: OnBadRow = OnBadRow.fail
+    """A malformed row: fail (stop with file:line) or drop (count by reason, see max_bad_fraction)."""
+    max_bad_fraction: float = 0.01
+    """With on_bad_row=drop: fail when more than this share of rows is dropped."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = -1
+    """Optimizer steps; -1 = run num_train_epochs."""
+    num_train_epochs: float = 1.0
+    """Passes over the training data (when max_steps is -1)."""
+    per_device_train_batch_size: int = 4
+    """Examples per micro-batch."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 2e-4
+    """Peak learning rate of the LoRA parameters."""
+    lr_scheduler_type: str = "cosine"
+    """Schedule: linear, cosine, constant, constant_with_warmup, ..."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming up the learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    optim: str = "auto"
+    """Optimizer: auto (paged_adamw_8bit on GPU, adamw_torch on CPU), or any transformers name."""
+    max_grad_norm: float = 0.3
+    """Gradient clipping norm (QLoRA paper: 0.3)."""
+    max_length: int = 512
+    """Tokens per example; longer examples are truncated (and counted)."""
+    seed: int = 42
+    """Seed for LoRA init, data order and dropout."""
+    logging_steps: int = 5
+    """Steps between log lines (metrics.jsonl, progress, tensorboard)."""
+    save_steps: int = 100
+    """Steps between resumable checkpoints."""
+    save_total_limit: int = 2
+    """Checkpoints kept on disk (oldest removed first)."""
+    eval_steps: Optional[int] = None
+    """Steps between evaluations of the held-out split; null = only at the end."""
+    gradient_checkpointing: Switch = Switch.auto
+    """Recompute activations in backward: auto = on for GPUs, off on CPU (where it costs ~35%)."""
+    report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
+    """Trackers: tensorboard, wandb, mlflow, or [none]."""
+
+
+@dataclass
+class EvalConfig:
+    exact_match: bool = False
+    """After training, generate greedily on the eval split and report the share of exact answers."""
+    max_new_tokens: int = 64
+    """Generation budget per eval example."""
+    max_examples: Optional[int] = None
+    """Score at most this many eval examples (null = all)."""
+    batch_size: int = 16
+    """Prompts generated together."""
+
+
+@dataclass
+class GenConfig:
+    max_new_tokens: int = 256
+    """Most tokens generated per answer."""
+    do_sample: bool = False
+    """Sample (true) or take the most likely token (false, reproducible)."""
+    temperature: float = 0.7
+    """Sampling temperature (with do_sample)."""
+    top_p: float = 0.9
+    """Nucleus sampling mass (with do_sample)."""
+    top_k: int = 50
+    """Sample among the k most likely tokens (with do_sample)."""
+    repetition_penalty: float = 1.0
+    """>1 discourages repeating tokens."""
+    prompt: Optional[str] = None
+    """One prompt to answer."""
+    prompts: Optional[str] = None
+    """A JSONL file of prompts: {"prompt": ...} or {"messages": [...]} per line."""
+    system: Optional[str] = None
+    """A system message put before every prompt."""
+
+
+@dataclass
+class QLoraConfig:
+    recipe: Optional[str] = None
+    """The preset from recipes/ this config started from (set by `recipe=NAME`)."""
+    output_dir: Optional[str] = None
+    """Where results go; train defaults to outputs/<recipe>/<YYYYmmdd-HHMMSS>."""
+    resume: str = "none"
+    """train: none, auto (the last checkpoint in output_dir) or a checkpoint path."""
+    overwrite: bool = False
+    """Replace a non-empty output_dir."""
+    adapter: Optional[str] = None
+    """A run directory or its adapter/ folder (merge, export, chat, generate, eval)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    gen: GenConfig = field(default_factory=GenConfig)
+
+
+def register() -> None:
+    """Put the schema in Hydra's ConfigStore and add the resolvers that conf/ uses."""
+    from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
+
+    ConfigStore.instance().store(name="qlora_schema", node=QLoraConfig)
+    if not OmegaConf.has_resolver("demo_file"):
+        OmegaConf.register_new_resolver("demo_file", lambda name: str(DEMO_DIR / name))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation of values and combinations (types and key names are Hydra's job)
+
+SCHEDULERS = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+              "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
+              "cosine_with_min_lr", "warmup_stable_decay"}
+TRACKERS = {"tensorboard", "wandb", "mlflow", "none"}
+
+
+def validate_train(cfg: QLoraConfig) -> List[str]:
+    """Every problem of a train config, each as 'key: what is wrong; how to fix it'."""
+    p: List[str] = []
+    t, lo, d = cfg.train, cfg.lora, cfg.data
+
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            p.append(f"{key}={value}: must be > 0")
+
+    positive("lora.r", lo.r)
+    positive("lora.lora_alpha", lo.lora_alpha)
+    if not 0 <= lo.lora_dropout < 1:
+        p.append(f"lora.lora_dropout={lo.lora_dropout}: must be in [0, 1)")
+    if not lo.target_modules:
+        p.append("lora.target_modules=[]: name at least one module, or use [all-linear]")
+    positive("train.per_device_train_batch_size", t.per_device_train_batch_size)
+    positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
+    positive("train.learning_rate", t.learning_rate)
+    positive("train.max_length", t.max_length)
+    positive("train.logging_steps", t.logging_steps)
+    positive("train.save_steps", t.save_steps)
+    positive("train.max_grad_norm", t.max_grad_norm)
+    if t.save_total_limit < 1:
+        p.append(f"train.save_total_limit={t.save_total_limit}: keep at least 1 checkpoint")
+    if t.eval_steps is not None and t.eval_steps <= 0:
+        p.append(f"train.eval_steps={t.eval_steps}: must be > 0, or null for evaluation at the end only")
+    if t.max_steps == 0 or t.max_steps < -1:
+        p.append(f"train.max_steps={t.max_steps}: must be > 0, or -1 to run train.num_train_epochs")
+    if t.max_steps == -1 and t.num_train_epochs <= 0:
+        p.append(f"train.num_train_epochs={t.num_train_epochs}: must be > 0 (or set train.max_steps)")
+    if not 0 <= t.warmup_ratio < 1:
+        p.append(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
+    if t.lr_scheduler_type not in SCHEDULERS:
+        p.append(f"train.lr_scheduler_type={t.lr_scheduler_type}: choose one of {', '.join(sorted(SCHEDULERS))}")
+    bad = [r for r in t.report_to if r not in TRACKERS]
+    if bad:
+        p.append(f"train.report_to: unknown tracker {bad[0]!r}; choose from {', '.join(sorted(TRACKERS))}")
+    if not 0 <= d.eval_fraction < 1:
+        p.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
+    if not 0 <= d.max_bad_fraction < 1:
+        p.append(f"data.max_bad_fraction={d.max_bad_fraction}: must be in [0, 1)")
+    if d.packing:
+        p.append("data.packing=true: packing is not available yet; remove the override")
+    if d.format.value in ("sharegpt", "prompt_completion", "text"):
+        p.append(f"data.format={d.format.value}: not available yet; use messages or alpaca (or auto)")
+    if d.loss_on is LossOn.completion:
+        p.append("data.loss_on=completion: needs prompt_completion data, not available yet; use assistant or all")
+    if cfg.eval.exact_match and not (d.eval_path or d.eval_fraction > 0):
+        p.append("eval.exact_match=true needs held-out data: set data.eval_path or data.eval_fraction")
+    if cfg.eval.max_new_tokens <= 0:
+        p.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be > 0")
+    if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
+        p.append(f"resume={cfg.resume}: no such checkpoint folder; use resume=auto or a checkpoints/checkpoint-N path")
+    _check_file("data.path", d.path, p)
+    if d.eval_path:
+        _check_file("data.eval_path", d.eval_path, p)
+    if cfg.model.chat_template and "{" not in cfg.model.chat_template:
+        _check_file("model.chat_template", cfg.model.chat_template, p)
+    return p
+
+
+def _check_file(key: str, path: str, problems: List[str]) -> None:
+    f = Path(path).expanduser()
+    if not f.exists():
+        problems.append(f"{key}={path}: no such file")
+    elif f.is_dir():
+        problems.append(f"{key}={path}: is a folder; give a .jsonl file")
+
+
+def describe(cls: type, prefix: str = "") -> List[str]:
+    """One line per key of a config dataclass: name, type, default and docstring (for --help)."""
+    import ast
+    import inspect
+
+    docs = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    lines = []
+    obj = cls()
+    for f in fields(cls):
+        value = getattr(obj, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            lines.append(f"{prefix}{f.name}:")
+            lines += describe(type(value), prefix + "  ")
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if isinstance(value, Enum):
+            kind = "|".join(m.value for m in type(value))
+            value = value.value
+        lines.append(f"{prefix}{f.name}: {kind} = {value!r}  # {docs.get(f.name, '')}")
+    return lines

@@ -1,0 +1,108 @@
+"""What a run leaves for people to read: metrics.jsonl, report.json, loss.png; written atomically."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List
+
+from transformers import TrainerCallback
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write aside, then rename: a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunLogger(TrainerCallback):
+    """Appends one JSON object per log step to metrics.jsonl and times the training loop."""
+
+    def __init__(self, run_dir: Path, started: float):
+        self.path = run_dir / "metrics.jsonl"
+        self.started = started  # when the verb started: time to first step counts from there
+        self.records: List[Dict[str, Any]] = []
+        self.loop_start = self.loop_end = self.first_step_end = None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.loop_start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.first_step_end is None:
+            self.first_step_end = time.perf_counter()
+
+    def on_train_end(self, args, state, control, **kw):
+        self.loop_end = time.perf_counter()
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if not logs or not state.is_world_process_zero:
+            return
+        rec: Dict[str, Any] = {"step": state.global_step}
+        for key, value in logs.items():
+            name = {"num_tokens": "tokens"}.get(key, key)
+            if isinstance(value, (int, float)) and not key.startswith("train_"):
+                rec[name] = value if math.isfinite(value) else str(value)
+        if len(rec) > 1:
+            self.records.append(rec)
+            with self.path.open("a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    @property
+    def train_seconds(self) -> float:
+        return (self.loop_end or time.perf_counter()) - (self.loop_start or time.perf_counter())
+
+    @property
+    def time_to_first_step(self) -> float:
+        return (self.first_step_end or time.perf_counter()) - self.started
+
+
+def peak_memory_gb(device: str) -> float:
+    """CUDA peak allocation on GPU, process peak RSS on CPU."""
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def package_versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("qlora", "torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def plot_losses(records: List[Dict[str, Any]], path: Path) -> None:
+    """loss.png: training loss by step, with held-out loss where it was measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float)]
+    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), float)]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (trained tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,197 @@
+"""`qlora train`: validate, load the 4-bit base, attach LoRA, train with TRL's SFTTrainer, save.
+
+The run directory (see the README) is enough to resume, merge, chat and audit the run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from qlora.config import QLoraConfig, Resume, Switch, validate_train
+from qlora.errors import UserError, WorkError
+
+
+@dataclass
+class Run:
+    """What a finished training leaves in memory (the run directory holds the same on disk)."""
+    run_dir: Path
+    trainer: Any
+    tokenizer: Any
+    report: Dict[str, Any]
+
+
+def train(cfg: QLoraConfig) -> int:
+    """The `qlora train` verb."""
+    fit(cfg)
+    return 0
+
+
+def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
+    started = started or time.perf_counter()
+    problems = validate_train(cfg)
+    if problems:
+        raise UserError("bad config:\n  " + "\n  ".join(problems))
+    run_dir, resume_from = prepare_run_dir(cfg)
+
+    import datasets
+    import torch
+    from datasets import Dataset
+    from transformers import set_seed
+    from trl import SFTConfig, SFTTrainer
+
+    from qlora.adapters import attach_lora, keep_trainable_fp32
+    from qlora.data import DataStats, split_examples, tokenize_examples
+    from qlora.evaluate import exact_match
+    from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model, say
+    from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
+
+    datasets.disable_progress_bars()  # our own lines say what the data holds
+    t = cfg.train
+    device = pick_device()
+    dtype = compute_dtype(cfg.quant, device)
+    checkpointing = t.gradient_checkpointing is Switch.true or (
+        t.gradient_checkpointing is Switch.auto and device == "cuda")  # on CPU it costs ~35% for little memory
+    optim = pick_optimizer(t.optim, device)
+    set_seed(t.seed)
+
+    t_load = time.perf_counter()
+    path = resolve_model(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(path, cfg.model)
+    train_ex, eval_ex, stats = split_examples(cfg.data, t.seed)
+    train_rows = tokenize_examples(tokenizer, train_ex, cfg.data, t.max_length, stats)
+    eval_rows = tokenize_examples(tokenizer, eval_ex, cfg.data, t.max_length, DataStats())
+    say(f"data: {len(train_rows)} training and {len(eval_rows)} held-out examples; "
+        f"{stats.trained_tokens} of {stats.tokens} tokens trained; {stats.truncated} truncated at "
+        f"train.max_length={t.max_length}; dropped: {dict(stats.dropped) or 'none'}")
+    say(f"loading {cfg.model.name_or_path} on {device} "
+        f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
+        f"compute {str(dtype).replace('torch.', '')})")
+    model = load_base_model(path, cfg.model, cfg.quant, device, dtype)
+    model = attach_lora(model, cfg.lora, checkpointing)
+    load_seconds = time.perf_counter() - t_load
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from omegaconf import OmegaConf
+
+    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    reporters = [r for r in t.report_to if r != "none"]
+    if "tensorboard" in reporters:
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
+    logger = RunLogger(run_dir, started)
+    args = SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, optim=optim, max_grad_norm=t.max_grad_norm,
+        seed=t.seed, data_seed=t.seed, max_length=t.max_length,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if (t.eval_steps and eval_rows) else "no", eval_steps=t.eval_steps,
+        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
+        packing=False, dataset_num_proc=None)
+    trainer = SFTTrainer(
+        model=model, args=args, processing_class=tokenizer, callbacks=[logger],
+        train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
+    keep_trainable_fp32(trainer.model)  # undo TRL's bf16 cast of LoRA weights on quantized models
+
+    em_before = None
+    if cfg.eval.exact_match and eval_ex:
+        with trainer.model.disable_adapter():
+            em_before = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval, desc="exact match before")
+        say(f"held-out exact match before training: {em_before:.1%}")
+
+    say(f"training; run directory {run_dir}")
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except torch.OutOfMemoryError:
+        raise WorkError("out of memory: lower train.per_device_train_batch_size or train.max_length, or set "
+                        "train.gradient_checkpointing=true (see `qlora plan`)") from None
+    train_seconds = logger.train_seconds
+
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+    save_adapter(trainer.model, tokenizer, run_dir / "adapter")
+    em_after = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval) if (cfg.eval.exact_match and eval_ex) else None
+
+    losses = [r["loss"] for r in logger.records if isinstance(r.get("loss"), float)]
+    tokens = max([r.get("tokens", 0) for r in logger.records] or [0])
+    if eval_loss is not None:
+        logger.records.append({"step": trainer.state.global_step, "eval_loss": eval_loss})
+    report = dict(
+        steps=trainer.state.global_step, train_tokens=int(tokens), train_seconds=round(train_seconds, 2),
+        tokens_per_second=round(tokens / train_seconds, 2) if train_seconds > 0 else None,
+        load_seconds=round(load_seconds, 2), time_to_first_step_seconds=round(logger.time_to_first_step, 2),
+        peak_memory_gb=round(peak_memory_gb(device), 3),
+        device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+        compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
+        loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+        eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
+        train_examples=len(train_rows), eval_examples=len(eval_rows),
+        data=dict(rows=stats.rows, dropped=dict(stats.dropped), truncated=stats.truncated,
+                  trained_tokens_per_epoch=stats.trained_tokens),
+        versions=package_versions(),
+    )
+    write_atomic(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    plot_losses(logger.records, run_dir / "loss.png")
+    say(f"done in {time.perf_counter() - started:.0f} s: {report['steps']} steps, "
+        f"{report['tokens_per_second']} tokens/s, loss {report['loss_first']} -> {report['loss_last']}"
+        + (f", held-out exact match {em_before:.1%} -> {em_after:.1%}" if em_after is not None else ""))
+    print(run_dir)
+    return Run(run_dir, trainer, tokenizer, report)
+
+
+def prepare_run_dir(cfg: QLoraConfig):
+    """The run directory (not created yet) and the checkpoint to resume from, if any."""
+    resume = cfg.resume
+    default = f"outputs/{cfg.recipe or 'demo'}/{datetime.now():%Y%m%d-%H%M%S}"
+    if cfg.output_dir is None and resume not in (Resume.none.value, Resume.auto.value):
+        default = str(Path(resume).resolve().parent.parent)  # RUN/checkpoints/checkpoint-N
+    run_dir = Path(cfg.output_dir or default).expanduser().resolve()
+    if resume == Resume.none.value:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            if not cfg.overwrite:
+                raise UserError(f"output_dir={run_dir} exists and is not empty; pass resume=auto to continue "
+                                "that run, overwrite=true to replace it, or another output_dir")
+            shutil.rmtree(run_dir)
+        return run_dir, None
+    if resume == Resume.auto.value:
+        if cfg.output_dir is None:
+            raise UserError("resume=auto needs the run to continue: add output_dir=RUN_DIR")
+        checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"),
+                             key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
+        if not checkpoints:
+            raise UserError(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}; "
+                            "give the run's output_dir, or drop resume to start fresh")
+        return run_dir, str(checkpoints[-1])
+    return run_dir, str(Path(resume).resolve())
+
+
+def pick_optimizer(optim: str, device: str) -> str:
+    """QLoRA's paged 8-bit AdamW on GPU; plain AdamW on CPU (bitsandbytes' paged optimizers need CUDA)."""
+    if optim == "auto":
+        return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
+    if device == "cpu" and ("paged" in optim or "8bit" in optim):
+        raise UserError(f"train.optim={optim} needs a GPU; use train.optim=adamw_torch (or auto) on CPU")
+    return optim
+
+
+def save_adapter(model, tokenizer, target: Path) -> None:
+    """The adapter in PEFT's own format, with the tokenizer and chat template; written aside, then renamed."""
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)

@@ -1,0 +1,106 @@
+"""Shared fixtures: a tiny random Llama with a ChatML tokenizer, made in the test session, and one
+trained run that several tests read (training is the slow part; do it once)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>"]
+CORPUS = [
+    "Extract the person's name, age and city as JSON.",
+    'Maria is 34 years old and lives in Lisbon. {"name": "Maria", "age": 34, "city": "Lisbon"}',
+    "system user assistant You are a tiny test model. What is the capital of France? Paris.",
+    "0 1 2 3 4 5 6 7 8 9 10 20 30 40 50 60 70 80 90 { } [ ] : , \" ' . ? !",
+]
+
+
+def make_tokenizer(chat_template: str = CHATML):
+    """A byte-level BPE tokenizer trained on a few lines, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<pad>", chat_template=chat_template)
+
+
+def make_tiny_llama(path: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama (hidden 64) saved as safetensors with its tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = make_tokenizer()
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def people_rows(n: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    names, cities = ["Maria", "Kenji", "Aisha", "Lukas"], ["Lisbon", "Osaka", "Lima", "Oslo"]
+    rows = []
+    for _ in range(n):
+        name, city, age = rng.choice(names), rng.choice(cities), rng.randint(20, 90)
+        rows.append({"messages": [
+            {"role": "user", "content": f"Extract the person's name, age and city as JSON.\n"
+                                        f"{name} is {age} years old and lives in {city}."},
+            {"role": "assistant", "content": json.dumps({"name": name, "age": age, "city": city})}]})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(d / "train.jsonl", people_rows(24)), write_jsonl(d / "eval.jsonl", people_rows(6, seed=1))
+
+
+def tiny_overrides(model: Path, data, out: Path, **extra) -> list:
+    train, held = data
+    args = {"model.name_or_path": str(model), "data.path": str(train), "data.eval_path": str(held),
+            "output_dir": str(out), "train.max_steps": 6, "train.per_device_train_batch_size": 4,
+            "train.learning_rate": 5e-3, "train.logging_steps": 1, "train.save_steps": 3,
+            "train.max_length": 128, "train.report_to": "[none]", "train.seed": 0, "lora.r": 8}
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_model, tiny_data, tmp_path_factory):
+    """One short CPU training through the real 4-bit path; returns (Run, overrides)."""
+    from qlora.cli import compose
+    from qlora.train import fit
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    overrides = tiny_overrides(tiny_model, tiny_data, out, **{"train.report_to": "[tensorboard]"})
+    return fit(compose("train", overrides)), overrides

@@ -1,0 +1,99 @@
+"""Configs are code: every recipe composes and validates; bad input fails fast with the key named."""
+import subprocess
+import sys
+
+import pytest
+
+from qlora.cli import compose, main
+from qlora.config import RECIPES_DIR, validate_train
+
+RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def test_there_are_recipes_for_cpu_t4_and_big_gpus():
+    assert {"smollm2_demo", "tinyllama_demo_t4", "llama3.1_8b_demo", "mistral_7b_demo",
+            "qwen2.5_7b_demo"} <= set(RECIPES)
+
+
+@pytest.mark.parametrize("name", RECIPES)
+def test_every_recipe_composes_and_validates(name):
+    cfg = compose("train", [f"recipe={name}"])
+    assert cfg.recipe == name
+    assert validate_train(cfg) == []
+    text = (RECIPES_DIR / f"{name}.yaml").read_text()
+    assert f"qlora train recipe={name}" in text, "a recipe opens with the command that runs it"
+    assert "hardware:" in text
+
+
+def test_overrides_win_over_the_recipe():
+    cfg = compose("train", ["recipe=smollm2_demo", "lora.r=32", "train.max_steps=100"])
+    assert cfg.lora.r == 32 and cfg.train.max_steps == 100
+    assert cfg.train.learning_rate == 1e-3  # from the recipe
+
+
+def test_free_text_is_taken_as_typed():
+    cfg = compose("train", ["prompt=What's the capital of France, really?", "system=Be brief, please."])
+    assert cfg.gen.prompt == "What's the capital of France, really?"
+    assert cfg.gen.system == "Be brief, please."
+
+
+def test_help_and_config_errors_do_not_import_torch():
+    code = ("import sys; from qlora.cli import main; "
+            "assert main(['--help']) == 0; assert main(['train', '--help']) == 0; "
+            "assert main(['train', 'lora.r=abc']) == 2; assert main(['recipes']) == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "lora.r" in done.stderr and "bnb_4bit_compute_dtype" in done.stdout
+
+
+def test_train_help_shows_types_defaults_and_docstrings(capsys):
+    assert main(["train", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "r: int = 16  # LoRA rank." in out
+    assert "bnb_4bit_quant_type: nf4|fp4 = 'nf4'" in out
+
+
+def test_recipes_lists_descriptions(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2_demo" in out and "JSON" in out
+
+
+BAD = [
+    # (overrides, words the one-line message must contain)
+    (["lora.rr=3"], "lora.rr: no such key"),
+    (["lora.r=abc"], "lora.r:"),
+    (["lora.r=0"], "lora.r=0: must be > 0"),
+    (["lora.lora_dropout=1.5"], "lora.lora_dropout=1.5"),
+    (["quant.bnb_4bit_quant_type=nf5"], "expected one of [nf4, fp4]"),
+    (["quant.bnb_4bit_compute_dtype=float8"], "quant.bnb_4bit_compute_dtype"),
+    (["recipe=nope"], "recipe=nope: no such recipe"),
+    (["model=nope"], "model=nope: no such model config"),
+    (["train.max_steps=[1,2"], "could not parse an override"),
+    (["+train.foo=1"], "drop the '+'"),
+    (["train.max_steps"], "is not key=value"),
+    (["train.lr_scheduler_type=zigzag"], "train.lr_scheduler_type=zigzag"),
+    (["train.report_to=[tensorbored]"], "unknown tracker 'tensorbored'"),
+    (["data.path=/nonexistent/train.jsonl"], "data.path=/nonexistent/train.jsonl: no such file"),
+    (["data.eval_path=null", "eval.exact_match=true"], "needs held-out data"),
+    (["lora.target_modules=q_proj"], "expects a list"),
+    (["data.packing=true"], "not available yet"),
+    (["train.warmup_ratio=1.5"], "train.warmup_ratio=1.5"),
+    (["resume=/nonexistent/checkpoint-3"], "no such checkpoint folder"),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_config_exits_2_with_the_key_and_writes_nothing(overrides, words, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", f"output_dir={out}", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qlora: error:") and words in err, err
+    assert "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unknown_verb_exits_2(capsys):
+    assert main(["trian"]) == 2
+    assert "unknown verb 'trian'" in capsys.readouterr().err

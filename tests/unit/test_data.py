@@ -1,0 +1,89 @@
+"""Data: formats, row validation with file:line, and masking that trains exactly the assistant turns."""
+import json
+
+import pytest
+
+from qlora.config import DataConfig, DataFormat, LossOn, OnBadRow
+from qlora.data import IGNORE, DataStats, read_examples, to_messages, tokenize_example
+from qlora.errors import UserError
+from tests.conftest import make_tokenizer, write_jsonl
+
+# Published chat formats, written as templates here: (name, template, end-of-turn token)
+ZEPHYR = ("{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] + eos_token + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+LLAMA3 = ("{{ bos_token }}{% for m in messages %}{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n'"
+          " + m['content'] + '<|eot_id|>' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+
+def trained_text(tok, row):
+    return tok.decode([t for t, lab in zip(row["input_ids"], row["labels"]) if lab != IGNORE])
+
+
+CONVERSATION = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "What is 2 and 3?"},
+    {"role": "assistant", "content": "5"},
+    {"role": "user", "content": "And 4 and 4?"},
+    {"role": "assistant", "content": "8 of them"},
+]
+
+
+def test_chatml_masking_trains_every_assistant_turn_and_its_end_token():
+    tok = make_tokenizer()
+    row = tokenize_example(tok, CONVERSATION, LossOn.assistant, 512)
+    assert trained_text(tok, row) == "5<|im_end|>8 of them<|im_end|>"
+
+
+@pytest.mark.parametrize("template,eot", [(ZEPHYR, "<|im_end|>"), (LLAMA3, "<|im_end|>")])
+def test_masking_works_for_other_published_formats(template, eot):
+    tok = make_tokenizer(chat_template=template)  # the tiny tokenizer's EOS stands for </s> / <|eot_id|>
+    if template is LLAMA3:
+        tok.chat_template = template.replace("<|eot_id|>", eot)
+    row = tokenize_example(tok, CONVERSATION, LossOn.assistant, 512)
+    assert trained_text(tok, row) == f"5{eot}8 of them{eot}"
+
+
+def test_loss_on_all_trains_every_token_and_truncation_applies():
+    tok = make_tokenizer()
+    row = tokenize_example(tok, CONVERSATION, LossOn.all, 10)
+    assert row["labels"] == row["input_ids"] and len(row["input_ids"]) == 10
+
+
+def test_alpaca_rows_become_chat_messages():
+    msgs = to_messages({"instruction": "Add", "input": "2 and 3", "output": "5"}, DataFormat.auto)
+    assert msgs == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
+
+
+BAD_ROWS = [
+    ("{not json", "malformed JSON"),
+    ('["a list"]', "a row must be a JSON object"),
+    (json.dumps({"text": "hi"}), "unknown row format"),
+    (json.dumps({"messages": []}), "non-empty list"),
+    (json.dumps({"messages": [{"role": "user"}]}), "needs 'role' and 'content'"),
+    (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
+     "unknown role 'robot'"),
+    (json.dumps({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]}),
+     "empty content"),
+    (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "does not end with an assistant"),
+    (json.dumps({"instruction": "x", "output": ""}), "non-empty string 'output'"),
+]
+
+
+@pytest.mark.parametrize("line,words", BAD_ROWS, ids=[w for _, w in BAD_ROWS])
+def test_bad_rows_fail_with_file_and_line(tmp_path, line, words):
+    good = json.dumps({"instruction": "a", "output": "b"})
+    path = write_jsonl(tmp_path / "d.jsonl", [good, line])
+    with pytest.raises(UserError) as e:
+        read_examples(str(path), DataConfig(path=str(path)))
+    assert str(e.value).startswith(f"{path}:2: ") and words in str(e.value)
+
+
+def test_drop_policy_counts_reasons_and_enforces_the_threshold(tmp_path):
+    good = json.dumps({"instruction": "a", "output": "b"})
+    path = write_jsonl(tmp_path / "d.jsonl", [good] * 9 + ["{oops"])
+    stats = DataStats()
+    ok = read_examples(str(path), DataConfig(path=str(path), on_bad_row=OnBadRow.drop, max_bad_fraction=0.2), stats)
+    assert len(ok) == 9 and stats.dropped == {"malformed JSON": 1}
+    with pytest.raises(UserError, match="more than data.max_bad_fraction"):
+        read_examples(str(path), DataConfig(path=str(path), on_bad_row=OnBadRow.drop, max_bad_fraction=0.05))
