@@ -17,11 +17,17 @@ from qlora.errors import UserError, WorkError
 VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "train": ("fine-tune a base model with LoRA on 4-bit weights; writes a run directory", "train",
               ("model", "quant", "lora", "data", "train", "eval")),
+    "chat": ("interactive chat in the terminal with a run (adapter=RUN) or a model", "train",
+             ("model", "quant", "gen")),
+    "generate": ("answer one prompt, or a JSONL file of prompts", "train", ("model", "quant", "gen")),
+    "eval": ("loss and greedy exact match of a run or model on a data file (data.path)", "train",
+             ("model", "quant", "data", "eval")),
     "recipes": ("list the recipes with their one-line descriptions", "", ()),
 }
 # Values typed as free text: kept out of Hydra's override grammar, which rejects quotes and commas.
 FREE_TEXT = {"prompt": "gen.prompt", "system": "gen.system", "gen.prompt": "gen.prompt",
              "gen.system": "gen.system"}
+# top-level shorthands of the contract
 ALIASES = {"prompts": "gen.prompts"}
 
 USAGE = """usage: qlora VERB [key=value ...]      (qlora VERB --help for its keys)
@@ -32,6 +38,8 @@ verbs:
 Examples:
   qlora train                                   # the built-in demo (SmolLM2-135M, CPU or GPU)
   qlora train recipe=tinyllama_demo_t4 lora.r=32 train.max_steps=100
+  qlora chat adapter=outputs/smollm2_demo/RUN
+  qlora generate adapter=outputs/smollm2_demo/RUN prompt="What's the capital of France?"
 Errors exit 2 (bad input) or 1 (failed work); QLORA_DEBUG=1 shows tracebacks."""
 
 
@@ -70,8 +78,17 @@ def _dispatch(argv: List[str]) -> int:
 
 
 def _runner(verb: str) -> Callable:
-    from qlora.train import train
-    return {"train": train}[verb]
+    if verb == "train":
+        from qlora.train import train
+        return train
+    if verb == "chat":
+        from qlora.chat import chat_cli
+        return chat_cli
+    if verb == "generate":
+        from qlora.generate import generate_cli
+        return generate_cli
+    from qlora.evaluate import evaluate_cli
+    return evaluate_cli
 
 
 def split_overrides(args: List[str]) -> Tuple[List[str], Dict[str, str]]:

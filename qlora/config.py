@@ -225,6 +225,8 @@ class GenConfig:
     """A JSONL file of prompts: {"prompt": ...} or {"messages": [...]} per line."""
     system: Optional[str] = None
     """A system message put before every prompt."""
+    show_speed: bool = True
+    """chat: print tokens and tokens/s after each answer."""
 
 
 @dataclass

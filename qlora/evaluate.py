@@ -15,3 +15,62 @@ def exact_match(model, tokenizer, examples: List[Example], cfg: EvalConfig, desc
     answers = generate_answers(model, tokenizer, list(prompts), GenConfig(do_sample=False),
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, desc=desc)
     return sum(a == r.strip() for a, r in zip(answers, refs)) / len(refs)
+
+
+def mean_loss(model, rows, batch_size: int = 8) -> float:
+    """Mean cross-entropy per trained token (the same tokens training counts)."""
+    import torch
+
+    from qlora.data import IGNORE
+
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(rows), batch_size):
+            batch = rows[i:i + batch_size]
+            width = max(len(r["input_ids"]) for r in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            labels = torch.full((len(batch), width), IGNORE)
+            mask = torch.zeros(len(batch), width, dtype=torch.long)
+            for j, r in enumerate(batch):
+                n = len(r["input_ids"])
+                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
+            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
+                                                     shift_labels.reshape(-1), ignore_index=IGNORE,
+                                                     reduction="sum")
+            total += loss.item()
+            count += int((shift_labels != IGNORE).sum())
+    return total / max(count, 1)
+
+
+def evaluate_cli(cfg) -> int:
+    """`qlora eval`: loss and greedy exact match of a run (or a model) on data.path, as JSON."""
+    import json
+    from pathlib import Path
+
+    from qlora.data import DataStats, read_examples, tokenize_examples
+    from qlora.errors import UserError
+    from qlora.inference import load_for_inference
+
+    if not Path(cfg.data.path).expanduser().is_file():
+        raise UserError(f"data.path={cfg.data.path}: no such file")
+    loaded = load_for_inference(cfg)
+    examples = read_examples(cfg.data.path, cfg.data)
+    rows = tokenize_examples(loaded.tokenizer, examples, cfg.data, cfg.train.max_length, DataStats())
+    result = {
+        "model": loaded.name, "data": str(cfg.data.path), "examples": len(examples),
+        "loss": round(mean_loss(loaded.model, rows), 6),
+        "exact_match": exact_match(loaded.model, loaded.tokenizer, examples, cfg.eval, desc="exact match"),
+        "exact_match_examples": min(len(examples), cfg.eval.max_examples or len(examples)),
+    }
+    text = json.dumps(result, indent=2)
+    if cfg.output_dir:
+        from qlora.tracking import write_atomic
+
+        out = Path(cfg.output_dir).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "eval.json", text + "\n")
+    print(text)
+    return 0

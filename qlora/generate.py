@@ -37,3 +37,74 @@ def generate_answers(model, tokenizer, conversations: List[List[Dict[str, str]]]
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
+
+
+def read_prompts(path: str) -> List[List[Dict[str, str]]]:
+    """A prompts file: one JSON object per line, {"prompt": "..."} or {"messages": [...]}."""
+    import json
+    from pathlib import Path
+
+    from qlora.errors import UserError
+
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"gen.prompts={path}: no such file")
+    out = []
+    for lineno, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{file}:{lineno}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
+            out.append([{"role": "user", "content": row["prompt"]}])
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"] and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
+                ("system", "user", "assistant") for m in row["messages"]) and row["messages"][-1]["role"] == "user":
+            out.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
+        else:
+            raise UserError(f"{where}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}} "
+                            "ending with a user message")
+    if not out:
+        raise UserError(f"{file}: no prompts")
+    return out
+
+
+def generate_cli(cfg) -> int:
+    """`qlora generate`: one answer on stdout, or a JSONL file of prompts answered in batches."""
+    import json
+    from pathlib import Path
+
+    from qlora.errors import UserError
+    from qlora.inference import conversation, load_for_inference
+
+    gen = cfg.gen
+    if bool(gen.prompt) == bool(gen.prompts):
+        raise UserError("give one of prompt=\"TEXT\" or prompts=FILE.jsonl")
+    if gen.max_new_tokens <= 0:
+        raise UserError(f"gen.max_new_tokens={gen.max_new_tokens}: must be > 0")
+    if gen.prompts:
+        convs = read_prompts(gen.prompts)
+        if gen.system:
+            convs = [c if c[0]["role"] == "system" else [{"role": "system", "content": gen.system}] + c
+                     for c in convs]
+        out_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else None
+        if out_dir and out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
+            raise UserError(f"output_dir={out_dir} exists and is not empty; pass overwrite=true or another folder")
+    loaded = load_for_inference(cfg)
+    if gen.prompt:
+        print(generate_answers(loaded.model, loaded.tokenizer, [conversation(gen.prompt, gen.system)], gen)[0])
+        return 0
+    answers = generate_answers(loaded.model, loaded.tokenizer, convs, gen, batch_size=8, desc="generating")
+    lines = "".join(json.dumps({"messages": c, "answer": a}) + "\n" for c, a in zip(convs, answers))
+    if out_dir is None:
+        print(lines, end="")
+        return 0
+    from qlora.tracking import write_atomic
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(out_dir / "generations.jsonl", lines)
+    print(out_dir / "generations.jsonl")
+    return 0

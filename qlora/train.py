@@ -47,7 +47,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
 
     from qlora.adapters import attach_lora, keep_trainable_fp32
     from qlora.data import DataStats, split_examples, tokenize_examples
-    from qlora.evaluate import exact_match
+    from qlora.evaluate import exact_match, mean_loss
     from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model, say
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
@@ -120,7 +120,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                         "train.gradient_checkpointing=true (see `qlora plan`)") from None
     train_seconds = logger.train_seconds
 
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_rows else None
+    # the same code as `qlora eval`: mean loss per trained token
+    eval_loss = mean_loss(trainer.model, eval_rows, t.per_device_train_batch_size) if eval_rows else None
     save_adapter(trainer.model, tokenizer, run_dir / "adapter")
     em_after = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval) if (cfg.eval.exact_match and eval_ex) else None
 

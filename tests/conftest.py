@@ -104,3 +104,19 @@ def tiny_run(tiny_model, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     overrides = tiny_overrides(tiny_model, tiny_data, out, **{"train.report_to": "[tensorboard]"})
     return fit(compose("train", overrides)), overrides
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="also run the slow tests (real model, multi-process)")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    skip_slow = pytest.mark.skip(reason="slow: run with --slow")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not config.getoption("--slow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)

@@ -1,0 +1,76 @@
+"""Load what was trained for talking to it: a run (4-bit base + adapter), a merged folder, or a base.
+
+The base model, its quantization and the tokenizer (with the chat template the adapter was trained
+with) come from the run, so serving renders prompts exactly as training did.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from qlora.adapters import adapter_dir
+from qlora.config import QLoraConfig
+from qlora.errors import UserError
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+    has_adapter: bool
+    name: str  # what was loaded, for messages
+    device: str
+
+
+def run_config(adapter: Path) -> Optional[QLoraConfig]:
+    """The resolved config a run was trained with (RUN/config.yaml), if the adapter sits in a run."""
+    from omegaconf import OmegaConf
+
+    from qlora.config import register
+
+    path = adapter.parent / "config.yaml"
+    if not path.is_file():
+        return None
+    register()
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QLoraConfig), OmegaConf.load(path)))
+
+
+def load_for_inference(cfg: QLoraConfig) -> Loaded:
+    """The model to generate with: run adapter on its 4-bit base when `adapter` is set, else a model."""
+    from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model
+
+    device = pick_device()
+    model_cfg, quant = cfg.model, cfg.quant
+    if cfg.adapter:
+        adir = adapter_dir(cfg.adapter)
+        trained = run_config(adir)
+        if trained is not None:
+            model_cfg, quant = trained.model, trained.quant
+        else:
+            import json
+
+            base = json.loads((adir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if not base:
+                raise UserError(f"adapter={cfg.adapter}: adapter_config.json names no base model; "
+                                "give model.name_or_path")
+            model_cfg = type(model_cfg)(**{**vars(model_cfg), "name_or_path": base})
+        path = resolve_model(model_cfg.name_or_path)
+        tokenizer = load_tokenizer(str(adir), model_cfg)  # the tokenizer saved with the adapter
+    else:
+        path = resolve_model(model_cfg.name_or_path)
+        tokenizer = load_tokenizer(path, model_cfg)
+    model = load_base_model(path, model_cfg, quant, device, compute_dtype(quant, device))
+    if cfg.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adir))
+    model.eval()
+    return Loaded(model, tokenizer, bool(cfg.adapter), cfg.adapter or model_cfg.name_or_path, device)
+
+
+def conversation(prompt: str, system: Optional[str] = None,
+                 history: Optional[List[Dict[str, str]]] = None) -> List[Dict[str, str]]:
+    """Messages for a prompt: optional system message, earlier turns, then the user turn."""
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + list(history or []) + [{"role": "user", "content": prompt}]

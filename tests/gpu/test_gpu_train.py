@@ -1,0 +1,26 @@
+"""GPU code paths (skipped without CUDA): fp16 compute must train where the plain stack crashes
+(the grad scaler meets bf16 LoRA gradients), bf16 where the GPU has it, checkpointing on by default."""
+import json
+
+import pytest
+import torch
+
+from qlora.cli import compose
+from qlora.train import fit
+from tests.conftest import tiny_overrides
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_tiny_run_trains_on_gpu(tiny_model, tiny_data, tmp_path, dtype):
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / "run",
+                                          **{"quant.bnb_4bit_compute_dtype": dtype}))
+    run = fit(cfg)
+    report = json.loads((run.run_dir / "report.json").read_text())
+    assert report["compute_dtype"] == dtype and report["gradient_checkpointing"] is True
+    assert report["loss_last"] < report["loss_first"]
+    assert all(p.dtype == torch.float32 for p in run.trainer.model.parameters() if p.requires_grad)
+    assert report["peak_memory_gb"] > 0

@@ -1,0 +1,83 @@
+"""Talking to a trained run: generate, eval and chat on the tiny model's run."""
+import io
+import json
+import subprocess
+import sys
+
+from qlora.chat import ChatSession
+from qlora.cli import compose, main
+from qlora.config import GenConfig
+from qlora.inference import load_for_inference
+from tests.conftest import write_jsonl
+
+
+def test_generate_one_prompt_prints_the_answer(tiny_run, capsys):
+    run, _ = tiny_run
+    assert main(["generate", f"adapter={run.run_dir}", "prompt=What's up, doc?", "gen.max_new_tokens=4"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out and "\n" not in out
+
+
+def test_generate_a_prompts_file_writes_one_answer_per_line(tiny_run, tmp_path):
+    run, _ = tiny_run
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Maria is 34."}]}])
+    out = tmp_path / "gen"
+    assert main(["generate", f"adapter={run.run_dir}", f"prompts={prompts}", f"output_dir={out}",
+                 "gen.max_new_tokens=3"]) == 0
+    rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(isinstance(r["answer"], str) for r in rows)
+    assert rows[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+
+
+def test_bad_prompts_file_names_the_line(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"question": "?"}])
+    assert main(["generate", f"adapter={run.run_dir}", f"prompts={prompts}"]) == 2
+    assert f"{prompts}:2: expected" in capsys.readouterr().err
+
+
+def test_eval_reproduces_the_training_report(tiny_run, tiny_data, capsys):
+    run, overrides = tiny_run
+    held = tiny_data[1]
+    assert main(["eval", f"adapter={run.run_dir}", f"data.path={held}", "train.max_length=128"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert abs(result["loss"] - run.report["eval_loss"]) < 1e-4, (result, run.report["eval_loss"])
+
+
+def test_chat_session_keeps_history_and_obeys_commands(tiny_run, tmp_path):
+    run, _ = tiny_run
+    loaded = load_for_inference(compose("train", [f"adapter={run.run_dir}"]))
+    out = io.StringIO()
+    s = ChatSession(loaded, GenConfig(max_new_tokens=3), out=out)
+    assert s.handle("hello") and len(s.history) == 2 and s.history[0] == {"role": "user", "content": "hello"}
+    s.handle("/set temperature=0.5 do_sample=true top_k=5")
+    assert (s.gen.temperature, s.gen.do_sample, s.gen.top_k) == (0.5, True, 5)
+    s.handle("/set temperature=hot")
+    assert "expected a number" in out.getvalue() and s.gen.temperature == 0.5
+    s.handle("/system Be brief.")
+    assert s.system == "Be brief." and s.history == []
+    s.handle("again")
+    s.handle("/compare")
+    assert "--- base model:" in out.getvalue() and "--- fine-tuned:" in out.getvalue()
+    s.handle(f"/save {tmp_path / 't.json'}")
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["messages"][0] == {"role": "system", "content": "Be brief."} and len(saved["messages"]) == 3
+    s.handle("/reset")
+    assert s.history == []
+    s.handle("/frobnicate")
+    assert "unknown command /frobnicate; /help lists the commands" in out.getvalue()
+    assert s.handle("/quit") is False
+
+
+def test_chat_through_stdin(tiny_run):
+    run, _ = tiny_run
+    script = "hello\n/set bogus=1\n/help\n/reset\n/quit\nnever answered\n"
+    done = subprocess.run([sys.executable, "-m", "qlora", "chat", f"adapter={run.run_dir}",
+                           "gen.max_new_tokens=3"], input=script, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
+    assert "you> hello" in out and "tokens/s]" in out
+    assert "cannot set 'bogus=1'" in out and "/compare" in out and "(conversation cleared)" in out
+    assert "never answered" not in out
+    assert "Traceback" not in done.stderr

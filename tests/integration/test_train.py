@@ -1,0 +1,109 @@
+"""The real QLoRA path on CPU with a tiny random Llama: 4-bit base, LoRA, SFTTrainer, run directory."""
+import json
+
+import pytest
+import torch
+
+from qlora.cli import main
+from tests.conftest import tiny_overrides, write_jsonl
+
+
+def load_4bit(path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32,
+                                                device_map={"": "cpu"})
+
+
+def test_run_directory_has_the_contracted_layout(tiny_run):
+    run, _ = tiny_run
+    d = run.run_dir
+    for name in ("config.yaml", "metrics.jsonl", "report.json", "loss.png"):
+        assert (d / name).is_file(), name
+    for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "chat_template.jinja"):
+        assert (d / "adapter" / name).is_file(), name
+    assert sorted(p.name for p in (d / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3", "checkpoint-6"]
+    assert any((d / "tensorboard").rglob("events.out.tfevents*"))
+    report = json.loads((d / "report.json").read_text())
+    for key in ("steps", "train_tokens", "train_seconds", "tokens_per_second", "load_seconds",
+                "time_to_first_step_seconds", "peak_memory_gb", "device", "loss_first", "loss_last",
+                "eval_loss", "eval_exact_match", "versions"):
+        assert key in report, key
+    assert report["steps"] == 6 and report["device"] == "cpu"
+    assert report["tokens_per_second"] == pytest.approx(report["train_tokens"] / report["train_seconds"], rel=1e-2)
+    lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in lines if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert all({"learning_rate", "grad_norm", "tokens"} <= set(r) for r in lines if "loss" in r)
+
+
+def test_training_changes_the_adapter_and_not_the_base(tiny_run, tiny_model):
+    run, _ = tiny_run
+    model = run.trainer.model
+    fresh = load_4bit(tiny_model)
+    trained = dict(model.get_base_model().named_parameters())
+    for name, p in fresh.named_parameters():
+        key = name.replace(".weight", ".base_layer.weight") if name not in trained else name
+        assert torch.equal(trained[key].data.cpu(), p.data), f"base weight {name} changed"
+    lora_b = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b.values()), "LoRA B starts at zero and must move"
+    assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n in dict(model.named_parameters()) if "lora_" in n}
+
+
+def test_adapter_loads_in_plain_peft_with_the_same_logits(tiny_run, tiny_model):
+    from peft import PeftModel
+
+    run, _ = tiny_run
+    ids = run.tokenizer("Maria is 34 years old and lives in Lisbon.", return_tensors="pt").input_ids
+    model = run.trainer.model.eval()
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        reloaded = PeftModel.from_pretrained(load_4bit(tiny_model), run.run_dir / "adapter").eval()
+        got = reloaded(input_ids=ids).logits
+    assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
+
+
+def test_loss_goes_down_and_seeded_losses_are_pinned(tiny_run):
+    run, _ = tiny_run
+    lines = [json.loads(line) for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    assert losses[-1] < losses[0]
+    # A silent change in data rendering, masking, LoRA init or the optimizer moves these numbers.
+    assert losses == pytest.approx(PINNED_LOSSES, abs=2e-3), losses
+
+
+PINNED_LOSSES = [6.0683, 6.0821, 5.9074, 5.7604, 5.7241, 5.7014]  # seed 0, CPU, fp32
+
+
+def test_existing_output_dir_is_refused_with_the_resume_hint(tiny_run, capsys):
+    _, overrides = tiny_run
+    assert main(["train", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "exists and is not empty" in err and "resume=auto" in err and "overwrite=true" in err
+
+
+def test_bad_data_line_fails_before_loading_the_model(tiny_model, tiny_data, tmp_path, capsys):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"messages": [{"role": "user", "content": "hi"}]}'])
+    out = tmp_path / "run"
+    assert main(["train", *tiny_overrides(tiny_model, tiny_data, out, **{"data.path": str(bad)})]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:1: the conversation does not end with an assistant message" in err
+    assert not out.exists()
+
+
+def test_folder_that_is_not_a_model_is_refused(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_overrides(tmp_path, tiny_data, out)]) == 2
+    assert "not a model folder (no config.json)" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_paged_optimizer_on_cpu_is_refused(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", *tiny_overrides(tiny_model, tiny_data, out, **{"train.optim": "paged_adamw_8bit"})]) == 2
+    assert "train.optim=paged_adamw_8bit needs a GPU" in capsys.readouterr().err
+    assert not out.exists()
