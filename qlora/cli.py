@@ -22,6 +22,8 @@ VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "generate": ("answer one prompt, or a JSONL file of prompts", "train", ("model", "quant", "gen")),
     "eval": ("loss and greedy exact match of a run or model on a data file (data.path)", "train",
              ("model", "quant", "data", "eval")),
+    "merge": ("merge a run's adapter into its base; writes a standalone model folder", "train",
+              ("merge",)),
     "recipes": ("list the recipes with their one-line descriptions", "", ()),
 }
 # Values typed as free text: kept out of Hydra's override grammar, which rejects quotes and commas.
@@ -87,6 +89,9 @@ def _runner(verb: str) -> Callable:
     if verb == "generate":
         from qlora.generate import generate_cli
         return generate_cli
+    if verb == "merge":
+        from qlora.merge import merge_cli
+        return merge_cli
     from qlora.evaluate import evaluate_cli
     return evaluate_cli
 
@@ -201,7 +206,8 @@ def print_config_help(verb: str) -> None:
     for line in lines:
         if not line.startswith(" "):  # a top-level key or group header
             name = line.split(":")[0]
-            show = name not in {"model", "quant", "lora", "data", "train", "eval", "gen"} or name in groups
+            show = name not in {"model", "quant", "lora", "data", "train", "eval", "gen", "merge", "export"} \
+                or name in groups
         if show:
             keep.append(line)
     print("\n".join(keep))

@@ -84,6 +84,30 @@ class Switch(Enum):
     false = "false"
 
 
+class MergeInto(Enum):
+    dequantized = "dequantized"  # the NF4-rounded weights the adapter was trained against
+    original = "original"  # the 16/32-bit weights before quantization
+
+
+class SaveDtype(Enum):
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+    float32 = "float32"
+
+
+class ExportFormat(Enum):
+    safetensors = "safetensors"
+    gguf = "gguf"
+    ollama = "ollama"
+    nf4 = "nf4"
+
+
+class GgufType(Enum):
+    f32 = "f32"
+    f16 = "f16"
+    q8_0 = "q8_0"
+
+
 class Resume(Enum):
     none = "none"
     auto = "auto"
@@ -230,6 +254,30 @@ class GenConfig:
 
 
 @dataclass
+class MergeConfig:
+    into: MergeInto = MergeInto.dequantized
+    """Base weights to add the adapter to: dequantized (what it was trained against) or original."""
+    dtype: SaveDtype = SaveDtype.float16
+    """Dtype of the saved weights (the merge itself is done in fp32)."""
+    min_top1_agreement: float = 0.99
+    """Fail (exit 1) when the merged model's top-1 tokens agree with the adapter model's less often."""
+    min_top1_agreement_nf4: float = 0.9
+    """The same for export.format=nf4, which re-quantizes and so agrees less by nature."""
+    max_shard_size: str = "2GB"
+    """Largest output shard (safetensors), e.g. 500MB, 2GB."""
+    check_prompts: int = 16
+    """Prompts of the self-check (from the run's held-out data, else built-in ones)."""
+
+
+@dataclass
+class ExportConfig:
+    format: ExportFormat = ExportFormat.safetensors
+    """safetensors (HF folder), gguf (llama.cpp), ollama (GGUF + Modelfile), nf4 (4-bit bitsandbytes)."""
+    gguf_type: GgufType = GgufType.f16
+    """Tensor type of GGUF weights: f32, f16 or q8_0 (norms stay f32)."""
+
+
+@dataclass
 class QLoraConfig:
     recipe: Optional[str] = None
     """The preset from recipes/ this config started from (set by `recipe=NAME`)."""
@@ -248,6 +296,8 @@ class QLoraConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     gen: GenConfig = field(default_factory=GenConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
 
 def register() -> None:

@@ -64,7 +64,12 @@ def load_for_inference(cfg: QLoraConfig) -> Loaded:
     if cfg.adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adir))
+        try:
+            model = PeftModel.from_pretrained(model, str(adir))
+        except (RuntimeError, ValueError, KeyError) as e:
+            detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+            raise UserError(f"adapter={cfg.adapter} does not fit the base model {model_cfg.name_or_path}: "
+                            f"{detail}") from None
     model.eval()
     return Loaded(model, tokenizer, bool(cfg.adapter), cfg.adapter or model_cfg.name_or_path, device)
 

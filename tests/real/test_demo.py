@@ -1,21 +1,48 @@
-"""The built-in SmolLM2-135M-Instruct (fetched from PyPI once) through the demo recipe."""
+"""The built-in SmolLM2-135M-Instruct (fetched from PyPI once): the demo recipe, eval, generation."""
 import json
 
 import pytest
 
-from qlora.cli import compose
+from qlora.cli import compose, main
 from qlora.train import fit
 
 pytestmark = pytest.mark.slow
+EVAL = ["eval.max_examples=10", "eval.batch_size=10"]
 
 
-def test_demo_recipe_trains_the_real_model_and_loss_goes_down(tmp_path):
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "run"
     cfg = compose("train", ["recipe=smollm2_demo", "train.max_steps=8", "train.logging_steps=1",
-                            "eval.exact_match=false", f"output_dir={tmp_path / 'run'}", "train.report_to=[none]"])
-    run = fit(cfg)
-    losses = [json.loads(line)["loss"] for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()
-              if "loss" in json.loads(line)]
-    print("demo losses:", [round(x, 3) for x in losses], "report:", run.report)
+                            f"output_dir={out}", "train.report_to=[none]", *EVAL])
+    return fit(cfg)
+
+
+def test_demo_recipe_trains_the_real_model_and_loss_goes_down(demo_run):
+    lines = [json.loads(line) for line in (demo_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if "loss" in r]
+    print("demo losses:", [round(x, 3) for x in losses], "report:", demo_run.report)
     assert len(losses) == 8
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
-    assert run.report["eval_loss"] < losses[0]
+    assert demo_run.report["eval_loss"] < losses[0]
+
+
+def test_qlora_eval_reproduces_the_report(demo_run, capsys):
+    capsys.readouterr()
+    assert main(["eval", f"adapter={demo_run.run_dir}", "recipe=smollm2_demo",
+                 "data.path=${demo_file:people_eval.jsonl}", *EVAL]) == 0
+    result = json.loads(capsys.readouterr().out)
+    print("eval:", result, "report:", demo_run.report["eval_exact_match"], demo_run.report["eval_loss"])
+    assert result["exact_match"] == demo_run.report["eval_exact_match"]
+    assert result["loss"] == pytest.approx(demo_run.report["eval_loss"], abs=1e-4)
+
+
+def test_builtin_model_knows_paris_and_stops_by_itself():
+    from qlora.api import load
+
+    bot = load(model="smollm2-135m-instruct")
+    answer = bot.ask("What is the capital of France?", max_new_tokens=64)
+    n_tokens = len(bot.tokenizer(answer, add_special_tokens=False).input_ids)
+    print("answer:", answer, n_tokens, "tokens")
+    assert "Paris" in answer
+    assert n_tokens < 32, "stopped at EOS well before max_new_tokens"

@@ -1,0 +1,276 @@
+"""`qlora merge`: fold a run's LoRA adapter into its base and write a standalone 16-bit model.
+
+An adapter trained with QLoRA learned against the NF4-dequantized weights, so by default it is added
+to exactly those (merge.into=dequantized); adding it to the original weights gives a different model.
+The arithmetic is fp32; only the result is cast to merge.dtype. PEFT's merge on 4-bit layers is never
+used (it re-quantizes). The base is streamed shard by shard: peak memory is the 4-bit model plus
+one shard, not the whole model in 16 bits.
+
+After writing, a self-check compares the merged model with the adapter model on fixed prompts
+(top-1 agreement, logit differences, KL) and fails below merge.min_top1_agreement.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from qlora.config import MergeInto, QLoraConfig
+from qlora.errors import UserError, WorkError
+
+CHECK_PROMPTS = [
+    "What is the capital of France?",
+    "Write a haiku about autumn leaves.",
+    "Explain in one sentence what a neural network is.",
+    "List three prime numbers.",
+    "Translate 'good morning' into Spanish.",
+    "What is 12 times 7?",
+    "Give me a tip for learning to cook.",
+    "Who wrote Romeo and Juliet?",
+]
+
+
+def merge_cli(cfg: QLoraConfig) -> int:
+    """The `qlora merge` verb."""
+    out = output_folder(cfg, "merged")
+    merged = merge_run(cfg, out)
+    print(merged)
+    return 0
+
+
+def output_folder(cfg: QLoraConfig, what: str) -> Path:
+    """The output folder of merge/export: refused when it exists and is not empty (unless overwrite)."""
+    if not cfg.adapter:
+        raise UserError(f"give the run to {what}: adapter=RUN_DIR (or its adapter/ folder)")
+    if not cfg.output_dir:
+        raise UserError("give the folder to write: output_dir=DIR")
+    out = Path(cfg.output_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(f"output_dir={out} exists and is not empty; pass overwrite=true or another folder")
+    return out
+
+
+def base_weight_files(path: str) -> List[Path]:
+    """The safetensors files of a base model (a local folder, or a hub id already in the HF cache)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no .safetensors weights to merge into")
+    return files
+
+
+def merge_run(cfg: QLoraConfig, out: Path) -> Path:
+    """Write the merged model to `out` (aside, then renamed) and its merge_report.json."""
+    import torch
+    from safetensors import safe_open
+
+    from qlora.inference import load_for_inference
+    from qlora.models import say
+
+    started = time.perf_counter()
+    loaded = load_for_inference(cfg)
+    peft_model, tokenizer = loaded.model, loaded.tokenizer
+    check_compatible(peft_model)
+    base_path = peft_model.peft_config["default"].base_model_name_or_path
+    modules = dict(peft_model.get_base_model().named_modules())
+    dtype = getattr(torch, cfg.merge.dtype.value)
+
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    files = base_weight_files(base_path)
+    say(f"merging {cfg.adapter} into the {cfg.merge.into.value} base, {len(files)} shard(s) -> "
+        f"{cfg.merge.dtype.value}")
+    writer = ShardWriter(tmp, parse_size(cfg.merge.max_shard_size))
+    for f in files:
+        with safe_open(str(f), framework="pt") as shard:
+            for key in shard.keys():
+                tensor = merged_tensor(key, shard.get_tensor(key), modules, cfg.merge.into)
+                writer.add(key, tensor.to(dtype).contiguous())
+    index = writer.close()
+    write_model_files(peft_model, tokenizer, tmp, dtype, index)
+    report = self_check(cfg, loaded, tmp, dtype)
+    report.update(into=cfg.merge.into.value, dtype=cfg.merge.dtype.value, adapter=str(cfg.adapter),
+                  base=str(base_path), seconds=round(time.perf_counter() - started, 2))
+    (tmp / "merge_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    say(f"top-1 agreement {report['top1_agreement']:.2%}, max logit diff {report['max_logit_diff']:.2e}, "
+        f"KL {report['kl']:.2e} over {report['tokens']} tokens")
+    if report["top1_agreement"] < cfg.merge.min_top1_agreement:
+        raise WorkError(f"merged model agrees with the adapter model on {report['top1_agreement']:.2%} of "
+                        f"tokens, below merge.min_top1_agreement={cfg.merge.min_top1_agreement} "
+                        f"(see {out / 'merge_report.json'})")
+    return out
+
+
+def check_compatible(peft_model) -> None:
+    cfg = peft_model.peft_config["default"]
+    if getattr(cfg, "use_dora", False):
+        raise UserError("merging DoRA adapters is not available yet; serve the run with adapter=RUN")
+    if getattr(cfg, "bias", "none") != "none":
+        raise UserError(f"merging adapters with trained biases (lora.bias={cfg.bias}) is not available yet")
+
+
+def merged_tensor(key: str, tensor, modules: Dict[str, object], into: MergeInto):
+    """A base tensor with the adapter folded in, in fp32."""
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    name, _, leaf = key.rpartition(".")
+    module = modules.get(name)
+    if module is None or leaf != "weight":
+        return tensor.float()
+    if hasattr(module, "modules_to_save"):  # trained in full (e.g. resized embeddings)
+        return module.modules_to_save["default"].weight.detach().float().cpu()
+    base = getattr(module, "base_layer", module)
+    weight = tensor.float()
+    quant_state = getattr(base.weight, "quant_state", None)
+    if quant_state is not None and into is MergeInto.dequantized:
+        # exactly the weights training saw: the model's own NF4 codes, dequantized in fp32
+        weight = bnbf.dequantize_4bit(base.weight.data, quant_state).to(torch.float32).cpu()
+        weight = weight.reshape(tensor.shape)
+    if hasattr(module, "lora_A") and "default" in module.lora_A:
+        a = module.lora_A["default"].weight.detach().float().cpu()
+        b = module.lora_B["default"].weight.detach().float().cpu()
+        if a.shape[1] != weight.shape[1] or b.shape[0] != weight.shape[0]:
+            raise UserError(f"adapter does not fit the base at {name}: LoRA {tuple(b.shape[:1]) + tuple(a.shape[1:])}"
+                            f" vs base weight {tuple(weight.shape)}; was it trained on another model?")
+        weight = weight + (b @ a) * module.scaling["default"]
+    return weight
+
+
+class ShardWriter:
+    """Writes tensors into safetensors shards of at most max_bytes, one shard in memory at a time."""
+
+    def __init__(self, folder: Path, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
+        self.current: Dict[str, object] = {}
+        self.size, self.files, self.index = 0, [], {}
+
+    def add(self, key: str, tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self.current and self.size + n > self.max_bytes:
+            self.flush()
+        self.current[key] = tensor
+        self.size += n
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        name = f"part-{len(self.files):05d}.safetensors"
+        save_file(self.current, str(self.folder / name), metadata={"format": "pt"})
+        self.files.append(name)
+        self.index.update({k: name for k in self.current})
+        self.current, self.size = {}, 0
+
+    def close(self) -> Dict[str, str]:
+        if self.current:
+            self.flush()
+        if len(self.files) == 1:
+            os.replace(self.folder / self.files[0], self.folder / "model.safetensors")
+            return {k: "model.safetensors" for k in self.index}
+        total = len(self.files)
+        renames = {f: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, f in enumerate(self.files)}
+        for old, new in renames.items():
+            os.replace(self.folder / old, self.folder / new)
+        return {k: renames[v] for k, v in self.index.items()}
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    for unit, factor in sorted(units.items(), key=lambda u: -len(u[0])):
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise UserError(f"merge.max_shard_size={text}: write a size like 500MB or 2GB")
+
+
+def write_model_files(peft_model, tokenizer, folder: Path, dtype, index: Dict[str, str]) -> None:
+    """config.json (no quantization), generation_config.json (with every stop token), the tokenizer."""
+    from qlora.models import stop_token_ids
+
+    base = peft_model.get_base_model()
+    config = base.config.to_dict()
+    config.pop("quantization_config", None)
+    config.pop("_name_or_path", None)
+    config["dtype"] = str(dtype).replace("torch.", "")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    gen = base.generation_config.to_dict()
+    gen.pop("transformers_version", None)
+    gen["eos_token_id"] = stop_token_ids(tokenizer, base.generation_config)
+    gen["pad_token_id"] = tokenizer.pad_token_id
+    (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    if len(set(index.values())) > 1:
+        size = sum((folder / f).stat().st_size for f in set(index.values()))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": size}, "weight_map": index}, indent=2) + "\n")
+    tokenizer.save_pretrained(folder)
+
+
+def check_texts(cfg: QLoraConfig, tokenizer, n: int) -> List[str]:
+    """Full conversations (prompt and answer) from the run's held-out data, else built-in prompts."""
+    from qlora.data import read_examples
+    from qlora.inference import run_config
+    from qlora.adapters import adapter_dir
+
+    trained = run_config(adapter_dir(cfg.adapter))
+    convs = []
+    if trained is not None:
+        path = trained.data.eval_path or trained.data.path
+        try:
+            convs = [ex.messages for ex in read_examples(path, trained.data)[:n]]
+        except (UserError, OSError):
+            convs = []
+    if not convs:
+        convs = [[{"role": "user", "content": p}] for p in CHECK_PROMPTS[:n]]
+    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=c[-1]["role"] == "user")
+            for c in convs]
+
+
+def compare_logits(reference, candidate, tokenizer, texts: List[str]) -> Dict[str, float]:
+    """Top-1 agreement, max/mean |logit difference| and KL(reference || candidate), in fp32."""
+    import torch
+
+    agree = total = 0
+    max_diff, sum_diff, kl_sum = 0.0, 0.0, 0.0
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+            a = reference(input_ids=ids.to(reference.device)).logits.float().cpu()[0]
+            b = candidate(input_ids=ids.to(candidate.device)).logits.float().cpu()[0]
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            total += a.shape[0]
+            diff = (a - b).abs()
+            max_diff = max(max_diff, float(diff.max()))
+            sum_diff += float(diff.mean(-1).sum())
+            kl_sum += float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
+                                                       reduction="none").sum(-1).sum())
+    return dict(top1_agreement=agree / total, max_logit_diff=max_diff, mean_logit_diff=sum_diff / total,
+                kl=kl_sum / total, tokens=total)
+
+
+def self_check(cfg: QLoraConfig, loaded, folder: Path, dtype) -> Dict[str, object]:
+    """Compare the saved model (computed in fp32) with the adapter on its 4-bit base."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    texts = check_texts(cfg, loaded.tokenizer, cfg.merge.check_prompts)
+    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": loaded.device})
+    result = compare_logits(loaded.model, merged, loaded.tokenizer, texts)
+    del merged
+    result["prompts"] = len(texts)
+    result["measured_in"] = "float32"
+    result["saved_dtype"] = str(dtype).replace("torch.", "")
+    return result

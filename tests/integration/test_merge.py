@@ -1,0 +1,91 @@
+"""Merge: the merged folder loads with plain transformers and behaves like the adapter model."""
+import json
+
+import pytest
+import torch
+
+from qlora.cli import compose, main
+from qlora.inference import load_for_inference
+from qlora.errors import UserError
+from qlora.merge import compare_logits, parse_size
+
+
+@pytest.fixture(scope="module")
+def merged(tiny_run, tmp_path_factory):
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("merged") / "m"
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32"]) == 0
+    return out
+
+
+def test_merged_folder_loads_without_peft_and_matches_the_adapter(tiny_run, merged):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, _ = tiny_run
+    report = json.loads((merged / "merge_report.json").read_text())
+    assert report["top1_agreement"] == 1.0 and report["max_logit_diff"] < 1e-4, report
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(merged)
+    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    assert tok.chat_template == run.tokenizer.chat_template and tok.pad_token != tok.eos_token
+    gen = json.loads((merged / "generation_config.json").read_text())
+    assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
+    adapter_model = load_for_inference(compose("train", [f"adapter={run.run_dir}"])).model
+    texts = ["Maria is 34 years old and lives in Lisbon.", "What is the capital of France?"]
+    stats = compare_logits(adapter_model, model, tok, texts)
+    assert stats["max_logit_diff"] < 1e-4, stats
+
+
+def test_merging_into_the_original_weights_is_a_different_model(tiny_run, merged, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "orig"
+    main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.into=original",
+          "merge.dtype=float32", "merge.min_top1_agreement=0"])
+    report = json.loads((out / "merge_report.json").read_text())
+    dq = json.loads((merged / "merge_report.json").read_text())
+    assert report["max_logit_diff"] > 100 * dq["max_logit_diff"]
+
+
+def test_float16_merge_is_sharded_and_still_agrees(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "f16"
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.max_shard_size=100KB"]) == 0
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert json.loads((out / "merge_report.json").read_text())["top1_agreement"] >= 0.99
+
+
+def test_merge_refuses_existing_output_and_missing_adapter(tiny_run, merged, tmp_path, capsys):
+    run, _ = tiny_run
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={merged}"]) == 2
+    assert "overwrite=true" in capsys.readouterr().err
+    assert main(["merge", f"adapter={tmp_path}", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_adapter_for_another_base_is_refused(tiny_run, tmp_path, capsys):
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    run, _ = tiny_run
+    other = tmp_path / "other"
+    shutil.copytree(run.run_dir / "adapter", tmp_path / "adapter")  # an adapter alone, outside its run
+    config = LlamaConfig.from_pretrained(run.trainer.model.peft_config["default"].base_model_name_or_path)
+    config.intermediate_size = 96
+    LlamaForCausalLM(config).save_pretrained(other)
+    run.tokenizer.save_pretrained(other)
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(other)
+    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "m"
+    assert main(["merge", f"adapter={tmp_path / 'adapter'}", f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the base model" in err and "mlp" in err, err
+    assert not out.exists()
+
+
+def test_parse_size():
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20
+    with pytest.raises(UserError, match="merge.max_shard_size"):
+        parse_size("lots")
