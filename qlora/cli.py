@@ -24,6 +24,8 @@ VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
              ("model", "quant", "data", "eval")),
     "merge": ("merge a run's adapter into its base; writes a standalone model folder", "train",
               ("merge",)),
+    "export": ("write a run (or a merged folder) for another runtime: safetensors, gguf, ollama, nf4",
+               "train", ("merge", "export")),
     "recipes": ("list the recipes with their one-line descriptions", "", ()),
 }
 # Values typed as free text: kept out of Hydra's override grammar, which rejects quotes and commas.
@@ -92,6 +94,9 @@ def _runner(verb: str) -> Callable:
     if verb == "merge":
         from qlora.merge import merge_cli
         return merge_cli
+    if verb == "export":
+        from qlora.export import export_cli
+        return export_cli
     from qlora.evaluate import evaluate_cli
     return evaluate_cli
 

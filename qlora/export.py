@@ -1,0 +1,274 @@
+"""`qlora export`: a run (merged first) or a merged folder, written for another runtime.
+
+- safetensors: the merged HF folder (as `qlora merge`).
+- gguf: one .gguf file written in Python with the `gguf` package (F32, F16 or Q8_0), with the
+  tokenizer, chat template and stop tokens in its metadata: no llama.cpp build to break.
+- ollama: the GGUF file plus a Modelfile whose TEMPLATE, SYSTEM and stop parameters come from the
+  chat template.
+- nf4: the fp32 merged weights re-quantized to NF4 (double quant) and saved through bitsandbytes'
+  serialization, for small deployments; its agreement with the adapter is checked too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from qlora.config import ExportFormat, GgufType, QLoraConfig, SaveDtype
+from qlora.errors import UserError, WorkError
+from qlora.merge import merge_run, output_folder
+
+# HF model_type -> GGUF architecture, and whether q/k rows are permuted for llama.cpp's RoPE layout
+GGUF_ARCH = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+
+def export_cli(cfg: QLoraConfig) -> int:
+    """The `qlora export` verb."""
+    from qlora.models import say
+
+    fmt = cfg.export.format
+    if cfg.adapter:
+        out = output_folder(cfg, "export")
+    else:
+        out = plain_output(cfg)
+    if fmt is ExportFormat.safetensors:
+        if not cfg.adapter:
+            raise UserError("export.format=safetensors writes a run's merged model: give adapter=RUN")
+        merge_run(cfg, out)
+        print(out)
+        return 0
+    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
+    try:
+        staged = tmp / "out"
+        staged.mkdir()
+        if cfg.adapter:  # merge in fp32 first: every format below starts from the merged weights
+            merged = tmp / "merged"
+            fp32 = type(cfg.merge)(**{**vars(cfg.merge), "dtype": SaveDtype.float32})
+            merge_run(type(cfg)(**{**vars(cfg), "merge": fp32}), merged)
+            shutil.copy(merged / "merge_report.json", staged / "merge_report.json")
+        else:
+            merged = Path(cfg.model.name_or_path).expanduser()
+        if fmt is ExportFormat.nf4:
+            export_nf4(cfg, merged, staged)
+        else:
+            gguf = staged / f"model-{cfg.export.gguf_type.value}.gguf"
+            write_gguf(merged, gguf, cfg.export.gguf_type)
+            if fmt is ExportFormat.ollama:
+                write_modelfile(merged, gguf.name, staged / "Modelfile")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"exported {fmt.value} to {out}")
+    print(out)
+    return 0
+
+
+def plain_output(cfg: QLoraConfig) -> Path:
+    """Without adapter=, export takes a merged (or any HF) folder from model.name_or_path."""
+    src = Path(cfg.model.name_or_path).expanduser()
+    if not (src / "config.json").is_file():
+        raise UserError("give adapter=RUN, or model.name_or_path=MERGED_FOLDER (an HF model folder)")
+    if not cfg.output_dir:
+        raise UserError("give the folder to write: output_dir=DIR")
+    out = Path(cfg.output_dir).expanduser().resolve()
+    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise UserError(f"output_dir={out} exists and is not empty; pass overwrite=true or another folder")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- GGUF
+
+def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
+    """Write an HF folder (llama/mistral/qwen2 with a byte-level BPE tokenizer) as one GGUF file."""
+    import gguf
+    import numpy as np
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in GGUF_ARCH:
+        raise UserError(f"GGUF export supports {', '.join(GGUF_ARCH)} models, not {config.model_type!r}; "
+                        "use export.format=safetensors")
+    arch, permute_qk = GGUF_ARCH[config.model_type]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    writer = gguf.GGUFWriter(str(path), arch)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_name(folder.name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(head_dim)
+    rope = getattr(config, "rope_parameters", None) or {}
+    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    ftype = {GgufType.f32: gguf.LlamaFileType.ALL_F32, GgufType.f16: gguf.LlamaFileType.MOSTLY_F16,
+             GgufType.q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
+    writer.add_file_type(ftype)
+    add_tokenizer(writer, tokenizer, config)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+    tensors: Dict[str, torch.Tensor] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as shard:
+            for key in shard.keys():
+                tensors[key] = shard.get_tensor(key).float()
+    if config.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)  # llama.cpp reuses token_embd
+    for key, t in tensors.items():
+        name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise WorkError(f"GGUF export: no GGUF name for tensor {key}")
+        if permute_qk and key.endswith("self_attn.q_proj.weight"):
+            t = rope_permute(t, heads)
+        elif permute_qk and key.endswith("self_attn.k_proj.weight"):
+            t = rope_permute(t, kv_heads)
+        data = t.numpy().astype(np.float32)
+        if data.ndim == 1 or kind is GgufType.f32:  # norms and biases stay f32
+            writer.add_tensor(name, data)
+        elif kind is GgufType.f16:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def rope_permute(weight, n_heads: int):
+    """HF stores each head's rotary halves apart; llama.cpp interleaves them (GGUF's llama layout)."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+def add_tokenizer(writer, tokenizer, config) -> None:
+    """Byte-level BPE vocabulary, merges, special ids and the chat template, as llama.cpp reads them."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    pre = json.dumps(spec.get("pre_tokenizer") or {})
+    if model.get("type") != "BPE" or "ByteLevel" not in pre:
+        raise UserError("GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama-3, Qwen2.5) for now; "
+                        "use export.format=safetensors for this model")
+    vocab = model["vocab"]
+    size = max(config.vocab_size, max(vocab.values()) + 1, len(tokenizer))
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for tok, i in vocab.items():
+        tokens[i], types[i] = tok, gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    for kind, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                      ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{kind}_token_id")(tid)
+    writer.add_add_bos_token(False)  # chat templates write BOS themselves where they need it
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+# ------------------------------------------------------------------------------------------- Ollama
+
+# Go templates for the chat formats Ollama users meet most; chosen by the markers of the Jinja template.
+OLLAMA_TEMPLATES = {
+    "<|im_start|>": ("{{- if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}"
+                     "{{- range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}"
+                     "<|im_start|>assistant\n", ["<|im_end|>", "<|im_start|>"]),
+    "<|start_header_id|>": ("<|begin_of_text|>{{- if .System }}<|start_header_id|>system<|end_header_id|>\n\n"
+                            "{{ .System }}<|eot_id|>{{ end }}{{- range .Messages }}<|start_header_id|>"
+                            "{{ .Role }}<|end_header_id|>\n\n{{ .Content }}<|eot_id|>{{ end }}"
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n", ["<|eot_id|>"]),
+    "<|assistant|>": ("{{- if .System }}<|system|>\n{{ .System }}</s>\n{{ end }}{{- range .Messages }}"
+                      "<|{{ .Role }}|>\n{{ .Content }}</s>\n{{ end }}<|assistant|>\n", ["</s>", "<|user|>"]),
+}
+
+
+def default_system(tokenizer) -> Optional[str]:
+    """The system message a template inserts when the conversation has none (SmolLM2's does)."""
+    user = [{"role": "user", "content": "QLORA_PROBE_USER"}]
+    plain = tokenizer.apply_chat_template(user, tokenize=False)
+    probed = tokenizer.apply_chat_template([{"role": "system", "content": "QLORA_PROBE_SYSTEM"}] + user,
+                                           tokenize=False)
+    before, _, after = probed.partition("QLORA_PROBE_SYSTEM")
+    # without a system message the template rendered `before + DEFAULT + after`
+    if after and plain.startswith(before) and plain.endswith(after) and len(plain) > len(before) + len(after):
+        return plain[len(before):len(plain) - len(after)]
+    return None
+
+
+def write_modelfile(folder: Path, gguf_name: str, path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from qlora.models import stop_token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    template = tokenizer.chat_template or ""
+    match = next((m for m in OLLAMA_TEMPLATES if m in template), None)
+    if match is None:
+        raise UserError("export.format=ollama knows ChatML, Llama-3 and Zephyr chat templates; this model's "
+                        "template is none of them: use export.format=gguf and write the Modelfile TEMPLATE by hand")
+    go_template, stops = OLLAMA_TEMPLATES[match]
+    stops = sorted(set(stops) | {tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)})
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template}"""']
+    system = default_system(tokenizer)
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    lines.append("PARAMETER temperature 0")
+    path.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- NF4
+
+def export_nf4(cfg: QLoraConfig, merged: Path, out: Path) -> None:
+    """Re-quantize the fp32 merged weights to NF4 and save them with bitsandbytes' serialization."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    from qlora.models import pick_device
+
+    device = pick_device()
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(merged, quantization_config=bnb, dtype=dtype,
+                                                 device_map={"": 0 if device == "cuda" else "cpu"})
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(merged).save_pretrained(out)
+    for name in ("generation_config.json",):
+        if (merged / name).is_file():
+            shutil.copy(merged / name, out / name)
+    if cfg.adapter:
+        from qlora.inference import load_for_inference
+        from qlora.merge import check_texts, compare_logits
+
+        loaded = load_for_inference(cfg)
+        reloaded = AutoModelForCausalLM.from_pretrained(out, device_map={"": 0 if device == "cuda" else "cpu"})
+        result = compare_logits(loaded.model, reloaded, loaded.tokenizer,
+                                check_texts(cfg, loaded.tokenizer, cfg.merge.check_prompts))
+        result["saved_dtype"] = "nf4"
+        (out / "nf4_report.json").write_text(json.dumps(result, indent=2) + "\n")
+        if result["top1_agreement"] < cfg.merge.min_top1_agreement_nf4:
+            raise WorkError(f"the NF4 export agrees with the adapter model on {result['top1_agreement']:.2%} of "
+                            f"tokens, below merge.min_top1_agreement_nf4={cfg.merge.min_top1_agreement_nf4}")

@@ -1,0 +1,78 @@
+"""Export: GGUF files that transformers' own GGUF loader reads back, a Modelfile, an NF4 folder."""
+import json
+
+import pytest
+import torch
+
+from qlora.cli import main
+from qlora.merge import compare_logits
+
+TEXTS = ["Maria is 34 years old and lives in Lisbon.", "What is the capital of France?"]
+
+
+@pytest.fixture(scope="module")
+def merged32(tiny_run, tmp_path_factory):
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("m32") / "m"
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("kind,tol", [("f32", 1e-5), ("f16", 5e-3), ("q8_0", 0.05)])
+def test_gguf_loads_back_through_transformers_with_close_logits(merged32, tmp_path, kind, tol):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / kind
+    assert main(["export", f"model.name_or_path={merged32}", "export.format=gguf",
+                 f"export.gguf_type={kind}", f"output_dir={out}"]) == 0
+    name = f"model-{kind}.gguf"
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(merged32, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(merged32)
+    stats = compare_logits(ref, back, tok, TEXTS)
+    print(kind, stats)
+    assert stats["max_logit_diff"] < tol and stats["top1_agreement"] >= (1.0 if kind != "q8_0" else 0.9)
+    tok_back = AutoTokenizer.from_pretrained(out, gguf_file=name)
+    assert tok_back(TEXTS[0]).input_ids == tok(TEXTS[0]).input_ids
+
+
+def test_gguf_metadata(merged32, tmp_path):
+    import gguf
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "g"
+    assert main(["export", f"model.name_or_path={merged32}", "export.format=gguf", f"output_dir={out}"]) == 0
+    reader = gguf.GGUFReader(str(out / "model-f16.gguf"))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.token")
+              and k != "tokenizer.ggml.merges"}
+    tok = AutoTokenizer.from_pretrained(merged32)
+    assert fields["general.architecture"] == "llama"
+    assert fields["llama.block_count"] == 2
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
+    assert fields["tokenizer.ggml.padding_token_id"] != tok.eos_token_id
+    assert fields["tokenizer.chat_template"] == tok.chat_template
+
+
+def test_ollama_modelfile_from_the_chat_template(tiny_run, tmp_path):
+    run, _ = tiny_run
+    out = tmp_path / "ollama"
+    assert main(["export", f"adapter={run.run_dir}", "export.format=ollama", f"output_dir={out}"]) == 0
+    text = (out / "Modelfile").read_text()
+    assert "FROM ./model-f16.gguf" in text and (out / "model-f16.gguf").is_file()
+    assert '<|im_start|>{{ .Role }}' in text and 'PARAMETER stop "<|im_end|>"' in text
+    assert 'SYSTEM """You are a tiny test model."""' in text  # the template's default system message
+    assert json.loads((out / "merge_report.json").read_text())["top1_agreement"] == 1.0
+
+
+def test_nf4_export_reloads_and_reports_agreement(tiny_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run, _ = tiny_run
+    out = tmp_path / "nf4"
+    assert main(["export", f"adapter={run.run_dir}", "export.format=nf4", f"output_dir={out}",
+                 "merge.min_top1_agreement_nf4=0.5"]) == 0
+    report = json.loads((out / "nf4_report.json").read_text())
+    assert 0.5 <= report["top1_agreement"] <= 1.0
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert getattr(model, "is_loaded_in_4bit", False)
