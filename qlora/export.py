@@ -40,6 +40,7 @@ def export_cli(cfg: QLoraConfig) -> int:
         merge_run(cfg, out)
         print(out)
         return 0
+    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
         staged = tmp / "out"

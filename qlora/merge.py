@@ -96,6 +96,7 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
                 writer.add(key, tensor.to(dtype).contiguous())
     index = writer.close()
     write_model_files(peft_model, tokenizer, tmp, dtype, index)
+    del modules, peft_model
     report = self_check(cfg, loaded, tmp, dtype)
     report.update(into=cfg.merge.into.value, dtype=cfg.merge.dtype.value, adapter=str(cfg.adapter),
                   base=str(base_path), seconds=round(time.perf_counter() - started, 2))
@@ -239,38 +240,56 @@ def check_texts(cfg: QLoraConfig, tokenizer, n: int) -> List[str]:
             for c in convs]
 
 
+def logits_of(model, tokenizer, texts: List[str]) -> List:
+    """fp32 logits of each text, on the CPU."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+            out.append(model(input_ids=ids).logits.float().cpu()[0])
+    return out
+
+
 def compare_logits(reference, candidate, tokenizer, texts: List[str]) -> Dict[str, float]:
     """Top-1 agreement, max/mean |logit difference| and KL(reference || candidate), in fp32."""
+    return compare(logits_of(reference, tokenizer, texts), logits_of(candidate, tokenizer, texts))
+
+
+def compare(ref: List, cand: List) -> Dict[str, float]:
     import torch
 
     agree = total = 0
     max_diff, sum_diff, kl_sum = 0.0, 0.0, 0.0
-    with torch.no_grad():
-        for text in texts:
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-            a = reference(input_ids=ids.to(reference.device)).logits.float().cpu()[0]
-            b = candidate(input_ids=ids.to(candidate.device)).logits.float().cpu()[0]
-            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
-            total += a.shape[0]
-            diff = (a - b).abs()
-            max_diff = max(max_diff, float(diff.max()))
-            sum_diff += float(diff.mean(-1).sum())
-            kl_sum += float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
-                                                       reduction="none").sum(-1).sum())
+    for a, b in zip(ref, cand):
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += a.shape[0]
+        diff = (a - b).abs()
+        max_diff = max(max_diff, float(diff.max()))
+        sum_diff += float(diff.mean(-1).sum())
+        kl_sum += float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
+                                                   reduction="none").sum(-1).sum())
     return dict(top1_agreement=agree / total, max_logit_diff=max_diff, mean_logit_diff=sum_diff / total,
                 kl=kl_sum / total, tokens=total)
 
 
 def self_check(cfg: QLoraConfig, loaded, folder: Path, dtype) -> Dict[str, object]:
-    """Compare the saved model (computed in fp32) with the adapter on its 4-bit base."""
+    """Compare the saved model (its weights computed in fp32) with the adapter on its 4-bit base.
+
+    The adapter model's logits are taken first and the model freed, so the two never sit in memory
+    together."""
+    import gc
+
     import torch
     from transformers import AutoModelForCausalLM
 
     texts = check_texts(cfg, loaded.tokenizer, cfg.merge.check_prompts)
+    reference = logits_of(loaded.model, loaded.tokenizer, texts)
+    loaded.model = None
+    gc.collect()
     merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": loaded.device})
-    result = compare_logits(loaded.model, merged, loaded.tokenizer, texts)
+    result = compare(reference, logits_of(merged, loaded.tokenizer, texts))
     del merged
-    result["prompts"] = len(texts)
-    result["measured_in"] = "float32"
-    result["saved_dtype"] = str(dtype).replace("torch.", "")
+    result.update(prompts=len(texts), measured_in="float32", saved_dtype=str(dtype).replace("torch.", ""))
     return result

@@ -130,7 +130,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if eval_loss is not None:
         logger.records.append({"step": trainer.state.global_step, "eval_loss": eval_loss})
     report = dict(
-        steps=trainer.state.global_step, train_tokens=int(tokens), train_seconds=round(train_seconds, 2),
+        steps=trainer.state.global_step, train_tokens=int(tokens), train_seconds=round(train_seconds, 3),
         tokens_per_second=round(tokens / train_seconds, 2) if train_seconds > 0 else None,
         load_seconds=round(load_seconds, 2), time_to_first_step_seconds=round(logger.time_to_first_step, 2),
         peak_memory_gb=round(peak_memory_gb(device), 3),

@@ -41,8 +41,38 @@ def test_builtin_model_knows_paris_and_stops_by_itself():
     from qlora.api import load
 
     bot = load(model="smollm2-135m-instruct")
-    answer = bot.ask("What is the capital of France?", max_new_tokens=64)
+    answer = bot.ask("What is the capital of France?", max_new_tokens=256)
     n_tokens = len(bot.tokenizer(answer, add_special_tokens=False).input_ids)
     print("answer:", answer, n_tokens, "tokens")
     assert "Paris" in answer
-    assert n_tokens < 32, "stopped at EOS well before max_new_tokens"
+    assert n_tokens < 128, "stopped at EOS well before max_new_tokens"
+
+
+def test_merge_of_a_real_run_agrees_with_the_adapter(demo_run, tmp_path):
+    out = tmp_path / "merged"
+    assert main(["merge", f"adapter={demo_run.run_dir}", f"output_dir={out}"]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    print("merge report:", report)
+    assert report["top1_agreement"] >= 0.99 and report["saved_dtype"] == "float16"
+
+
+def test_gguf_export_of_a_real_run_loads_back(demo_run, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.merge import compare_logits
+
+    merged, out = tmp_path / "merged", tmp_path / "gguf"
+    assert main(["merge", f"adapter={demo_run.run_dir}", f"output_dir={merged}", "merge.dtype=float32"]) == 0
+    ref = AutoModelForCausalLM.from_pretrained(merged)
+    tok = AutoTokenizer.from_pretrained(merged)
+    texts = ["What is the capital of France?", "Extract the person's name, age and city as JSON.\n"
+             "Lena is 31 and lives in Oslo.", "Write a haiku about autumn leaves."]
+    for kind, floor in (("f16", 0.99), ("q8_0", 0.8)):
+        assert main(["export", f"model.name_or_path={merged}", "export.format=gguf", f"export.gguf_type={kind}",
+                     f"output_dir={out / kind}"]) == 0
+        back = AutoModelForCausalLM.from_pretrained(out / kind, gguf_file=f"model-{kind}.gguf")
+        stats = compare_logits(ref, back, tok, texts)
+        print(f"{kind} vs merged:", stats)
+        assert stats["top1_agreement"] >= floor
+        back_tok = AutoTokenizer.from_pretrained(out / kind, gguf_file=f"model-{kind}.gguf")
+        assert back_tok(texts[1]).input_ids == tok(texts[1]).input_ids
