@@ -380,6 +380,17 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     return p
 
 
+def validate_merge(cfg: QLoraConfig) -> List[str]:
+    """Every problem of a merge/export config."""
+    m, p = cfg.merge, []
+    for key in ("min_top1_agreement", "min_top1_agreement_nf4"):
+        if not 0 <= getattr(m, key) <= 1:
+            p.append(f"merge.{key}={getattr(m, key)}: must be in [0, 1]")
+    if m.check_prompts < 1:
+        p.append(f"merge.check_prompts={m.check_prompts}: the self-check needs at least 1 prompt")
+    return p
+
+
 def _check_file(key: str, path: str, problems: List[str]) -> None:
     f = Path(path).expanduser()
     if not f.exists():

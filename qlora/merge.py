@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from qlora.config import MergeInto, QLoraConfig
+from qlora.config import MergeInto, QLoraConfig, validate_merge
 from qlora.errors import UserError, WorkError
 
 CHECK_PROMPTS = [
@@ -43,6 +43,9 @@ def merge_cli(cfg: QLoraConfig) -> int:
 
 def output_folder(cfg: QLoraConfig, what: str) -> Path:
     """The output folder of merge/export: refused when it exists and is not empty (unless overwrite)."""
+    problems = validate_merge(cfg)
+    if problems:
+        raise UserError("bad config:\n  " + "\n  ".join(problems))
     if not cfg.adapter:
         raise UserError(f"give the run to {what}: adapter=RUN_DIR (or its adapter/ folder)")
     if not cfg.output_dir:

@@ -76,3 +76,20 @@ def test_nf4_export_reloads_and_reports_agreement(tiny_run, tmp_path):
     assert 0.5 <= report["top1_agreement"] <= 1.0
     model = AutoModelForCausalLM.from_pretrained(out)
     assert getattr(model, "is_loaded_in_4bit", False)
+
+
+def test_nf4_export_below_its_threshold_fails_with_exit_1(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    out = tmp_path / "nf4"
+    # a random tiny model re-quantized to NF4 cannot agree on every token
+    assert main(["export", f"adapter={run.run_dir}", "export.format=nf4", f"output_dir={out}",
+                 "merge.min_top1_agreement_nf4=1.0"]) == 1
+    assert "below merge.min_top1_agreement_nf4=1.0" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_merge_settings_exit_2(tiny_run, tmp_path, capsys):
+    run, _ = tiny_run
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={tmp_path / 'm'}",
+                 "merge.min_top1_agreement=1.5"]) == 2
+    assert "merge.min_top1_agreement=1.5: must be in [0, 1]" in capsys.readouterr().err
