@@ -47,8 +47,12 @@ def adapter_dir(path: str) -> Path:
     """The adapter folder of a run directory (or the folder itself)."""
     p = Path(path).expanduser()
     if (p / "adapter" / "adapter_config.json").is_file():
-        return p / "adapter"
-    if (p / "adapter_config.json").is_file():
-        return p
-    raise UserError(f"adapter={path}: no adapter_config.json there or in its adapter/ folder; "
-                    "give a run directory written by `qlora train` or its adapter/ folder")
+        p = p / "adapter"
+    elif not (p / "adapter_config.json").is_file():
+        raise UserError(f"adapter={path}: no adapter_config.json there or in its adapter/ folder; "
+                        "give a run directory written by `qlora train` or its adapter/ folder")
+    if not (p / "adapter_model.safetensors").is_file():
+        pickled = " (adapter_model.bin is a pickle, which can run code: not loaded)" \
+            if (p / "adapter_model.bin").is_file() else ""
+        raise UserError(f"adapter={path}: no adapter_model.safetensors in {p}{pickled}")
+    return p

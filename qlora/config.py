@@ -108,6 +108,11 @@ class GgufType(Enum):
     q8_0 = "q8_0"
 
 
+class NanPolicy(Enum):
+    stop = "stop"  # stop the run, keep the last good checkpoint
+    skip = "skip"  # drop the step's gradients and go on
+
+
 class Resume(Enum):
     none = "none"
     auto = "auto"
@@ -215,6 +220,8 @@ class TrainConfig:
     """Recompute activations in backward: auto = on for GPUs, off on CPU (where it costs ~35%)."""
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
     """Trackers: tensorboard, wandb, mlflow, or [none]."""
+    nan_policy: NanPolicy = NanPolicy.stop
+    """A non-finite loss or gradient: stop (keeping the last good checkpoint) or skip that step."""
 
 
 @dataclass

@@ -11,3 +11,9 @@ class WorkError(Exception):
     """A failure during work (diverged loss, failed self-check, out of memory). Exit code 1."""
 
     exit_code = 1
+
+
+class Interrupted(WorkError):
+    """Stopped by Ctrl-C or SIGTERM after saving a checkpoint. Exit code 130."""
+
+    exit_code = 130

@@ -47,7 +47,7 @@ class RunLogger(TrainerCallback):
             name = {"num_tokens": "tokens"}.get(key, key)
             if isinstance(value, (int, float)) and not key.startswith("train_"):
                 rec[name] = value if math.isfinite(value) else str(value)
-        if len(rec) > 1:
+        if set(rec) - {"step", "epoch", "total_flos"}:  # not the end-of-training summary
             self.records.append(rec)
             with self.path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -13,8 +13,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from qlora.checkpoints import check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, step_of
 from qlora.config import QLoraConfig, Resume, Switch, validate_train
-from qlora.errors import UserError, WorkError
+from qlora.errors import Interrupted, UserError, WorkError
 
 
 @dataclass
@@ -38,6 +39,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if problems:
         raise UserError("bad config:\n  " + "\n  ".join(problems))
     run_dir, resume_from = prepare_run_dir(cfg)
+    if resume_from:
+        check_resumable(run_dir, cfg)
 
     import datasets
     import torch
@@ -49,6 +52,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.data import DataStats, split_examples, tokenize_examples
     from qlora.evaluate import exact_match, mean_loss
     from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model, say
+    from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
     datasets.disable_progress_bars()  # our own lines say what the data holds
@@ -80,10 +84,16 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from omegaconf import OmegaConf
 
     write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+    if resume_from:
+        drop_metrics_after(run_dir, step_of(Path(resume_from)))  # those steps are trained again
+    else:
+        write_atomic(run_dir / "fingerprint.json", json.dumps(fingerprint(cfg), indent=2) + "\n")
     reporters = [r for r in t.report_to if r != "none"]
     if "tensorboard" in reporters:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     logger = RunLogger(run_dir, started)
+    stopper = StopOnSignal()
+    guard = NonFiniteGuard(t.nan_policy.value, scaler_owns_overflow=device == "cuda" and dtype == torch.float16)
     args = SFTConfig(
         output_dir=str(run_dir / "checkpoints"),
         max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
@@ -101,23 +111,37 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
         packing=False, dataset_num_proc=None)
     trainer = SFTTrainer(
-        model=model, args=args, processing_class=tokenizer, callbacks=[logger],
+        model=model, args=args, processing_class=tokenizer, callbacks=[logger, stopper, guard],
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
     keep_trainable_fp32(trainer.model)  # undo TRL's bf16 cast of LoRA weights on quantized models
 
     em_before = None
-    if cfg.eval.exact_match and eval_ex:
+    if cfg.eval.exact_match and eval_ex and not resume_from:
         with trainer.model.disable_adapter():
             em_before = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval, desc="exact match before")
         say(f"held-out exact match before training: {em_before:.1%}")
 
-    say(f"training; run directory {run_dir}")
+    say(f"training; run directory {run_dir}" + (f"; resuming from {resume_from}" if resume_from else ""))
+    stopper.install()
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
         raise WorkError("out of memory: lower train.per_device_train_batch_size or train.max_length, or set "
-                        "train.gradient_checkpointing=true (see `qlora plan`)") from None
+                        "train.gradient_checkpointing=true") from None
+    except NonFinite as e:
+        last = latest_checkpoint(run_dir)
+        raise WorkError(
+            f"{e}: the loss or gradients overflowed (with fp16 compute, try quant.bnb_4bit_compute_dtype="
+            f"bfloat16 on a GPU that has it; else lower train.learning_rate), or set train.nan_policy=skip. "
+            f"Last good checkpoint: {last or 'none yet'}") from None
+    finally:
+        stopper.uninstall()
+    if stopper.received:
+        raise Interrupted(f"{stopper.received} at step {trainer.state.global_step}: checkpoint saved in "
+                          f"{latest_checkpoint(run_dir)}; continue with: {resume_command(run_dir)}")
+    if guard.skipped:
+        say(f"train.nan_policy=skip: skipped {guard.skipped} step(s) with non-finite gradients")
     train_seconds = logger.train_seconds
 
     # the same code as `qlora eval`: mean loss per trained token
@@ -136,7 +160,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         peak_memory_gb=round(peak_memory_gb(device), 3),
         device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
-        loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
+        skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
         train_examples=len(train_rows), eval_examples=len(eval_rows),
         data=dict(rows=stats.rows, dropped=dict(stats.dropped), truncated=stats.truncated,
@@ -159,6 +183,7 @@ def prepare_run_dir(cfg: QLoraConfig):
     if cfg.output_dir is None and resume not in (Resume.none.value, Resume.auto.value):
         default = str(Path(resume).resolve().parent.parent)  # RUN/checkpoints/checkpoint-N
     run_dir = Path(cfg.output_dir or default).expanduser().resolve()
+    check_writable("output_dir", run_dir)
     if resume == Resume.none.value:
         if run_dir.exists() and any(run_dir.iterdir()):
             if not cfg.overwrite:
@@ -169,13 +194,31 @@ def prepare_run_dir(cfg: QLoraConfig):
     if resume == Resume.auto.value:
         if cfg.output_dir is None:
             raise UserError("resume=auto needs the run to continue: add output_dir=RUN_DIR")
-        checkpoints = sorted((run_dir / "checkpoints").glob("checkpoint-*"),
-                             key=lambda p: int(p.name.split("-")[-1]) if p.name.split("-")[-1].isdigit() else -1)
-        if not checkpoints:
-            raise UserError(f"resume=auto: no checkpoint in {run_dir / 'checkpoints'}; "
+        last = latest_checkpoint(run_dir)
+        if last is None:
+            raise UserError(f"resume=auto: no whole checkpoint in {run_dir / 'checkpoints'}; "
                             "give the run's output_dir, or drop resume to start fresh")
-        return run_dir, str(checkpoints[-1])
+        return run_dir, str(last)
     return run_dir, str(Path(resume).resolve())
+
+
+def check_writable(key: str, folder: Path) -> None:
+    """The folder can be created (or written) where it is, before hours of work go into it."""
+    parent = folder
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{key}={folder}: cannot write there ({parent} is "
+                        f"{'not a folder' if not parent.is_dir() else 'not writable'}); choose another folder")
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues this run."""
+    import shlex
+    import sys
+
+    keep = [a for a in sys.argv[2:] if a.split("=")[0] not in ("output_dir", "resume", "overwrite")]
+    return " ".join(["qlora train", *map(shlex.quote, keep), f"resume=auto output_dir={shlex.quote(str(run_dir))}"])
 
 
 def pick_optimizer(optim: str, device: str) -> str:

@@ -1,0 +1,92 @@
+"""Resuming a run: which checkpoint is whole, and whether it belongs to the same experiment.
+
+Checkpoints are written by transformers' Trainer in the order weights, optimizer, scheduler, RNG
+states and, last, trainer_state.json; a checkpoint whose trainer_state.json is missing or cut short
+was interrupted while saving and is skipped, so a kill during a save costs only that checkpoint.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from qlora.config import QLoraConfig
+from qlora.errors import UserError
+
+
+def step_of(path: Path) -> int:
+    tail = path.name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else -1
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """All files present and trainer_state.json (written last) readable."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (checkpoint / "adapter_model.safetensors").is_file() and (checkpoint / "optimizer.pt").is_file()
+
+
+def latest_checkpoint(run_dir: Path) -> Optional[Path]:
+    """The newest whole checkpoint of a run, or None."""
+    found = sorted((run_dir / "checkpoints").glob("checkpoint-*"), key=step_of)
+    whole = [c for c in found if is_complete(c)]
+    return whole[-1] if whole else None
+
+
+def file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg: QLoraConfig) -> Dict[str, Any]:
+    """What must not change between a run and its resumption: model, quantization, LoRA, data, order."""
+    from dataclasses import asdict
+    from enum import Enum
+
+    def plain(x):
+        return {k: plain(v) for k, v in x.items()} if isinstance(x, dict) else (
+            x.value if isinstance(x, Enum) else x)
+
+    t, d = cfg.train, cfg.data
+    return {
+        "model.name_or_path": cfg.model.name_or_path,
+        **{f"quant.{k}": v for k, v in plain(asdict(cfg.quant)).items()},
+        **{f"lora.{k}": v for k, v in plain(asdict(cfg.lora)).items()},
+        "data.path (sha256)": file_digest(d.path),
+        "data.eval_path (sha256)": file_digest(d.eval_path) if d.eval_path else None,
+        "data.format": d.format.value, "data.loss_on": d.loss_on.value, "data.eval_fraction": d.eval_fraction,
+        "train.max_length": t.max_length, "train.seed": t.seed,
+        "train.per_device_train_batch_size": t.per_device_train_batch_size,
+        "train.gradient_accumulation_steps": t.gradient_accumulation_steps,
+    }
+
+
+def check_resumable(run_dir: Path, cfg: QLoraConfig) -> None:
+    """Refuse to resume a run with another model, quantization, LoRA or data; say what differs."""
+    saved_path = run_dir / "fingerprint.json"
+    if not saved_path.is_file():
+        raise UserError(f"resume: {run_dir} has no fingerprint.json, so it is not a qlora run (or predates it)")
+    saved, now = json.loads(saved_path.read_text()), fingerprint(cfg)
+    diffs: List[str] = [f"{k}: the run had {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+                        if saved.get(k) != v]
+    if diffs:
+        raise UserError("resume: this config is not the run's, so resuming would not continue the same "
+                        "training:\n  " + "\n  ".join(diffs) + "\n  pass the run's settings (see its config.yaml) "
+                        "or start a new run in another output_dir")
+
+
+def drop_metrics_after(run_dir: Path, step: int) -> None:
+    """Forget log lines of steps after the checkpoint: they are trained again."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    from qlora.tracking import write_atomic
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    write_atomic(path, "".join(line + "\n" for line in keep))

@@ -1,0 +1,136 @@
+"""Runs that survive kills, interrupted saves and NaNs, and resume to the same result."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qlora.cli import main
+from tests.conftest import tiny_overrides
+
+STEPS, SAVE = 16, 2
+
+
+def overrides(tiny_model, tiny_data, out, **extra):
+    return tiny_overrides(tiny_model, tiny_data, out, **{"train.max_steps": STEPS, "train.save_steps": SAVE,
+                                                         "train.save_total_limit": 3, **extra})
+
+
+def adapter_diff(a: Path, b: Path) -> float:
+    x, y = load_file(str(a / "adapter" / "adapter_model.safetensors")), \
+        load_file(str(b / "adapter" / "adapter_model.safetensors"))
+    assert x.keys() == y.keys()
+    return max(float((x[k] - y[k]).abs().max()) for k in x)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("straight") / "run"
+    assert main(["train", *overrides(tiny_model, tiny_data, out)]) == 0
+    return out
+
+
+def start(args, env=None):
+    return subprocess.Popen([sys.executable, "-m", "qlora", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for_checkpoint(run: Path, step: int, proc, timeout=240):
+    marker = run / "checkpoints" / f"checkpoint-{step}" / "trainer_state.json"
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("attempt", [0, 1])
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(uninterrupted, tiny_model, tiny_data,
+                                                                   tmp_path, attempt):
+    out = tmp_path / "run"
+    after = random.Random().choice(range(SAVE, STEPS - SAVE, SAVE))
+    proc = start(overrides(tiny_model, tiny_data, out))
+    wait_for_checkpoint(out, after, proc)
+    time.sleep(random.Random().uniform(0, 0.3))  # somewhere in the steps after that checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert main(["train", *overrides(tiny_model, tiny_data, out, resume="auto")]) == 0
+    diff = adapter_diff(out, uninterrupted)
+    print(f"SIGKILL after checkpoint-{killed_at}: max |adapter difference| = {diff}")
+    assert diff == 0.0
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1)), f"each step logged once: {steps}"
+
+
+def test_sigint_saves_a_checkpoint_says_how_to_resume_and_resumes_exactly(uninterrupted, tiny_model, tiny_data,
+                                                                         tmp_path):
+    out = tmp_path / "run"
+    proc = start(overrides(tiny_model, tiny_data, out))
+    wait_for_checkpoint(out, SAVE, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "SIGINT at step" in err and "resume=auto" in err and "Traceback" not in err
+    stopped = max(int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert (out / "checkpoints" / f"checkpoint-{stopped}" / "trainer_state.json").is_file()
+    assert main(["train", *overrides(tiny_model, tiny_data, out, resume="auto")]) == 0
+    diff = adapter_diff(out, uninterrupted)
+    print(f"SIGINT at step {stopped}: max |adapter difference| = {diff}")
+    assert diff == 0.0
+
+
+def test_a_checkpoint_cut_short_during_its_save_is_skipped(uninterrupted, tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    proc = start(overrides(tiny_model, tiny_data, out))
+    wait_for_checkpoint(out, 4, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    # fault injection: the newest checkpoint as a kill in the middle of its save leaves it
+    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    newest = ckpts[-1]
+    broken = newest.with_name(f"checkpoint-{int(newest.name.split('-')[1]) + SAVE}")
+    shutil.copytree(newest, broken)
+    (broken / "trainer_state.json").write_text('{"global_step": ')
+    with open(broken / "optimizer.pt", "r+b") as f:
+        f.truncate(100)
+    assert main(["train", *overrides(tiny_model, tiny_data, out, resume="auto")]) == 0
+    assert adapter_diff(out, uninterrupted) == 0.0
+
+
+def test_resume_with_other_settings_is_refused_with_what_differs(uninterrupted, tiny_model, tiny_data, capsys):
+    assert main(["train", *overrides(tiny_model, tiny_data, uninterrupted, resume="auto",
+                                     **{"lora.r": 4, "train.seed": 1})]) == 2
+    err = capsys.readouterr().err
+    assert "lora.r: the run had 8, now 4" in err and "train.seed: the run had 0, now 1" in err
+
+
+def test_nan_stops_the_run_names_the_step_and_keeps_a_good_checkpoint(tiny_model, tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["train", *tiny_overrides(tiny_model, tiny_data, out, **{
+        "train.max_steps": 30, "train.save_steps": 1, "train.learning_rate": 1e30, "train.max_grad_norm": 1e30,
+        "train.warmup_ratio": 0, "train.lr_scheduler_type": "constant"})])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert "non-finite" in err and "at step" in err and "lower train.learning_rate" in err
+    good = err.split("Last good checkpoint: ")[1].split()[0]
+    weights = load_file(str(Path(good) / "adapter_model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nan_policy_skip_trains_on_without_applying_bad_steps(tiny_model, tiny_data, tmp_path):
+    out = tmp_path / "run"
+    code = main(["train", *tiny_overrides(tiny_model, tiny_data, out, **{
+        "train.max_steps": 20, "train.learning_rate": 1e30, "train.max_grad_norm": 1e30,
+        "train.warmup_ratio": 0, "train.lr_scheduler_type": "constant", "train.nan_policy": "skip"})])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["skipped_steps"] > 0
