@@ -43,7 +43,11 @@ def cache_dir() -> Path:
 
 
 def say(msg: str) -> None:
-    print(f"[qlora] {msg}", file=sys.stderr, flush=True)
+    """A progress line on stderr (rank 0 only under torchrun)."""
+    from qlora.distributed import is_main
+
+    if is_main():
+        print(f"[qlora] {msg}", file=sys.stderr, flush=True)
 
 
 def resolve_model(name_or_path: str) -> str:
@@ -195,8 +199,11 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from qlora.distributed import local_rank
+
+    # under torchrun each rank holds its own 4-bit copy on its own GPU (TRL #921)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
-                  device_map={"": 0} if device == "cuda" else {"": "cpu"})
+                  device_map={"": local_rank()} if device == "cuda" else {"": "cpu"})
     if model_cfg.trust_remote_code:
         say("model.trust_remote_code=true: running Python code shipped with the model")
     attn = model_cfg.attn_implementation.value

@@ -15,6 +15,7 @@ from typing import Any, Dict, Optional
 
 from qlora.checkpoints import check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, step_of
 from qlora.config import QLoraConfig, Resume, Switch, validate_train
+from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
 
@@ -80,14 +81,15 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     model = attach_lora(model, cfg.lora, checkpointing)
     load_seconds = time.perf_counter() - t_load
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from omegaconf import OmegaConf
+    if is_main():  # under torchrun, rank 0 alone writes
+        from omegaconf import OmegaConf
 
-    write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-    if resume_from:
-        drop_metrics_after(run_dir, step_of(Path(resume_from)))  # those steps are trained again
-    else:
-        write_atomic(run_dir / "fingerprint.json", json.dumps(fingerprint(cfg), indent=2) + "\n")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        if resume_from:
+            drop_metrics_after(run_dir, step_of(Path(resume_from)))  # those steps are trained again
+        else:
+            write_atomic(run_dir / "fingerprint.json", json.dumps(fingerprint(cfg), indent=2) + "\n")
     reporters = [r for r in t.report_to if r != "none"]
     if "tensorboard" in reporters:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
@@ -109,7 +111,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
-        packing=False, dataset_num_proc=None)
+        packing=False, dataset_num_proc=None, ddp_find_unused_parameters=False)
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, callbacks=[logger, stopper, guard],
         train_dataset=Dataset.from_list(train_rows),
@@ -117,7 +119,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     keep_trainable_fp32(trainer.model)  # undo TRL's bf16 cast of LoRA weights on quantized models
 
     em_before = None
-    if cfg.eval.exact_match and eval_ex and not resume_from:
+    if cfg.eval.exact_match and eval_ex and not resume_from and is_main():
         with trainer.model.disable_adapter():
             em_before = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval, desc="exact match before")
         say(f"held-out exact match before training: {em_before:.1%}")
@@ -143,6 +145,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if guard.skipped:
         say(f"train.nan_policy=skip: skipped {guard.skipped} step(s) with non-finite gradients")
     train_seconds = logger.train_seconds
+    if not is_main():
+        return Run(run_dir, trainer, tokenizer, {})
 
     # the same code as `qlora eval`: mean loss per trained token
     eval_loss = mean_loss(trainer.model, eval_rows, t.per_device_train_batch_size) if eval_rows else None
@@ -182,10 +186,12 @@ def prepare_run_dir(cfg: QLoraConfig):
     default = f"outputs/{cfg.recipe or 'demo'}/{datetime.now():%Y%m%d-%H%M%S}"
     if cfg.output_dir is None and resume not in (Resume.none.value, Resume.auto.value):
         default = str(Path(resume).resolve().parent.parent)  # RUN/checkpoints/checkpoint-N
+    if cfg.output_dir is None and world_size() > 1:
+        raise UserError("under torchrun / accelerate launch, give output_dir=RUN_DIR (every rank must agree)")
     run_dir = Path(cfg.output_dir or default).expanduser().resolve()
     check_writable("output_dir", run_dir)
     if resume == Resume.none.value:
-        if run_dir.exists() and any(run_dir.iterdir()):
+        if is_main() and run_dir.exists() and any(run_dir.iterdir()):
             if not cfg.overwrite:
                 raise UserError(f"output_dir={run_dir} exists and is not empty; pass resume=auto to continue "
                                 "that run, overwrite=true to replace it, or another output_dir")
