@@ -7,11 +7,14 @@ from qlora.config import LoraConfig
 from qlora.errors import UserError
 
 
-def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool):
-    """A PeftModel with trainable LoRA weights on the frozen (4-bit) base."""
+def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype=None):
+    """A PeftModel with trainable LoRA weights on the frozen (4-bit) base.
+
+    one_dtype (FSDP): every parameter in that dtype, since FSDP flattens one dtype per shard;
+    otherwise LoRA weights are fp32 and norms are upcast for 4-bit training."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-    if getattr(model, "is_loaded_in_4bit", False):
+    if getattr(model, "is_loaded_in_4bit", False) and one_dtype is None:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -28,7 +31,14 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool):
         model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise UserError(f"lora.target_modules={list(targets)}: {str(e).splitlines()[0]}") from None
-    keep_trainable_fp32(model)
+    if one_dtype is None:
+        keep_trainable_fp32(model)
+    else:
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(one_dtype)
+        if gradient_checkpointing:
+            model.enable_input_require_grads()
     return model
 
 

@@ -113,6 +113,11 @@ class NanPolicy(Enum):
     skip = "skip"  # drop the step's gradients and go on
 
 
+class DistStrategy(Enum):
+    auto = "auto"  # one process; DDP when started by torchrun / accelerate launch with several
+    fsdp_qlora = "fsdp_qlora"  # shard the 4-bit model across GPUs (FSDP), for models one GPU cannot hold
+
+
 class Resume(Enum):
     none = "none"
     auto = "auto"
@@ -285,6 +290,16 @@ class ExportConfig:
 
 
 @dataclass
+class DistConfig:
+    strategy: DistStrategy = DistStrategy.auto
+    """auto: DDP when launched with several processes; fsdp_qlora: FSDP over the 4-bit model (GPUs only)."""
+    cpu_ram_efficient_loading: bool = True
+    """fsdp_qlora: rank 0 reads the weights and broadcasts them, so CPU RAM holds one copy, not one per GPU."""
+    offload_params: bool = False
+    """fsdp_qlora: keep the sharded parameters in CPU RAM between uses (slower; for the tightest fits)."""
+
+
+@dataclass
 class QLoraConfig:
     recipe: Optional[str] = None
     """The preset from recipes/ this config started from (set by `recipe=NAME`)."""
@@ -305,6 +320,7 @@ class QLoraConfig:
     gen: GenConfig = field(default_factory=GenConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def register() -> None:
@@ -379,6 +395,18 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         p.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be > 0")
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
         p.append(f"resume={cfg.resume}: no such checkpoint folder; use resume=auto or a checkpoints/checkpoint-N path")
+    if cfg.dist.strategy is DistStrategy.fsdp_qlora:
+        q = cfg.quant
+        if not q.load_in_4bit:
+            p.append("dist.strategy=fsdp_qlora shards a 4-bit model: set quant.load_in_4bit=true")
+        if q.bnb_4bit_compute_dtype is ComputeDtype.auto or q.bnb_4bit_quant_storage.value != q.bnb_4bit_compute_dtype.value:
+            p.append("dist.strategy=fsdp_qlora: FSDP shards all parameters as one dtype; set "
+                     "quant.bnb_4bit_compute_dtype=bfloat16 and quant.bnb_4bit_quant_storage=bfloat16")
+        if t.gradient_checkpointing is Switch.false:
+            p.append("dist.strategy=fsdp_qlora needs train.gradient_checkpointing (auto or true) to fit")
+        if t.optim.startswith("paged") or "8bit" in t.optim:
+            p.append(f"train.optim={t.optim}: bitsandbytes optimizers do not shard under FSDP; "
+                     "use train.optim=adamw_torch_fused")
     _check_file("data.path", d.path, p)
     if d.eval_path:
         _check_file("data.eval_path", d.eval_path, p)

@@ -35,7 +35,7 @@ CHECK_PROMPTS = [
 
 def merge_cli(cfg: QLoraConfig) -> int:
     """The `qlora merge` verb."""
-    out = output_folder(cfg, "merged")
+    out = output_folder(cfg, "merge")
     merged = merge_run(cfg, out)
     print(merged)
     return 0

@@ -194,8 +194,10 @@ def stop_token_ids(tok, generation_config=None) -> List[int]:
     return sorted(set(ids))
 
 
-def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, device: str, dtype):
-    """The frozen base model: 4-bit NF4 (double quant) through bitsandbytes, or plain when asked."""
+def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, device: str, dtype, place: bool = True):
+    """The frozen base model: 4-bit NF4 (double quant) through bitsandbytes, or plain when asked.
+
+    place=False leaves placement to FSDP (no device_map)."""
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
@@ -204,6 +206,8 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     # under torchrun each rank holds its own 4-bit copy on its own GPU (TRL #921)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
                   device_map={"": local_rank()} if device == "cuda" else {"": "cpu"})
+    if not place:
+        del kwargs["device_map"]
     if model_cfg.trust_remote_code:
         say("model.trust_remote_code=true: running Python code shipped with the model")
     attn = model_cfg.attn_implementation.value

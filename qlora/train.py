@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from qlora.checkpoints import check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, step_of
-from qlora.config import QLoraConfig, Resume, Switch, validate_train
+from qlora.config import DistStrategy, QLoraConfig, Resume, Switch, validate_train
 from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -63,6 +63,13 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     checkpointing = t.gradient_checkpointing is Switch.true or (
         t.gradient_checkpointing is Switch.auto and device == "cuda")  # on CPU it costs ~35% for little memory
     optim = pick_optimizer(t.optim, device)
+    fsdp = cfg.dist.strategy is DistStrategy.fsdp_qlora
+    if fsdp:
+        if device != "cuda":
+            raise UserError("dist.strategy=fsdp_qlora shards over GPUs; on CPU use dist=single (DDP under torchrun)")
+        # read by transformers while loading: rank 0 reads the weights, the others get them by broadcast
+        os.environ["ACCELERATE_USE_FSDP"] = "true"
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = str(cfg.dist.cpu_ram_efficient_loading).lower()
     set_seed(t.seed)
 
     t_load = time.perf_counter()
@@ -77,8 +84,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")
-    model = load_base_model(path, cfg.model, cfg.quant, device, dtype)
-    model = attach_lora(model, cfg.lora, checkpointing)
+    model = load_base_model(path, cfg.model, cfg.quant, device, dtype, place=not fsdp)
+    model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None)
     load_seconds = time.perf_counter() - t_load
 
     if is_main():  # under torchrun, rank 0 alone writes
@@ -111,12 +118,13 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
-        packing=False, dataset_num_proc=None, ddp_find_unused_parameters=False)
+        packing=False, dataset_num_proc=None, ddp_find_unused_parameters=False, **fsdp_args(cfg) if fsdp else {})
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, callbacks=[logger, stopper, guard],
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
-    keep_trainable_fp32(trainer.model)  # undo TRL's bf16 cast of LoRA weights on quantized models
+    if not fsdp:  # FSDP flattens one dtype per shard: there LoRA stays in the compute dtype
+        keep_trainable_fp32(trainer.model)  # undo TRL's bf16 cast of LoRA weights on quantized models
 
     em_before = None
     if cfg.eval.exact_match and eval_ex and not resume_from and is_main():
@@ -225,6 +233,15 @@ def resume_command(run_dir: Path) -> str:
 
     keep = [a for a in sys.argv[2:] if a.split("=")[0] not in ("output_dir", "resume", "overwrite")]
     return " ".join(["qlora train", *map(shlex.quote, keep), f"resume=auto output_dir={shlex.quote(str(run_dir))}"])
+
+
+def fsdp_args(cfg: QLoraConfig) -> dict:
+    """Trainer arguments of FSDP over a 4-bit model: full sharding, PEFT-aware wrapping."""
+    return dict(
+        fsdp="full_shard auto_wrap" + (" offload" if cfg.dist.offload_params else ""),
+        fsdp_config={"use_orig_params": False, "sync_module_states": True,
+                     "cpu_ram_efficient_loading": cfg.dist.cpu_ram_efficient_loading,
+                     "backward_prefetch": "backward_pre", "forward_prefetch": False})
 
 
 def pick_optimizer(optim: str, device: str) -> str:

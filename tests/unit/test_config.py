@@ -81,6 +81,8 @@ BAD = [
     (["data.packing=true"], "not available yet"),
     (["train.warmup_ratio=1.5"], "train.warmup_ratio=1.5"),
     (["resume=/nonexistent/checkpoint-3"], "no such checkpoint folder"),
+    (["dist=fsdp_qlora"], "quant.bnb_4bit_quant_storage=bfloat16"),
+    (["recipe=llama3.1_70b_fsdp_2x24gb", "train.optim=paged_adamw_8bit"], "do not shard under FSDP"),
 ]
 
 
@@ -92,6 +94,16 @@ def test_bad_config_exits_2_with_the_key_and_writes_nothing(overrides, words, tm
     assert err.startswith("qlora: error:") and words in err, err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_fsdp_qlora_recipe_asks_the_trainer_for_peft_aware_full_sharding():
+    from qlora.train import fsdp_args
+
+    cfg = compose("train", ["recipe=llama3.1_70b_fsdp_2x24gb"])
+    args = fsdp_args(cfg)
+    assert args["fsdp"] == "full_shard auto_wrap"
+    assert args["fsdp_config"]["use_orig_params"] is False and args["fsdp_config"]["cpu_ram_efficient_loading"]
+    assert cfg.quant.bnb_4bit_quant_storage.value == cfg.quant.bnb_4bit_compute_dtype.value == "bfloat16"
 
 
 def test_unknown_verb_exits_2(capsys):
