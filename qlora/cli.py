@@ -16,7 +16,7 @@ from qlora.errors import UserError, WorkError
 # verb: (one-line description, primary config in conf/, config groups shown by --help)
 VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
     "train": ("fine-tune a base model with LoRA on 4-bit weights; writes a run directory", "train",
-              ("model", "quant", "lora", "data", "train", "eval")),
+              ("model", "quant", "lora", "data", "train", "eval", "dist")),
     "chat": ("interactive chat in the terminal with a run (adapter=RUN) or a model", "train",
              ("model", "quant", "gen")),
     "generate": ("answer one prompt, or a JSONL file of prompts", "train", ("model", "quant", "gen")),
@@ -28,6 +28,7 @@ VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
                "train", ("merge", "export")),
     "recipes": ("list the recipes with their one-line descriptions", "", ()),
 }
+GROUPS = {"model", "quant", "lora", "data", "train", "eval", "gen", "merge", "export", "dist"}
 # Values typed as free text: kept out of Hydra's override grammar, which rejects quotes and commas.
 FREE_TEXT = {"prompt": "gen.prompt", "system": "gen.system", "gen.prompt": "gen.prompt",
              "gen.system": "gen.system"}
@@ -211,8 +212,7 @@ def print_config_help(verb: str) -> None:
     for line in lines:
         if not line.startswith(" "):  # a top-level key or group header
             name = line.split(":")[0]
-            show = name not in {"model", "quant", "lora", "data", "train", "eval", "gen", "merge", "export"} \
-                or name in groups
+            show = name in groups or name not in GROUPS
         if show:
             keep.append(line)
     print("\n".join(keep))

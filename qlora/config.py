@@ -10,7 +10,6 @@ from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
-from qlora.errors import UserError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 

@@ -15,11 +15,12 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from qlora.config import ExportFormat, GgufType, QLoraConfig, SaveDtype
 from qlora.errors import UserError, WorkError
 from qlora.merge import merge_run, output_folder
+from qlora.outputs import claim_output_dir
 
 # HF model_type -> GGUF architecture, and whether q/k rows are permuted for llama.cpp's RoPE layout
 GGUF_ARCH = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
@@ -74,12 +75,7 @@ def plain_output(cfg: QLoraConfig) -> Path:
     src = Path(cfg.model.name_or_path).expanduser()
     if not (src / "config.json").is_file():
         raise UserError("give adapter=RUN, or model.name_or_path=MERGED_FOLDER (an HF model folder)")
-    if not cfg.output_dir:
-        raise UserError("give the folder to write: output_dir=DIR")
-    out = Path(cfg.output_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"output_dir={out} exists and is not empty; pass overwrite=true or another folder")
-    return out
+    return claim_output_dir(cfg)
 
 
 # --------------------------------------------------------------------------------------------- GGUF

@@ -75,10 +75,10 @@ def read_prompts(path: str) -> List[List[Dict[str, str]]]:
 def generate_cli(cfg) -> int:
     """`qlora generate`: one answer on stdout, or a JSONL file of prompts answered in batches."""
     import json
-    from pathlib import Path
 
     from qlora.errors import UserError
     from qlora.inference import conversation, load_for_inference
+    from qlora.outputs import claim_output_dir
 
     gen = cfg.gen
     if bool(gen.prompt) == bool(gen.prompts):
@@ -90,9 +90,7 @@ def generate_cli(cfg) -> int:
         if gen.system:
             convs = [c if c[0]["role"] == "system" else [{"role": "system", "content": gen.system}] + c
                      for c in convs]
-        out_dir = Path(cfg.output_dir).expanduser() if cfg.output_dir else None
-        if out_dir and out_dir.exists() and any(out_dir.iterdir()) and not cfg.overwrite:
-            raise UserError(f"output_dir={out_dir} exists and is not empty; pass overwrite=true or another folder")
+        out_dir = claim_output_dir(cfg, required=False)
     loaded = load_for_inference(cfg)
     if gen.prompt:
         print(generate_answers(loaded.model, loaded.tokenizer, [conversation(gen.prompt, gen.system)], gen)[0])

@@ -16,10 +16,11 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from qlora.config import MergeInto, QLoraConfig, validate_merge
 from qlora.errors import UserError, WorkError
+from qlora.outputs import claim_output_dir
 
 CHECK_PROMPTS = [
     "What is the capital of France?",
@@ -48,12 +49,7 @@ def output_folder(cfg: QLoraConfig, what: str) -> Path:
         raise UserError("bad config:\n  " + "\n  ".join(problems))
     if not cfg.adapter:
         raise UserError(f"give the run to {what}: adapter=RUN_DIR (or its adapter/ folder)")
-    if not cfg.output_dir:
-        raise UserError("give the folder to write: output_dir=DIR")
-    out = Path(cfg.output_dir).expanduser().resolve()
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise UserError(f"output_dir={out} exists and is not empty; pass overwrite=true or another folder")
-    return out
+    return claim_output_dir(cfg)
 
 
 def base_weight_files(path: str) -> List[Path]:

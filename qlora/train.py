@@ -47,7 +47,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     import torch
     from datasets import Dataset
     from transformers import set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from qlora.adapters import attach_lora, keep_trainable_fp32
     from qlora.data import DataStats, split_examples, tokenize_examples
@@ -97,28 +97,12 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
             drop_metrics_after(run_dir, step_of(Path(resume_from)))  # those steps are trained again
         else:
             write_atomic(run_dir / "fingerprint.json", json.dumps(fingerprint(cfg), indent=2) + "\n")
-    reporters = [r for r in t.report_to if r != "none"]
-    if "tensorboard" in reporters:
+    if "tensorboard" in t.report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     logger = RunLogger(run_dir, started)
     stopper = StopOnSignal()
     guard = NonFiniteGuard(t.nan_policy.value, scaler_owns_overflow=device == "cuda" and dtype == torch.float16)
-    args = SFTConfig(
-        output_dir=str(run_dir / "checkpoints"),
-        max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio,
-        weight_decay=t.weight_decay, optim=optim, max_grad_norm=t.max_grad_norm,
-        seed=t.seed, data_seed=t.seed, max_length=t.max_length,
-        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="steps" if (t.eval_steps and eval_rows) else "no", eval_steps=t.eval_steps,
-        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
-        packing=False, dataset_num_proc=None, ddp_find_unused_parameters=False, **fsdp_args(cfg) if fsdp else {})
+    args = trainer_args(cfg, run_dir, device, dtype, checkpointing, optim, has_eval=bool(eval_rows))
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, callbacks=[logger, stopper, guard],
         train_dataset=Dataset.from_list(train_rows),
@@ -233,6 +217,35 @@ def resume_command(run_dir: Path) -> str:
 
     keep = [a for a in sys.argv[2:] if a.split("=")[0] not in ("output_dir", "resume", "overwrite")]
     return " ".join(["qlora train", *map(shlex.quote, keep), f"resume=auto output_dir={shlex.quote(str(run_dir))}"])
+
+
+def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpointing: bool, optim: str,
+                 has_eval: bool):
+    """TRL's SFTConfig from our keys, with the flags each device needs."""
+    import torch
+    from trl import SFTConfig
+
+    t = cfg.train
+    reporters = [r for r in t.report_to if r != "none"]
+    fsdp = cfg.dist.strategy is DistStrategy.fsdp_qlora
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        max_steps=t.max_steps, num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, optim=optim, max_grad_norm=t.max_grad_norm,
+        seed=t.seed, data_seed=t.seed, max_length=t.max_length,
+        logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
+        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        # AMP on GPUs only: on CPU the compute dtype is fp32 and LoRA weights are fp32
+        bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
+        use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
+        packing=False, dataset_num_proc=None, ddp_find_unused_parameters=False,
+        **fsdp_args(cfg) if fsdp else {})
 
 
 def fsdp_args(cfg: QLoraConfig) -> dict:

@@ -1,6 +1,5 @@
 """Runs that survive kills, interrupted saves and NaNs, and resume to the same result."""
 import json
-import os
 import random
 import shutil
 import signal
