@@ -26,6 +26,8 @@ VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
               ("merge",)),
     "export": ("write a run (or a merged folder) for another runtime: safetensors, gguf, ollama, nf4",
                "train", ("merge", "export")),
+    "quant report": ("quantization error of each scheme on a model's linear layers (table + plot)", "train",
+                     ("model",)),
     "recipes": ("list the recipes with their one-line descriptions", "", ()),
 }
 GROUPS = {"model", "quant", "lora", "data", "train", "eval", "gen", "merge", "export", "dist"}
@@ -70,6 +72,8 @@ def _dispatch(argv: List[str]) -> int:
         print(USAGE.format(verbs="\n".join(f"  {v:<{width}}  {d[0]}" for v, d in VERBS.items())))
         return 0
     verb, rest = argv[0], argv[1:]
+    if rest and f"{verb} {rest[0]}" in VERBS:  # two-word verbs: quant report
+        verb, rest = f"{verb} {rest[0]}", rest[1:]
     if verb not in VERBS:
         raise UserError(f"unknown verb {verb!r}; choose one of: {', '.join(VERBS)} (qlora --help)")
     if verb == "recipes":
@@ -98,6 +102,9 @@ def _runner(verb: str) -> Callable:
     if verb == "export":
         from qlora.export import export_cli
         return export_cli
+    if verb == "quant report":
+        from qlora.quant_report import quant_report_cli
+        return quant_report_cli
     from qlora.evaluate import evaluate_cli
     return evaluate_cli
 
