@@ -64,6 +64,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("qlora: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def _dispatch(argv: List[str]) -> int:
@@ -86,27 +89,18 @@ def _dispatch(argv: List[str]) -> int:
     return runner(cfg) or 0
 
 
+# verb -> (module, function): imported only when the verb runs
+RUNNERS = {"train": ("qlora.train", "train"), "chat": ("qlora.chat", "chat_cli"),
+           "generate": ("qlora.generate", "generate_cli"), "eval": ("qlora.evaluate", "evaluate_cli"),
+           "merge": ("qlora.merge", "merge_cli"), "export": ("qlora.export", "export_cli"),
+           "quant report": ("qlora.quant_report", "quant_report_cli")}
+
+
 def _runner(verb: str) -> Callable:
-    if verb == "train":
-        from qlora.train import train
-        return train
-    if verb == "chat":
-        from qlora.chat import chat_cli
-        return chat_cli
-    if verb == "generate":
-        from qlora.generate import generate_cli
-        return generate_cli
-    if verb == "merge":
-        from qlora.merge import merge_cli
-        return merge_cli
-    if verb == "export":
-        from qlora.export import export_cli
-        return export_cli
-    if verb == "quant report":
-        from qlora.quant_report import quant_report_cli
-        return quant_report_cli
-    from qlora.evaluate import evaluate_cli
-    return evaluate_cli
+    import importlib
+
+    module, name = RUNNERS[verb]
+    return getattr(importlib.import_module(module), name)
 
 
 def split_overrides(args: List[str]) -> Tuple[List[str], Dict[str, str]]:
@@ -114,9 +108,9 @@ def split_overrides(args: List[str]) -> Tuple[List[str], Dict[str, str]]:
     overrides, texts = [], {}
     for arg in args:
         key, eq, value = arg.partition("=")
-        if key[:1] in "+~":
+        if key and key[0] in "+~":
             raise UserError(f"{arg!r}: every key already exists; drop the {key[0]!r} (qlora VERB --help lists keys)")
-        if not eq:
+        if not eq or not key:
             raise UserError(f"{arg!r} is not key=value; e.g. train.max_steps=100 (qlora VERB --help lists keys)")
         if key in FREE_TEXT:
             texts[FREE_TEXT[key]] = value
