@@ -28,6 +28,8 @@ VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
                "train", ("merge", "export")),
     "quant report": ("quantization error of each scheme on a model's linear layers (table + plot)", "train",
                      ("model",)),
+    "quant ptq": ("post-training INT8 (dynamic and static) of a merged model: size, speed, quality",
+                  "train", ("model", "data")),
     "recipes": ("list the recipes with their one-line descriptions", "", ()),
 }
 GROUPS = {"model", "quant", "lora", "data", "train", "eval", "gen", "merge", "export", "dist"}
@@ -93,7 +95,7 @@ def _dispatch(argv: List[str]) -> int:
 RUNNERS = {"train": ("qlora.train", "train"), "chat": ("qlora.chat", "chat_cli"),
            "generate": ("qlora.generate", "generate_cli"), "eval": ("qlora.evaluate", "evaluate_cli"),
            "merge": ("qlora.merge", "merge_cli"), "export": ("qlora.export", "export_cli"),
-           "quant report": ("qlora.quant_report", "quant_report_cli")}
+           "quant report": ("qlora.quant_report", "quant_report_cli"), "quant ptq": ("qlora.ptq", "ptq_cli")}
 
 
 def _runner(verb: str) -> Callable:

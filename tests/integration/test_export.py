@@ -109,3 +109,15 @@ def test_quant_report_on_a_model(tiny_model, tmp_path, capsys):
         return sum(r["sqnr_db"] for r in rows if r["scheme"] == scheme) / len(layers)
     # on normally distributed weights NF4 beats the uniform 4-bit grids at the same block size
     assert mean_sqnr("nf4 / block 64") > mean_sqnr("int4 absmax / block 64") > mean_sqnr("int4 affine / tensor")
+
+
+def test_ptq_reports_dynamic_and_static_int8_against_the_merged_model(merged32, tiny_data, tmp_path, capsys):
+    out = tmp_path / "ptq"
+    assert main(["quant", "ptq", f"model.name_or_path={merged32}", f"data.path={tiny_data[0]}",
+                 f"data.eval_path={tiny_data[1]}", f"output_dir={out}"]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "ptq_report.json").read_text())["rows"]}
+    ref, dyn, stat = rows["fp32 (merged)"], rows["dynamic int8"], rows["static int8 (simulated)"]
+    print(rows)
+    assert dyn["size_mb"] < ref["size_mb"] and stat["size_mb"] < ref["size_mb"]
+    for r in (dyn, stat):
+        assert r["top1_agreement"] > 0.8 and abs(r["perplexity"] - ref["perplexity"]) / ref["perplexity"] < 0.05
