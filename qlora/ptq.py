@@ -1,12 +1,14 @@
 """`qlora quant ptq`: post-training INT8 quantization of a merged model for CPU inference, measured
 against the model it came from: size, speed, top-1 agreement and perplexity on held-out text.
 
-- dynamic INT8: every Linear's weights int8 (per tensor, torch's dynamic quantized Linear with
+- dynamic INT8: every Linear's weights int8 (per channel, torch's dynamic quantized Linear with
   fbgemm/x86 kernels), activations quantized on the fly per batch. Real int8 matmuls: faster on CPU.
 - static INT8: activation ranges fixed beforehand from calibration data (per Linear input, min-max
   over the calibration set) and weights int8 per output channel (qlora.quantization). The int8
   arithmetic is simulated in fp32 (quantize, then dequantize): it shows the accuracy of static
   ranges, not their speed.
+- int8 weights only: the same int8 weights with fp32 activations, which tells whether the loss
+  comes from the weights or from the activations.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import copy
 import json
 import math
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -25,18 +27,22 @@ class StaticInt8Linear(torch.nn.Module):
     """A Linear whose input is quantized with fixed (calibrated) affine uint8 parameters and whose
     weight is int8 per output channel; computed as dequantized fp32."""
 
-    def __init__(self, linear: torch.nn.Linear, lo: float, hi: float):
+    def __init__(self, linear: torch.nn.Linear, lo: Optional[float] = None, hi: Optional[float] = None):
         super().__init__()
         q = quantize_symmetric(linear.weight.detach().float(), bits=8, granularity="channel")
         self.register_buffer("weight_int8", q.codes.reshape(linear.weight.shape))
         self.register_buffer("weight_scale", q.scale.float())
         self.bias = linear.bias
-        scale, zero = affine_params(torch.tensor([lo]), torch.tensor([hi]), 8)
-        self.act_scale, self.act_zero = float(scale), float(zero)
+        self.act = None  # weight-only when no activation range is given
+        if lo is not None:
+            scale, zero = affine_params(torch.tensor([lo]), torch.tensor([hi]), 8)
+            self.act = (float(scale), float(zero))
 
     def forward(self, x):
-        q = torch.clamp(torch.round(x / self.act_scale + self.act_zero), 0, 255)
-        x_hat = (q - self.act_zero) * self.act_scale
+        x_hat = x
+        if self.act is not None:
+            scale, zero = self.act
+            x_hat = (torch.clamp(torch.round(x / scale + zero), 0, 255) - zero) * scale
         w = self.weight_int8.float() * self.weight_scale[:, None]
         return torch.nn.functional.linear(x_hat, w, self.bias)
 
@@ -60,37 +66,45 @@ def calibrate(model, batches: List[torch.Tensor]) -> Dict[str, tuple]:
     return {k: tuple(v) for k, v in ranges.items()}
 
 
-def static_int8(model, ranges: Dict[str, tuple]):
+def static_int8(model, ranges: Dict[str, tuple], weights_only: bool = False):
+    """Every Linear but the head replaced by StaticInt8Linear (activations fp32 if weights_only)."""
     out = copy.deepcopy(model)
     for name, (lo, hi) in ranges.items():
         parent, _, child = name.rpartition(".")
         holder = out.get_submodule(parent) if parent else out
-        setattr(holder, child, StaticInt8Linear(getattr(holder, child), lo, hi))
+        layer = getattr(holder, child)
+        setattr(holder, child, StaticInt8Linear(layer) if weights_only else StaticInt8Linear(layer, lo, hi))
     return out
 
 
 def dynamic_int8(model):
     import warnings
 
-    from torch.ao.quantization import quantize_dynamic
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's notice that quantized tensors move to torchao
-        return quantize_dynamic(copy.deepcopy(model), {torch.nn.Linear}, dtype=torch.qint8)
+        # per output channel (one outlier row does not coarsen every other row's grid); the output
+        # head stays fp32, as in the static variant: its errors land directly on the logits
+        spec = {name: per_channel_dynamic_qconfig for name, mod in model.named_modules()
+                if isinstance(mod, torch.nn.Linear) and name != "lm_head"}
+        return quantize_dynamic(copy.deepcopy(model), spec, dtype=torch.qint8)
 
 
 def size_mb(model) -> float:
     """Bytes of parameters and buffers, packed int8 weights included."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    total = 0
+    total, seen = 0, set()
     for mod in model.modules():
         if isinstance(mod, DynamicLinear):  # int8 weights inside a packed object
             w, b = mod._weight_bias()
             total += w.int_repr().numel() + (b.numel() * 4 if b is not None else 0) + 8
             continue
         for t in list(mod.parameters(recurse=False)) + list(mod.buffers(recurse=False)):
-            total += t.numel() * t.element_size()
+            if t.data_ptr() not in seen:  # tied weights count once
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
     return total / 1e6
 
 
@@ -140,8 +154,10 @@ def ptq_cli(cfg) -> int:
     rows = [dict(model="fp32 (merged)", size_mb=round(size_mb(base), 1),
                  tokens_per_second=round(forward_speed(base, speed_ids), 1), perplexity=round(ppl_ref, 4),
                  top1_agreement=1.0)]
+    ranges = calibrate(base, calibration)
     candidates = {"dynamic int8": dynamic_int8(base),
-                  "static int8 (simulated)": static_int8(base, calibrate(base, calibration))}
+                  "static int8 (simulated)": static_int8(base, ranges),
+                  "int8 weights only (simulated)": static_int8(base, ranges, weights_only=True)}
     for name, model in candidates.items():
         ppl, logits = perplexity_and_logits(model, held)
         rows.append(dict(model=name, size_mb=round(size_mb(model), 1),

@@ -117,7 +117,9 @@ def test_ptq_reports_dynamic_and_static_int8_against_the_merged_model(merged32, 
                  f"data.eval_path={tiny_data[1]}", f"output_dir={out}"]) == 0
     rows = {r["model"]: r for r in json.loads((out / "ptq_report.json").read_text())["rows"]}
     ref, dyn, stat = rows["fp32 (merged)"], rows["dynamic int8"], rows["static int8 (simulated)"]
+    weights_only = rows["int8 weights only (simulated)"]
     print(rows)
     assert dyn["size_mb"] < ref["size_mb"] and stat["size_mb"] < ref["size_mb"]
-    for r in (dyn, stat):
+    assert weights_only["top1_agreement"] >= stat["top1_agreement"] - 0.02
+    for r in (dyn, stat, weights_only):
         assert r["top1_agreement"] > 0.8 and abs(r["perplexity"] - ref["perplexity"]) / ref["perplexity"] < 0.05
