@@ -206,7 +206,7 @@ def list_recipes() -> int:
 
 
 def print_config_help(verb: str) -> None:
-    from qlora.config import QLoraConfig, describe
+    from qlora.config import QLoraConfig
 
     desc, _, groups = VERBS[verb]
     print(f"qlora {verb}: {desc}\n\nkeys (type = default  # meaning); override with key=value:\n")
@@ -220,6 +220,34 @@ def print_config_help(verb: str) -> None:
             keep.append(line)
     print("\n".join(keep))
     print("\nrecipe=NAME applies a preset from `qlora recipes` first; later overrides win.")
+
+
+def describe(cls: type, prefix: str = "") -> List[str]:
+    """One line per key of a config dataclass: name, type, default and docstring (for --help)."""
+    import ast
+    import inspect
+    from dataclasses import fields
+    from enum import Enum
+
+    docs = {}
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    for node, nxt in zip(body, body[1:]):  # a field, then its docstring
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = nxt.value.value
+    lines = []
+    obj = cls()
+    for f in fields(cls):
+        value = getattr(obj, f.name)
+        if hasattr(value, "__dataclass_fields__"):
+            lines.append(f"{prefix}{f.name}:")
+            lines += describe(type(value), prefix + "  ")
+            continue
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if isinstance(value, Enum):
+            kind = "|".join(m.value for m in type(value))
+            value = value.value
+        lines.append(f"{prefix}{f.name}: {kind} = {value!r}  # {docs.get(f.name, '')}")
+    return lines
 
 
 if __name__ == "__main__":

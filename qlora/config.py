@@ -1,11 +1,11 @@
 """Structured configs: every setting is a typed field with a default and a docstring.
 
 Hydra composes conf/ and recipes/ onto these dataclasses, so an unknown key or a wrong type fails
-at composition; `validate` then checks values and combinations. Nothing here imports torch.
+at composition; qlora/validation.py then checks values and combinations. Nothing here imports torch.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -330,131 +330,3 @@ def register() -> None:
     ConfigStore.instance().store(name="qlora_schema", node=QLoraConfig)
     if not OmegaConf.has_resolver("demo_file"):
         OmegaConf.register_new_resolver("demo_file", lambda name: str(DEMO_DIR / name))
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation of values and combinations (types and key names are Hydra's job)
-
-SCHEDULERS = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
-              "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
-              "cosine_with_min_lr", "warmup_stable_decay"}
-TRACKERS = {"tensorboard", "wandb", "mlflow", "none"}
-
-
-def validate_train(cfg: QLoraConfig) -> List[str]:
-    """Every problem of a train config, each as 'key: what is wrong; how to fix it'."""
-    p: List[str] = []
-    t, lo, d = cfg.train, cfg.lora, cfg.data
-
-    def positive(key: str, value: float) -> None:
-        if value <= 0:
-            p.append(f"{key}={value}: must be > 0")
-
-    positive("lora.r", lo.r)
-    positive("lora.lora_alpha", lo.lora_alpha)
-    if not 0 <= lo.lora_dropout < 1:
-        p.append(f"lora.lora_dropout={lo.lora_dropout}: must be in [0, 1)")
-    if not lo.target_modules:
-        p.append("lora.target_modules=[]: name at least one module, or use [all-linear]")
-    positive("train.per_device_train_batch_size", t.per_device_train_batch_size)
-    positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
-    positive("train.learning_rate", t.learning_rate)
-    positive("train.max_length", t.max_length)
-    positive("train.logging_steps", t.logging_steps)
-    positive("train.save_steps", t.save_steps)
-    positive("train.max_grad_norm", t.max_grad_norm)
-    if t.save_total_limit < 1:
-        p.append(f"train.save_total_limit={t.save_total_limit}: keep at least 1 checkpoint")
-    if t.eval_steps is not None and t.eval_steps <= 0:
-        p.append(f"train.eval_steps={t.eval_steps}: must be > 0, or null for evaluation at the end only")
-    if t.max_steps == 0 or t.max_steps < -1:
-        p.append(f"train.max_steps={t.max_steps}: must be > 0, or -1 to run train.num_train_epochs")
-    if t.max_steps == -1 and t.num_train_epochs <= 0:
-        p.append(f"train.num_train_epochs={t.num_train_epochs}: must be > 0 (or set train.max_steps)")
-    if not 0 <= t.warmup_ratio < 1:
-        p.append(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
-    if t.lr_scheduler_type not in SCHEDULERS:
-        p.append(f"train.lr_scheduler_type={t.lr_scheduler_type}: choose one of {', '.join(sorted(SCHEDULERS))}")
-    bad = [r for r in t.report_to if r not in TRACKERS]
-    if bad:
-        p.append(f"train.report_to: unknown tracker {bad[0]!r}; choose from {', '.join(sorted(TRACKERS))}")
-    if not 0 <= d.eval_fraction < 1:
-        p.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
-    if not 0 <= d.max_bad_fraction < 1:
-        p.append(f"data.max_bad_fraction={d.max_bad_fraction}: must be in [0, 1)")
-    if d.packing:
-        p.append("data.packing=true: packing is not available yet; remove the override")
-    if d.format.value in ("sharegpt", "prompt_completion", "text"):
-        p.append(f"data.format={d.format.value}: not available yet; use messages or alpaca (or auto)")
-    if d.loss_on is LossOn.completion:
-        p.append("data.loss_on=completion: needs prompt_completion data, not available yet; use assistant or all")
-    if cfg.eval.exact_match and not (d.eval_path or d.eval_fraction > 0):
-        p.append("eval.exact_match=true needs held-out data: set data.eval_path or data.eval_fraction")
-    if cfg.eval.max_new_tokens <= 0:
-        p.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be > 0")
-    if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
-        p.append(f"resume={cfg.resume}: no such checkpoint folder; use resume=auto or a checkpoints/checkpoint-N path")
-    if cfg.dist.strategy is DistStrategy.fsdp_qlora:
-        q = cfg.quant
-        if not q.load_in_4bit:
-            p.append("dist.strategy=fsdp_qlora shards a 4-bit model: set quant.load_in_4bit=true")
-        if q.bnb_4bit_compute_dtype is ComputeDtype.auto or q.bnb_4bit_quant_storage.value != q.bnb_4bit_compute_dtype.value:
-            p.append("dist.strategy=fsdp_qlora: FSDP shards all parameters as one dtype; set "
-                     "quant.bnb_4bit_compute_dtype=bfloat16 and quant.bnb_4bit_quant_storage=bfloat16")
-        if t.gradient_checkpointing is Switch.false:
-            p.append("dist.strategy=fsdp_qlora needs train.gradient_checkpointing (auto or true) to fit")
-        if t.optim.startswith("paged") or "8bit" in t.optim:
-            p.append(f"train.optim={t.optim}: bitsandbytes optimizers do not shard under FSDP; "
-                     "use train.optim=adamw_torch_fused")
-    _check_file("data.path", d.path, p)
-    if d.eval_path:
-        _check_file("data.eval_path", d.eval_path, p)
-    if cfg.model.chat_template and "{" not in cfg.model.chat_template:
-        _check_file("model.chat_template", cfg.model.chat_template, p)
-    return p
-
-
-def validate_merge(cfg: QLoraConfig) -> List[str]:
-    """Every problem of a merge/export config."""
-    m, p = cfg.merge, []
-    for key in ("min_top1_agreement", "min_top1_agreement_nf4"):
-        if not 0 <= getattr(m, key) <= 1:
-            p.append(f"merge.{key}={getattr(m, key)}: must be in [0, 1]")
-    if m.check_prompts < 1:
-        p.append(f"merge.check_prompts={m.check_prompts}: the self-check needs at least 1 prompt")
-    return p
-
-
-def _check_file(key: str, path: str, problems: List[str]) -> None:
-    f = Path(path).expanduser()
-    if not f.exists():
-        problems.append(f"{key}={path}: no such file")
-    elif f.is_dir():
-        problems.append(f"{key}={path}: is a folder; give a .jsonl file")
-
-
-def describe(cls: type, prefix: str = "") -> List[str]:
-    """One line per key of a config dataclass: name, type, default and docstring (for --help)."""
-    import ast
-    import inspect
-
-    docs = {}
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = nxt.value.value
-    lines = []
-    obj = cls()
-    for f in fields(cls):
-        value = getattr(obj, f.name)
-        if hasattr(value, "__dataclass_fields__"):
-            lines.append(f"{prefix}{f.name}:")
-            lines += describe(type(value), prefix + "  ")
-            continue
-        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if isinstance(value, Enum):
-            kind = "|".join(m.value for m in type(value))
-            value = value.value
-        lines.append(f"{prefix}{f.name}: {kind} = {value!r}  # {docs.get(f.name, '')}")
-    return lines

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from qlora.config import MergeInto, QLoraConfig, validate_merge
+from qlora.config import MergeInto, QLoraConfig
+from qlora.validation import validate_merge
 from qlora.errors import UserError, WorkError
 from qlora.outputs import claim_output_dir
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from qlora.checkpoints import check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, step_of
-from qlora.config import DistStrategy, QLoraConfig, Resume, Switch, validate_train
+from qlora.config import DistStrategy, QLoraConfig, Resume, Switch
+from qlora.validation import validate_train
 from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 

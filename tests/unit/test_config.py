@@ -5,7 +5,8 @@ import sys
 import pytest
 
 from qlora.cli import compose, main
-from qlora.config import RECIPES_DIR, validate_train
+from qlora.config import RECIPES_DIR
+from qlora.validation import validate_train
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 
