@@ -26,6 +26,8 @@ VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
               ("merge",)),
     "export": ("write a run (or a merged folder) for another runtime: safetensors, gguf, ollama, nf4",
                "train", ("merge", "export")),
+    "data check": ("render, validate and audit a dataset for a config, without training", "train",
+                   ("model", "data", "train")),
     "quant report": ("quantization error of each scheme on a model's linear layers (table + plot)", "train",
                      ("model",)),
     "quant ptq": ("post-training INT8 (dynamic and static) of a merged model: size, speed, quality",
@@ -95,6 +97,7 @@ def _dispatch(argv: List[str]) -> int:
 RUNNERS = {"train": ("qlora.train", "train"), "chat": ("qlora.chat", "chat_cli"),
            "generate": ("qlora.generate", "generate_cli"), "eval": ("qlora.evaluate", "evaluate_cli"),
            "merge": ("qlora.merge", "merge_cli"), "export": ("qlora.export", "export_cli"),
+           "data check": ("qlora.data_check", "data_check_cli"),
            "quant report": ("qlora.quant_report", "quant_report_cli"), "quant ptq": ("qlora.ptq", "ptq_cli")}
 
 

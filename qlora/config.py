@@ -171,7 +171,7 @@ class DataConfig:
     path: str = "${demo_file:people_train.jsonl}"
     """Training data: a .jsonl file (one example a line). Default: the shipped demo set."""
     format: DataFormat = DataFormat.auto
-    """Row format: auto (detected), messages, alpaca. (sharegpt, prompt_completion, text: not available yet.)"""
+    """Row format: auto (detected), messages, sharegpt, alpaca. (prompt_completion, text: not available yet.)"""
     eval_path: Optional[str] = "${demo_file:people_eval.jsonl}"
     """Held-out data in the same formats; null for none (see eval_fraction)."""
     eval_fraction: float = 0.0
@@ -184,6 +184,8 @@ class DataConfig:
     """A malformed row: fail (stop with file:line) or drop (count by reason, see max_bad_fraction)."""
     max_bad_fraction: float = 0.01
     """With on_bad_row=drop: fail when more than this share of rows is dropped."""
+    show_examples: int = 3
+    """data check: how many rendered examples to show."""
 
 
 @dataclass

@@ -76,8 +76,29 @@ def detect_format(row: dict) -> DataFormat:
         return DataFormat.messages
     if "instruction" in row and "output" in row:
         return DataFormat.alpaca
-    raise BadRow(f"unknown row format with keys {sorted(row)}; expected 'messages' (chat) or "
-                 "'instruction'/'output' (alpaca)")
+    if "conversations" in row:
+        return DataFormat.sharegpt
+    raise BadRow(f"unknown row format with keys {sorted(row)}; expected 'messages' (chat), "
+                 "'conversations' (ShareGPT) or 'instruction'/'output' (alpaca)")
+
+
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                  "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+def sharegpt_to_messages(row: dict) -> List[Dict[str, str]]:
+    """ShareGPT's {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]} as messages."""
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadRow("'conversations' must be a non-empty list")
+    out = []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict) or "from" not in t or "value" not in t:
+            raise BadRow(f"turn {i} needs 'from' and 'value'")
+        if t["from"] not in SHAREGPT_ROLES:
+            raise BadRow(f"turn {i} has unknown 'from' {t['from']!r}; use system, human or gpt")
+        out.append({"role": SHAREGPT_ROLES[t["from"]], "content": t["value"]})
+    return out
 
 
 def to_messages(row, fmt: DataFormat) -> List[Dict[str, str]]:
@@ -95,7 +116,7 @@ def to_messages(row, fmt: DataFormat) -> List[Dict[str, str]]:
             raise BadRow("alpaca 'input' must be a string")
         user = row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
         return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    messages = row.get("messages")
+    messages = sharegpt_to_messages(row) if fmt is DataFormat.sharegpt else row.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRow("'messages' must be a non-empty list")
     out = []
@@ -152,7 +173,8 @@ def tokenize_example(tokenizer, messages, loss_on: LossOn, max_length: int) -> D
 
 
 def tokenize_examples(tokenizer, examples: List[Example], cfg: DataConfig, max_length: int,
-                      stats: DataStats) -> List[Dict[str, list]]:
+                      stats: DataStats, kept: Optional[List[Example]] = None) -> List[Dict[str, list]]:
+    """Tokenized rows; `kept`, when given, receives the examples that made it (in row order)."""
     rows = []
     for ex in examples:
         try:
@@ -170,6 +192,8 @@ def tokenize_examples(tokenizer, examples: List[Example], cfg: DataConfig, max_l
         stats.tokens += len(row["input_ids"])
         stats.trained_tokens += sum(label != IGNORE for label in row["labels"])
         rows.append(row)
+        if kept is not None:
+            kept.append(ex)
     return rows
 
 

@@ -52,6 +52,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
 
     from qlora.adapters import attach_lora, keep_trainable_fp32
     from qlora.data import DataStats, split_examples, tokenize_examples
+    from qlora.data_check import check_for_training
     from qlora.evaluate import exact_match, mean_loss
     from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model, say
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
@@ -77,7 +78,9 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     path = resolve_model(cfg.model.name_or_path)
     tokenizer = load_tokenizer(path, cfg.model)
     train_ex, eval_ex, stats = split_examples(cfg.data, t.seed)
-    train_rows = tokenize_examples(tokenizer, train_ex, cfg.data, t.max_length, stats)
+    kept: list = []
+    train_rows = tokenize_examples(tokenizer, train_ex, cfg.data, t.max_length, stats, kept)
+    check_for_training(tokenizer, kept, train_rows, stats, t.max_length)  # as `qlora data check`
     eval_rows = tokenize_examples(tokenizer, eval_ex, cfg.data, t.max_length, DataStats())
     say(f"data: {len(train_rows)} training and {len(eval_rows)} held-out examples; "
         f"{stats.trained_tokens} of {stats.tokens} tokens trained; {stats.truncated} truncated at "

@@ -57,8 +57,8 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         p.append(f"data.max_bad_fraction={d.max_bad_fraction}: must be in [0, 1)")
     if d.packing:
         p.append("data.packing=true: packing is not available yet; remove the override")
-    if d.format.value in ("sharegpt", "prompt_completion", "text"):
-        p.append(f"data.format={d.format.value}: not available yet; use messages or alpaca (or auto)")
+    if d.format.value in ("prompt_completion", "text"):
+        p.append(f"data.format={d.format.value}: not available yet; use messages, sharegpt or alpaca (or auto)")
     if d.loss_on is LossOn.completion:
         p.append("data.loss_on=completion: needs prompt_completion data, not available yet; use assistant or all")
     if cfg.eval.exact_match and not (d.eval_path or d.eval_fraction > 0):

@@ -50,6 +50,14 @@ def test_loss_on_all_trains_every_token_and_truncation_applies():
     assert row["labels"] == row["input_ids"] and len(row["input_ids"]) == 10
 
 
+def test_sharegpt_rows_become_chat_messages():
+    row = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                             {"from": "gpt", "value": "Hello"}]}
+    assert to_messages(row, DataFormat.auto) == [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"}]
+
+
 def test_alpaca_rows_become_chat_messages():
     msgs = to_messages({"instruction": "Add", "input": "2 and 3", "output": "5"}, DataFormat.auto)
     assert msgs == [{"role": "user", "content": "Add\n\n2 and 3"}, {"role": "assistant", "content": "5"}]
@@ -67,6 +75,8 @@ BAD_ROWS = [
      "empty content"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "does not end with an assistant"),
     (json.dumps({"instruction": "x", "output": ""}), "non-empty string 'output'"),
+    (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}), "unknown 'from' 'robot'"),
+    (json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt"}]}), "turn 1 needs 'from'"),
 ]
 
 
