@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 from typing import Dict, List, Optional
 
 from qlora.config import GenConfig
+from qlora.generate import sampling_kwargs
 from qlora.inference import Loaded, conversation, load_for_inference
 from qlora.models import stop_token_ids
 
@@ -138,8 +139,7 @@ class ChatSession:
             def __call__(self, input_ids, scores, **kw):
                 return stop.is_set()
 
-        sampling = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k) \
-            if gen.do_sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        sampling = sampling_kwargs(gen)
         result = {}
 
         def run():

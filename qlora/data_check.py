@@ -118,11 +118,9 @@ def data_check_cli(cfg) -> int:
     from qlora.data import split_examples
     from qlora.models import load_tokenizer, resolve_model
     from qlora.outputs import claim_output_dir
-    from qlora.validation import validate_train
+    from qlora.validation import refuse, validate_train
 
-    problems = validate_train(cfg)
-    if problems:
-        raise UserError("bad config:\n  " + "\n  ".join(problems))
+    refuse(validate_train(cfg))
     out = claim_output_dir(cfg, required=False)
     tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path), cfg.model)
     train_ex, _, stats = split_examples(cfg.data, cfg.train.seed)

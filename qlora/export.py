@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -48,8 +49,7 @@ def export_cli(cfg: QLoraConfig) -> int:
         staged.mkdir()
         if cfg.adapter:  # merge in fp32 first: every format below starts from the merged weights
             merged = tmp / "merged"
-            fp32 = type(cfg.merge)(**{**vars(cfg.merge), "dtype": SaveDtype.float32})
-            merge_run(type(cfg)(**{**vars(cfg), "merge": fp32}), merged)
+            merge_run(replace(cfg, merge=replace(cfg.merge, dtype=SaveDtype.float32)), merged)
             shutil.copy(merged / "merge_report.json", staged / "merge_report.json")
         else:
             merged = Path(cfg.model.name_or_path).expanduser()

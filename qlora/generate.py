@@ -7,6 +7,13 @@ from qlora.config import GenConfig
 from qlora.models import stop_token_ids
 
 
+def sampling_kwargs(gen: GenConfig) -> dict:
+    """generate() arguments for sampling, or for greedy decoding (with the sampling knobs unset)."""
+    if gen.do_sample:
+        return dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
+    return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+
+
 def generate_answers(model, tokenizer, conversations: List[List[Dict[str, str]]], gen: GenConfig,
                      max_new_tokens: Optional[int] = None, batch_size: int = 8,
                      desc: Optional[str] = None) -> List[str]:
@@ -16,8 +23,7 @@ def generate_answers(model, tokenizer, conversations: List[List[Dict[str, str]]]
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"  # batched decoding needs left padding
     stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-    sampling = dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k) \
-        if gen.do_sample else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+    sampling = sampling_kwargs(gen)
     was_training = model.training
     model.eval()
     answers: List[str] = []

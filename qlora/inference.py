@@ -5,7 +5,7 @@ with) come from the run, so serving renders prompts exactly as training did.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -54,7 +54,7 @@ def load_for_inference(cfg: QLoraConfig) -> Loaded:
             if not base:
                 raise UserError(f"adapter={cfg.adapter}: adapter_config.json names no base model; "
                                 "give model.name_or_path")
-            model_cfg = type(model_cfg)(**{**vars(model_cfg), "name_or_path": base})
+            model_cfg = replace(model_cfg, name_or_path=base)
         path = resolve_model(model_cfg.name_or_path)
         tokenizer = load_tokenizer(str(adir), model_cfg)  # the tokenizer saved with the adapter
     else:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from qlora.config import MergeInto, QLoraConfig
-from qlora.validation import validate_merge
+from qlora.validation import refuse, validate_merge
 from qlora.errors import UserError, WorkError
 from qlora.outputs import claim_output_dir
 
@@ -45,9 +45,7 @@ def merge_cli(cfg: QLoraConfig) -> int:
 
 def output_folder(cfg: QLoraConfig, what: str) -> Path:
     """The output folder of merge/export: refused when it exists and is not empty (unless overwrite)."""
-    problems = validate_merge(cfg)
-    if problems:
-        raise UserError("bad config:\n  " + "\n  ".join(problems))
+    refuse(validate_merge(cfg))
     if not cfg.adapter:
         raise UserError(f"give the run to {what}: adapter=RUN_DIR (or its adapter/ folder)")
     return claim_output_dir(cfg)

@@ -87,8 +87,8 @@ def _groups(x: torch.Tensor, granularity: str, block: int) -> torch.Tensor:
     raise ValueError(f"granularity must be tensor, channel or block, not {granularity!r}")
 
 
-def _ungroup(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return g.reshape(-1)[: like.numel()].reshape(like.shape)
+def _ungroup(g: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    return g.reshape(-1)[: math.prod(shape)].reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------- calibration
@@ -134,7 +134,7 @@ class Quantized:
     def dequantize(self) -> torch.Tensor:
         z = self.zero_point if self.zero_point is not None else 0
         g = self.scale[:, None] * (self.codes.float() - (z[:, None] if torch.is_tensor(z) else z))
-        return _ungroup(g, torch.empty(self.shape))
+        return _ungroup(g, self.shape)
 
 
 def affine_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +196,7 @@ def quantize_log(x: torch.Tensor, bits: int = 4, granularity: str = "tensor", bl
     e = torch.minimum(e, top)
     out = torch.sign(g) * torch.pow(2.0, e)
     out = torch.where(e < top - levels + 1, torch.zeros_like(out), out)  # below the smallest level
-    return _ungroup(out, x)
+    return _ungroup(out, x.shape)
 
 
 # ----------------------------------------------------------------------------------- codebook schemes

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional
 
 from qlora.checkpoints import check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, step_of
 from qlora.config import DistStrategy, QLoraConfig, Resume, Switch
-from qlora.validation import validate_train
+from qlora.validation import refuse, validate_train
 from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -37,9 +37,7 @@ def train(cfg: QLoraConfig) -> int:
 
 def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     started = started or time.perf_counter()
-    problems = validate_train(cfg)
-    if problems:
-        raise UserError("bad config:\n  " + "\n  ".join(problems))
+    refuse(validate_train(cfg))
     run_dir, resume_from = prepare_run_dir(cfg)
     if resume_from:
         check_resumable(run_dir, cfg)

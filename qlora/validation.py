@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import List
 
 from qlora.config import ComputeDtype, DistStrategy, LossOn, QLoraConfig, Switch
+from qlora.errors import UserError
 
 
 SCHEDULERS = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -104,3 +105,9 @@ def _check_file(key: str, path: str, problems: List[str]) -> None:
         problems.append(f"{key}={path}: no such file")
     elif f.is_dir():
         problems.append(f"{key}={path}: is a folder; give a .jsonl file")
+
+
+def refuse(problems: List[str]) -> None:
+    """Stop with every problem listed (exit 2), or return when there is none."""
+    if problems:
+        raise UserError("bad config:\n  " + "\n  ".join(problems))

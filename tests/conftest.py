@@ -106,6 +106,17 @@ def tiny_run(tiny_model, tiny_data, tmp_path_factory):
     return fit(compose("train", overrides)), overrides
 
 
+@pytest.fixture(scope="session")
+def tiny_merged(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run merged in float32 (by `qlora merge`), shared by the merge and export tests."""
+    from qlora.cli import main
+
+    run, _ = tiny_run
+    out = tmp_path_factory.mktemp("merged") / "m"
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32"]) == 0
+    return out
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the slow tests (real model, multi-process)")
 

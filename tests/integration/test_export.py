@@ -10,25 +10,17 @@ from qlora.merge import compare_logits
 TEXTS = ["Maria is 34 years old and lives in Lisbon.", "What is the capital of France?"]
 
 
-@pytest.fixture(scope="module")
-def merged32(tiny_run, tmp_path_factory):
-    run, _ = tiny_run
-    out = tmp_path_factory.mktemp("m32") / "m"
-    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32"]) == 0
-    return out
-
-
 @pytest.mark.parametrize("kind,tol", [("f32", 1e-5), ("f16", 5e-3), ("q8_0", 0.05)])
-def test_gguf_loads_back_through_transformers_with_close_logits(merged32, tmp_path, kind, tol):
+def test_gguf_loads_back_through_transformers_with_close_logits(tiny_merged, tmp_path, kind, tol):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / kind
-    assert main(["export", f"model.name_or_path={merged32}", "export.format=gguf",
+    assert main(["export", f"model.name_or_path={tiny_merged}", "export.format=gguf",
                  f"export.gguf_type={kind}", f"output_dir={out}"]) == 0
     name = f"model-{kind}.gguf"
     back = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(merged32, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(merged32)
+    ref = AutoModelForCausalLM.from_pretrained(tiny_merged, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_merged)
     stats = compare_logits(ref, back, tok, TEXTS)
     print(kind, stats)
     assert stats["max_logit_diff"] < tol and stats["top1_agreement"] >= (1.0 if kind != "q8_0" else 0.9)
@@ -36,16 +28,16 @@ def test_gguf_loads_back_through_transformers_with_close_logits(merged32, tmp_pa
     assert tok_back(TEXTS[0]).input_ids == tok(TEXTS[0]).input_ids
 
 
-def test_gguf_metadata(merged32, tmp_path):
+def test_gguf_metadata(tiny_merged, tmp_path):
     import gguf
     from transformers import AutoTokenizer
 
     out = tmp_path / "g"
-    assert main(["export", f"model.name_or_path={merged32}", "export.format=gguf", f"output_dir={out}"]) == 0
+    assert main(["export", f"model.name_or_path={tiny_merged}", "export.format=gguf", f"output_dir={out}"]) == 0
     reader = gguf.GGUFReader(str(out / "model-f16.gguf"))
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.token")
               and k != "tokenizer.ggml.merges"}
-    tok = AutoTokenizer.from_pretrained(merged32)
+    tok = AutoTokenizer.from_pretrained(tiny_merged)
     assert fields["general.architecture"] == "llama"
     assert fields["llama.block_count"] == 2
     assert fields["tokenizer.ggml.model"] == "gpt2"
@@ -111,9 +103,9 @@ def test_quant_report_on_a_model(tiny_model, tmp_path, capsys):
     assert mean_sqnr("nf4 / block 64") > mean_sqnr("int4 absmax / block 64") > mean_sqnr("int4 affine / tensor")
 
 
-def test_ptq_reports_dynamic_and_static_int8_against_the_merged_model(merged32, tiny_data, tmp_path, capsys):
+def test_ptq_reports_dynamic_and_static_int8_against_the_merged_model(tiny_merged, tiny_data, tmp_path, capsys):
     out = tmp_path / "ptq"
-    assert main(["quant", "ptq", f"model.name_or_path={merged32}", f"data.path={tiny_data[0]}",
+    assert main(["quant", "ptq", f"model.name_or_path={tiny_merged}", f"data.path={tiny_data[0]}",
                  f"data.eval_path={tiny_data[1]}", f"output_dir={out}"]) == 0
     rows = {r["model"]: r for r in json.loads((out / "ptq_report.json").read_text())["rows"]}
     ref, dyn, stat = rows["fp32 (merged)"], rows["dynamic int8"], rows["static int8 (simulated)"]

@@ -10,25 +10,17 @@ from qlora.errors import UserError
 from qlora.merge import compare_logits, parse_size
 
 
-@pytest.fixture(scope="module")
-def merged(tiny_run, tmp_path_factory):
-    run, _ = tiny_run
-    out = tmp_path_factory.mktemp("merged") / "m"
-    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32"]) == 0
-    return out
-
-
-def test_merged_folder_loads_without_peft_and_matches_the_adapter(tiny_run, merged):
+def test_merged_folder_loads_without_peft_and_matches_the_adapter(tiny_run, tiny_merged):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     run, _ = tiny_run
-    report = json.loads((merged / "merge_report.json").read_text())
+    report = json.loads((tiny_merged / "merge_report.json").read_text())
     assert report["top1_agreement"] == 1.0 and report["max_logit_diff"] < 1e-4, report
-    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
-    tok = AutoTokenizer.from_pretrained(merged)
-    assert "quantization_config" not in json.loads((merged / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_merged, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_merged)
+    assert "quantization_config" not in json.loads((tiny_merged / "config.json").read_text())
     assert tok.chat_template == run.tokenizer.chat_template and tok.pad_token != tok.eos_token
-    gen = json.loads((merged / "generation_config.json").read_text())
+    gen = json.loads((tiny_merged / "generation_config.json").read_text())
     assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
     adapter_model = load_for_inference(compose("train", [f"adapter={run.run_dir}"])).model
     texts = ["Maria is 34 years old and lives in Lisbon.", "What is the capital of France?"]
@@ -36,13 +28,13 @@ def test_merged_folder_loads_without_peft_and_matches_the_adapter(tiny_run, merg
     assert stats["max_logit_diff"] < 1e-4, stats
 
 
-def test_merging_into_the_original_weights_is_a_different_model(tiny_run, merged, tmp_path):
+def test_merging_into_the_original_weights_is_a_different_model(tiny_run, tiny_merged, tmp_path):
     run, _ = tiny_run
     out = tmp_path / "orig"
     main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.into=original",
           "merge.dtype=float32", "merge.min_top1_agreement=0"])
     report = json.loads((out / "merge_report.json").read_text())
-    dq = json.loads((merged / "merge_report.json").read_text())
+    dq = json.loads((tiny_merged / "merge_report.json").read_text())
     assert report["max_logit_diff"] > 100 * dq["max_logit_diff"]
 
 
@@ -55,9 +47,9 @@ def test_float16_merge_is_sharded_and_still_agrees(tiny_run, tmp_path):
     assert json.loads((out / "merge_report.json").read_text())["top1_agreement"] >= 0.99
 
 
-def test_merge_refuses_existing_output_and_missing_adapter(tiny_run, merged, tmp_path, capsys):
+def test_merge_refuses_existing_output_and_missing_adapter(tiny_run, tiny_merged, tmp_path, capsys):
     run, _ = tiny_run
-    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={merged}"]) == 2
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={tiny_merged}"]) == 2
     assert "overwrite=true" in capsys.readouterr().err
     assert main(["merge", f"adapter={tmp_path}", f"output_dir={tmp_path / 'x'}"]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
