@@ -1,12 +1,17 @@
-"""The Python API for notebooks: load a run or a model once, then ask it questions.
+"""The Python API for notebooks: every verb, with the command line's overrides, and chat.
 
-    from qlora.api import load
-    bot = load(adapter="outputs/smollm2_demo/RUN")
+    from qlora import api
+    run_dir = api.train("recipe=smollm2_demo", "train.max_steps=20")
+    bot = api.load(adapter=run_dir)
     bot.ask("What is the capital of France?")
+    api.run("merge", f"adapter={run_dir}", "output_dir=merged")
+
+Mistakes raise qlora.errors.UserError with the same one-line message the command line prints.
 """
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Dict, List, Optional
 
 from qlora.config import GenConfig
@@ -34,8 +39,9 @@ class Model:
         return generate_answers(self.model, self.tokenizer, convs, gen)
 
 
-def load(adapter: Optional[str] = None, model: Optional[str] = None, *overrides: str) -> Model:
-    """Load a run (adapter=RUN_DIR) on its 4-bit base, or a model (a hub id, folder, .gguf or built-in)."""
+def load(*overrides: str, adapter: Optional[str] = None, model: Optional[str] = None) -> Model:
+    """Load a run (adapter=RUN_DIR) on its 4-bit base, or a model (a hub id, folder, .gguf or built-in;
+    add "quant=none" for a merged model in 16 bits), with any other overrides ("gen.max_new_tokens=64")."""
     from qlora.cli import compose
 
     args = list(overrides)
@@ -45,3 +51,23 @@ def load(adapter: Optional[str] = None, model: Optional[str] = None, *overrides:
         args.append(f"model.name_or_path={model}")
     cfg = compose("train", args)
     return Model(load_for_inference(cfg), cfg.gen)
+
+
+def train(*overrides: str) -> Path:
+    """`qlora train` with these overrides; returns the run directory."""
+    from qlora.cli import compose
+    from qlora.train import fit
+
+    return fit(compose("train", list(overrides))).run_dir
+
+
+def run(verb: str, *overrides: str) -> None:
+    """Any verb as the command line runs it, e.g. run("data check", "data.path=my.jsonl")."""
+    from qlora.cli import VERBS, _runner, compose
+    from qlora.errors import UserError
+
+    if verb not in VERBS or verb == "recipes":
+        raise UserError(f"unknown verb {verb!r}; choose one of: {', '.join(v for v in VERBS if v != 'recipes')}")
+    code = _runner(verb)(compose(VERBS[verb][1], list(overrides)))
+    if code:
+        raise UserError(f"qlora {verb} exited with {code}")
