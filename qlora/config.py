@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -167,19 +167,48 @@ class LoraConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = ""
+    """A file, folder or glob (.jsonl, .json, .csv, .parquet), or a Hugging Face dataset name."""
+    format: DataFormat = DataFormat.auto
+    """Row format of this source (see data.format)."""
+    weight: float = 1.0
+    """How much of this source to use: 1 = every row once, 0.5 = a seeded half, 2 = every row twice."""
+    subset: Optional[str] = None
+    """Hugging Face datasets: the configuration (subset) name."""
+    split: str = "train"
+    """Hugging Face datasets: the split."""
+
+
+def _default_columns() -> Dict[str, str]:
+    return {k: k for k in ("messages", "conversations", "instruction", "input", "output", "prompt",
+                           "completion", "text")}
+
+
+@dataclass
 class DataConfig:
     path: str = "${demo_file:people_train.jsonl}"
-    """Training data: a .jsonl file (one example a line). Default: the shipped demo set."""
+    """Training data: a file, folder or glob (.jsonl, .json, .csv, .parquet), or a Hugging Face dataset name."""
     format: DataFormat = DataFormat.auto
-    """Row format: auto (detected), messages, sharegpt, alpaca. (prompt_completion, text: not available yet.)"""
+    """Row format: auto (detected per row), messages, sharegpt, alpaca, prompt_completion, text."""
+    subset: Optional[str] = None
+    """Hugging Face datasets: the configuration (subset) name of data.path."""
+    split: str = "train"
+    """Hugging Face datasets: the split of data.path."""
+    sources: List[SourceConfig] = field(default_factory=list)
+    """A mixture: [{path: a.jsonl, weight: 1}, {path: b.csv, format: alpaca, weight: 0.5}]; replaces data.path."""
+    columns: Dict[str, str] = field(default_factory=_default_columns)
+    """Column names in your data for each field we read, e.g. data.columns.prompt=question."""
     eval_path: Optional[str] = "${demo_file:people_eval.jsonl}"
-    """Held-out data in the same formats; null for none (see eval_fraction)."""
+    """Held-out data (file, folder, glob or dataset name, same formats); null for none (see eval_fraction)."""
+    eval_split: str = "test"
+    """Hugging Face datasets: the split of data.eval_path."""
     eval_fraction: float = 0.0
     """Share of the training rows held out for evaluation when eval_path is null, in [0, 1)."""
     loss_on: LossOn = LossOn.assistant
-    """Which tokens are trained: assistant (all assistant turns + end-of-turn) or all."""
+    """Trained tokens: assistant (every assistant turn + end-of-turn), completion (the last one / the completion), all."""
     packing: bool = False
-    """Pack several examples per row (not available yet)."""
+    """Pack several examples per row of train.max_length, each attending only to itself (positions restart)."""
     on_bad_row: OnBadRow = OnBadRow.fail
     """A malformed row: fail (stop with file:line) or drop (count by reason, see max_bad_fraction)."""
     max_bad_fraction: float = 0.01

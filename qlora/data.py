@@ -7,28 +7,25 @@ content and its end-of-turn token, not the whitespace after it) are the trained 
 """
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from qlora.config import DataConfig, DataFormat, LossOn, OnBadRow
 from qlora.errors import UserError
+from qlora.sources import BadRow, read_rows
 
 ROLES = {"system", "user", "assistant"}
 IGNORE = -100  # label of a token that is not trained
 
 
-class BadRow(ValueError):
-    """A row that cannot be used; the message says why."""
-
-
 @dataclass
 class Example:
-    messages: List[Dict[str, str]]
+    messages: List[Dict[str, str]]  # chat formats; empty for plain text
     where: str  # file:line, for error messages
+    prompt: str = ""  # prompt_completion: the text before the completion (not trained)
+    completion: str = ""  # prompt_completion: the trained text; text: the whole text
 
 
 @dataclass
@@ -40,55 +37,75 @@ class DataStats:
     trained_tokens: int = 0
 
 
-def read_examples(path: str, cfg: DataConfig, stats: Optional[DataStats] = None) -> List[Example]:
-    """Every usable row of a JSONL file as chat messages; bad rows fail or are dropped by policy."""
+def read_examples(path: str, cfg: DataConfig, stats: Optional[DataStats] = None,
+                  fmt: Optional[DataFormat] = None, subset: Optional[str] = None,
+                  split: Optional[str] = None) -> List[Example]:
+    """Every usable row of a data path as an Example; bad rows fail or are dropped by policy."""
     stats = stats if stats is not None else DataStats()
+    fmt = fmt or cfg.format
     examples: List[Example] = []
-    file = Path(path).expanduser()
-    with file.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{file}:{lineno}"
-            stats.rows += 1
-            try:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise BadRow(f"malformed JSON ({e.msg} at column {e.colno})") from None
-                examples.append(Example(to_messages(row, cfg.format), where))
-            except BadRow as e:
-                if cfg.on_bad_row is OnBadRow.fail:
-                    raise UserError(f"{where}: {e} (data.on_bad_row=drop skips such rows)") from None
-                stats.dropped[str(e).split(" (")[0]] += 1
+    rows_before, dropped_before = stats.rows, sum(stats.dropped.values())
+    for where, row in read_rows(path, subset or cfg.subset, split or cfg.split):
+        stats.rows += 1
+        try:
+            if isinstance(row, Exception):
+                raise row
+            examples.append(to_example(row, fmt, cfg.columns, where))
+        except BadRow as e:
+            if cfg.on_bad_row is OnBadRow.fail:
+                raise UserError(f"{where}: {e} (data.on_bad_row=drop skips such rows)") from None
+            stats.dropped[str(e).split(" (")[0]] += 1
+    rows, dropped = stats.rows - rows_before, sum(stats.dropped.values()) - dropped_before
     if not examples:
-        raise UserError(f"{file}: no usable rows (data.path / data.eval_path)")
-    dropped = sum(stats.dropped.values())
-    if dropped > cfg.max_bad_fraction * stats.rows:
+        raise UserError(f"{path}: no usable rows" + (f" ({dropped} dropped)" if dropped else ""))
+    if dropped > cfg.max_bad_fraction * rows:
         reasons = "; ".join(f"{n} x {r}" for r, n in stats.dropped.most_common(3))
-        raise UserError(f"{file}: dropped {dropped} of {stats.rows} rows, more than data.max_bad_fraction="
+        raise UserError(f"{path}: dropped {dropped} of {rows} rows, more than data.max_bad_fraction="
                         f"{cfg.max_bad_fraction} ({reasons})")
     return examples
 
 
-def detect_format(row: dict) -> DataFormat:
-    if "messages" in row:
+def training_examples(cfg: DataConfig, seed: int, stats: DataStats) -> List[Example]:
+    """data.path, or the weighted mixture of data.sources."""
+    if not cfg.sources:
+        return read_examples(cfg.path, cfg, stats, cfg.format, cfg.subset, cfg.split)
+    out: List[Example] = []
+    for i, src in enumerate(cfg.sources):
+        examples = read_examples(src.path, cfg, stats, src.format, src.subset, src.split)
+        out += weighted(examples, src.weight, random.Random(seed + i))
+    return out
+
+
+def weighted(examples: List[Example], weight: float, rng: random.Random) -> List[Example]:
+    """Every example int(weight) times, plus a seeded share (the fraction of weight) once more, in order."""
+    whole, part = int(weight), weight - int(weight)
+    extra = sorted(rng.sample(range(len(examples)), round(part * len(examples))))
+    return examples * whole + [examples[i] for i in extra]
+
+
+def detect_format(row: dict, columns: Dict[str, str]) -> DataFormat:
+    c = columns
+    if c["messages"] in row:
         return DataFormat.messages
-    if "instruction" in row and "output" in row:
-        return DataFormat.alpaca
-    if "conversations" in row:
+    if c["conversations"] in row:
         return DataFormat.sharegpt
-    raise BadRow(f"unknown row format with keys {sorted(row)}; expected 'messages' (chat), "
-                 "'conversations' (ShareGPT) or 'instruction'/'output' (alpaca)")
+    if c["instruction"] in row and c["output"] in row:
+        return DataFormat.alpaca
+    if c["prompt"] in row and c["completion"] in row:
+        return DataFormat.prompt_completion
+    if c["text"] in row:
+        return DataFormat.text
+    raise BadRow(f"unknown row format with keys {sorted(row)}; expected {c['messages']!r} (chat), "
+                 f"{c['conversations']!r} (ShareGPT), {c['instruction']!r}/{c['output']!r} (alpaca), "
+                 f"{c['prompt']!r}/{c['completion']!r} or {c['text']!r} (or set data.columns.NAME=YOUR_COLUMN)")
 
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
 
-def sharegpt_to_messages(row: dict) -> List[Dict[str, str]]:
-    """ShareGPT's {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}]} as messages."""
-    turns = row.get("conversations")
+def sharegpt_to_messages(turns) -> List[Dict[str, str]]:
+    """ShareGPT's [{"from": "human"|"gpt"|"system", "value": ...}] as messages."""
     if not isinstance(turns, list) or not turns:
         raise BadRow("'conversations' must be a non-empty list")
     out = []
@@ -101,24 +118,49 @@ def sharegpt_to_messages(row: dict) -> List[Dict[str, str]]:
     return out
 
 
-def to_messages(row, fmt: DataFormat) -> List[Dict[str, str]]:
-    """A row of any supported format as a validated list of {role, content} messages."""
+def _text(row: dict, column: str, optional: bool = False) -> str:
+    value = row.get(column)
+    if optional and value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRow(f"{column!r} must be a string" + ("" if column in row else " (missing)"))
+    if not optional and not value.strip():
+        raise BadRow(f"{column!r} is empty")
+    return value
+
+
+def to_example(row, fmt: DataFormat, columns: Dict[str, str], where: str = "") -> Example:
+    """A row of any supported format as a validated Example."""
     if not isinstance(row, dict):
         raise BadRow(f"a row must be a JSON object, got {type(row).__name__}")
+    c = columns
     if fmt is DataFormat.auto:
-        fmt = detect_format(row)
+        fmt = detect_format(row, c)
+    if fmt is DataFormat.text:
+        return Example([], where, completion=_text(row, c["text"]))
+    if fmt is DataFormat.prompt_completion:
+        return Example([], where, prompt=_text(row, c["prompt"]),
+                       completion=_text(row, c["completion"]))
     if fmt is DataFormat.alpaca:
-        for key in ("instruction", "output"):
-            if not isinstance(row.get(key), str) or not row[key].strip():
-                raise BadRow(f"alpaca row needs a non-empty string '{key}'")
-        extra = row.get("input") or ""
-        if not isinstance(extra, str):
-            raise BadRow("alpaca 'input' must be a string")
-        user = row["instruction"] + (f"\n\n{extra}" if extra.strip() else "")
-        return [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
-    messages = sharegpt_to_messages(row) if fmt is DataFormat.sharegpt else row.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise BadRow("'messages' must be a non-empty list")
+        instruction, output = _text(row, c["instruction"]), _text(row, c["output"])
+        extra = _text(row, c["input"], optional=True)
+        user = instruction + (f"\n\n{extra}" if extra.strip() else "")
+        return Example([{"role": "user", "content": user}, {"role": "assistant", "content": output}], where)
+    if fmt is DataFormat.sharegpt:
+        messages = sharegpt_to_messages(row.get(c["conversations"]))
+    else:
+        messages = row.get(c["messages"])
+        if not isinstance(messages, list) or not messages:
+            raise BadRow(f"{c['messages']!r} must be a non-empty list")
+    return Example(checked_messages(messages), where)
+
+
+def to_messages(row, fmt: DataFormat, columns: Optional[Dict[str, str]] = None) -> List[Dict[str, str]]:
+    """The validated messages of a chat row (any chat format)."""
+    return to_example(row, fmt, columns or DataConfig().columns).messages
+
+
+def checked_messages(messages: list) -> List[Dict[str, str]]:
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
@@ -157,11 +199,13 @@ def assistant_spans(tokenizer, messages) -> Tuple[str, List[Tuple[int, int]]]:
 
 
 def tokenize_example(tokenizer, messages, loss_on: LossOn, max_length: int) -> Dict[str, list]:
-    """input_ids and labels (IGNORE where not trained), truncated to max_length."""
+    """input_ids and labels (IGNORE where not trained) of a conversation, truncated to max_length."""
     if loss_on is LossOn.all:
         text, spans = _render(tokenizer, messages, False), None
     else:
         text, spans = assistant_spans(tokenizer, messages)
+        if loss_on is LossOn.completion:
+            spans = spans[-1:]
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     if spans is None:
@@ -172,13 +216,29 @@ def tokenize_example(tokenizer, messages, loss_on: LossOn, max_length: int) -> D
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "length": len(ids)}
 
 
+def tokenize_plain(tokenizer, prompt: str, completion: str, loss_on: LossOn, max_length: int) -> Dict[str, list]:
+    """Plain text (no chat template): the prompt, the completion and EOS; the completion and EOS are
+    trained (everything with loss_on=all). For the text format the prompt is empty."""
+    enc = tokenizer(prompt + completion, add_special_tokens=True, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    labels = [tok if (loss_on is LossOn.all or (start >= len(prompt) and end > start)) else IGNORE
+              for tok, (start, end) in zip(ids, enc["offset_mapping"])]
+    if tokenizer.eos_token_id is not None and ids[-1] != tokenizer.eos_token_id:
+        ids.append(tokenizer.eos_token_id)
+        labels.append(tokenizer.eos_token_id)
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "length": len(ids)}
+
+
 def tokenize_examples(tokenizer, examples: List[Example], cfg: DataConfig, max_length: int,
                       stats: DataStats, kept: Optional[List[Example]] = None) -> List[Dict[str, list]]:
     """Tokenized rows; `kept`, when given, receives the examples that made it (in row order)."""
     rows = []
     for ex in examples:
         try:
-            row = tokenize_example(tokenizer, ex.messages, cfg.loss_on, max_length)
+            if ex.messages:
+                row = tokenize_example(tokenizer, ex.messages, cfg.loss_on, max_length)
+            else:
+                row = tokenize_plain(tokenizer, ex.prompt, ex.completion, cfg.loss_on, max_length)
         except BadRow as e:
             raise UserError(f"{ex.where}: {e}") from None
         if row.pop("length") > max_length:
@@ -197,12 +257,46 @@ def tokenize_examples(tokenizer, examples: List[Example], cfg: DataConfig, max_l
     return rows
 
 
+def pack_rows(rows: List[Dict[str, list]], max_length: int) -> List[Dict[str, list]]:
+    """Several tokenized examples per row of at most max_length tokens (first fit, longest first).
+
+    Each packed row carries position_ids that restart at 0 for every example: transformers reads
+    the restarts as sequence boundaries and lets each token attend only within its own example
+    (sdpa and eager attention alike; no flash-attention needed). The first token of each example is
+    never a label, so no example learns to predict the next one."""
+    bins: List[Dict[str, list]] = []
+    for r in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        n = len(r["input_ids"])
+        home = next((b for b in bins if len(b["input_ids"]) + n <= max_length), None)
+        if home is None:
+            home = {"input_ids": [], "labels": [], "position_ids": []}
+            bins.append(home)
+        home["input_ids"] += r["input_ids"]
+        home["labels"] += [IGNORE] + r["labels"][1:]
+        home["position_ids"] += list(range(n))
+    return bins
+
+
+def collate_packed(rows: List[Dict[str, list]]) -> dict:
+    """A micro-batch as one row without padding: the rows side by side, positions restarting at
+    every example (from pack_rows, or 0..n-1 per row), so attention stays within each example."""
+    import torch
+
+    ids, labels, positions = [], [], []
+    for r in rows:
+        ids += r["input_ids"]
+        labels += [IGNORE] + r["labels"][1:]
+        positions += r.get("position_ids") or list(range(len(r["input_ids"])))
+    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+            "position_ids": torch.tensor([positions])}
+
+
 def split_examples(cfg: DataConfig, seed: int) -> Tuple[List[Example], List[Example], DataStats]:
-    """Training and held-out examples: from data.eval_path, or a seeded share of data.path."""
+    """Training and held-out examples: from data.eval_path, or a seeded share of the training data."""
     stats = DataStats()
-    train = read_examples(cfg.path, cfg, stats)
+    train = training_examples(cfg, seed, stats)
     if cfg.eval_path:
-        held = read_examples(cfg.eval_path, cfg)
+        held = read_examples(cfg.eval_path, cfg, split=cfg.eval_split)
     elif cfg.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
@@ -214,6 +308,9 @@ def split_examples(cfg: DataConfig, seed: int) -> Tuple[List[Example], List[Exam
     return train, held, stats
 
 
-def prompt_and_answer(messages: List[Dict[str, str]]) -> Tuple[List[Dict[str, str]], str]:
-    """The conversation up to its last assistant turn, and that turn's content (for exact match)."""
-    return messages[:-1], messages[-1]["content"]
+def prompt_and_answer(ex: Example):
+    """What generation starts from (the conversation up to its last assistant turn, or the plain
+    prompt) and the reference answer, for exact match."""
+    if ex.messages:
+        return ex.messages[:-1], ex.messages[-1]["content"]
+    return ex.prompt, ex.completion

@@ -76,6 +76,8 @@ def audit(tokenizer, examples: List[Example], rows: List[Dict[str, list]], stats
         runs = [i for i in range(len(labels)) if labels[i] != IGNORE and (i + 1 == len(labels) or labels[i + 1] == IGNORE)]
         a.turns += len(runs)
         a.turns_without_trained_stop += sum(ids[i] not in stops for i in runs if i + 1 < max_length)
+        if not ex.messages:  # plain text: no chat template to agree with
+            continue
         prompt = tokenizer.apply_chat_template(ex.messages[:-1], tokenize=False, add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if len(prompt_ids) < len(ids) and ids[: len(prompt_ids)] != prompt_ids:
@@ -122,8 +124,9 @@ def data_check_cli(cfg) -> int:
 
     refuse(validate_train(cfg))
     out = claim_output_dir(cfg, required=False)
-    tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path), cfg.model)
     train_ex, _, stats = split_examples(cfg.data, cfg.train.seed)
+    tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path), cfg.model,
+                               chat=any(ex.messages for ex in train_ex))
     kept: List[Example] = []
     rows = tokenize_examples(tokenizer, train_ex, cfg.data, cfg.train.max_length, stats, kept)
     a = audit(tokenizer, kept, rows, stats, cfg.train.max_length)

@@ -11,7 +11,7 @@ from qlora.generate import generate_answers
 def exact_match(model, tokenizer, examples: List[Example], cfg: EvalConfig, desc: str = "exact match") -> float:
     """Share of examples whose greedy answer equals the reference (whitespace-trimmed)."""
     examples = examples[: cfg.max_examples] if cfg.max_examples else examples
-    prompts, refs = zip(*(prompt_and_answer(ex.messages) for ex in examples))
+    prompts, refs = zip(*(prompt_and_answer(ex) for ex in examples))
     answers = generate_answers(model, tokenizer, list(prompts), GenConfig(do_sample=False),
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, desc=desc)
     return sum(a == r.strip() for a, r in zip(answers, refs)) / len(refs)
@@ -54,10 +54,13 @@ def evaluate_cli(cfg) -> int:
     from qlora.errors import UserError
     from qlora.inference import load_for_inference
 
-    if not Path(cfg.data.path).expanduser().is_file():
-        raise UserError(f"data.path={cfg.data.path}: no such file")
-    loaded = load_for_inference(cfg)
+    from qlora.sources import check_path
+
+    problem = check_path("data.path", cfg.data.path)
+    if problem:
+        raise UserError(problem)
     examples = read_examples(cfg.data.path, cfg.data)
+    loaded = load_for_inference(cfg, chat=any(ex.messages for ex in examples))
     rows = tokenize_examples(loaded.tokenizer, examples, cfg.data, cfg.train.max_length, DataStats())
     result = {
         "model": loaded.name, "data": str(cfg.data.path), "examples": len(examples),

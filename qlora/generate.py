@@ -1,7 +1,7 @@
 """Batched generation with the chat template the model was trained with (left padding, stop tokens)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 from qlora.config import GenConfig
 from qlora.models import stop_token_ids
@@ -14,10 +14,11 @@ def sampling_kwargs(gen: GenConfig) -> dict:
     return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
 
 
-def generate_answers(model, tokenizer, conversations: List[List[Dict[str, str]]], gen: GenConfig,
+def generate_answers(model, tokenizer, conversations: List[Union[str, List[Dict[str, str]]]], gen: GenConfig,
                      max_new_tokens: Optional[int] = None, batch_size: int = 8,
                      desc: Optional[str] = None) -> List[str]:
-    """One answer per conversation (each ending with a user turn), greedy unless gen.do_sample."""
+    """One answer per conversation (each ending with a user turn) or plain-text prompt, greedy unless
+    gen.do_sample."""
     import torch
     from tqdm.auto import tqdm
 
@@ -30,9 +31,11 @@ def generate_answers(model, tokenizer, conversations: List[List[Dict[str, str]]]
     try:
         batches = range(0, len(conversations), batch_size)
         for i in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
-            texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                     for c in conversations[i:i + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+            batch = conversations[i:i + batch_size]
+            plain = isinstance(batch[0], str)  # prompt_completion data: the prompt as written, no template
+            texts = batch if plain else [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                                         for c in batch]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(model.device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens or gen.max_new_tokens,
                                      repetition_penalty=gen.repetition_penalty, eos_token_id=stops,

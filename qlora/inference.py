@@ -36,8 +36,9 @@ def run_config(adapter: Path) -> Optional[QLoraConfig]:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QLoraConfig), OmegaConf.load(path)))
 
 
-def load_for_inference(cfg: QLoraConfig) -> Loaded:
-    """The model to generate with: run adapter on its 4-bit base when `adapter` is set, else a model."""
+def load_for_inference(cfg: QLoraConfig, chat: bool = True) -> Loaded:
+    """The model to generate with: run adapter on its 4-bit base when `adapter` is set, else a model.
+    chat=False accepts a tokenizer without a chat template (plain-text data)."""
     from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model
 
     device = pick_device()
@@ -56,10 +57,10 @@ def load_for_inference(cfg: QLoraConfig) -> Loaded:
                                 "give model.name_or_path")
             model_cfg = replace(model_cfg, name_or_path=base)
         path = resolve_model(model_cfg.name_or_path)
-        tokenizer = load_tokenizer(str(adir), model_cfg)  # the tokenizer saved with the adapter
+        tokenizer = load_tokenizer(str(adir), model_cfg, chat)  # the tokenizer saved with the adapter
     else:
         path = resolve_model(model_cfg.name_or_path)
-        tokenizer = load_tokenizer(path, model_cfg)
+        tokenizer = load_tokenizer(path, model_cfg, chat)
     model = load_base_model(path, model_cfg, quant, device, compute_dtype(quant, device))
     if cfg.adapter:
         from peft import PeftModel

@@ -148,8 +148,8 @@ def compute_dtype(quant: QuantConfig, device: str):
     return getattr(torch, choice.value)
 
 
-def load_tokenizer(path: str, model_cfg: ModelConfig):
-    """The tokenizer, with a chat template and a pad token distinct from EOS.
+def load_tokenizer(path: str, model_cfg: ModelConfig, chat: bool = True):
+    """The tokenizer, with a chat template (when chat data needs one) and a pad token distinct from EOS.
 
     pad == eos makes the collator mask EOS, and a model that never learns EOS never stops (TRL #1623).
     """
@@ -159,9 +159,9 @@ def load_tokenizer(path: str, model_cfg: ModelConfig):
     if model_cfg.chat_template:
         template = model_cfg.chat_template
         tok.chat_template = Path(template).read_text() if Path(template).is_file() else template
-    if not tok.chat_template:
+    if chat and not tok.chat_template:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: the tokenizer has no chat template; "
-                        "give one with model.chat_template=FILE.jinja")
+                        "give one with model.chat_template=FILE.jinja (or train on prompt_completion or text data)")
     if tok.eos_token is None:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: the tokenizer has no EOS token")
     if tok.pad_token is None or tok.pad_token_id == tok.eos_token_id:

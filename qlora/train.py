@@ -49,7 +49,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from trl import SFTTrainer
 
     from qlora.adapters import attach_lora, keep_trainable_fp32
-    from qlora.data import DataStats, split_examples, tokenize_examples
+    from qlora.data import DataStats, collate_packed, pack_rows, split_examples, tokenize_examples
     from qlora.data_check import check_for_training
     from qlora.evaluate import exact_match, mean_loss
     from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model, say
@@ -74,8 +74,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
 
     t_load = time.perf_counter()
     path = resolve_model(cfg.model.name_or_path)
-    tokenizer = load_tokenizer(path, cfg.model)
     train_ex, eval_ex, stats = split_examples(cfg.data, t.seed)
+    tokenizer = load_tokenizer(path, cfg.model, chat=any(ex.messages for ex in train_ex + eval_ex))
     kept: list = []
     train_rows = tokenize_examples(tokenizer, train_ex, cfg.data, t.max_length, stats, kept)
     check_for_training(tokenizer, kept, train_rows, stats, t.max_length)  # as `qlora data check`
@@ -83,6 +83,12 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     say(f"data: {len(train_rows)} training and {len(eval_rows)} held-out examples; "
         f"{stats.trained_tokens} of {stats.tokens} tokens trained; {stats.truncated} truncated at "
         f"train.max_length={t.max_length}; dropped: {dict(stats.dropped) or 'none'}")
+    if cfg.data.packing:
+        n = len(train_rows)
+        train_rows = pack_rows(train_rows, t.max_length)
+        fill = sum(len(r["input_ids"]) for r in train_rows) / (len(train_rows) * t.max_length)
+        say(f"packing: {n} examples in {len(train_rows)} rows of up to {t.max_length} tokens ({fill:.0%} full); "
+            "each example attends only to itself")
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")
@@ -107,6 +113,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     args = trainer_args(cfg, run_dir, device, dtype, checkpointing, optim, has_eval=bool(eval_rows))
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, callbacks=[logger, stopper, guard],
+        data_collator=collate_packed if cfg.data.packing else None,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
     if not fsdp:  # FSDP flattens one dtype per shard: there LoRA stays in the compute dtype
@@ -160,6 +167,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
+        best_checkpoint=trainer.state.best_model_checkpoint, best_eval_loss=trainer.state.best_metric,
         train_examples=len(train_rows), eval_examples=len(eval_rows),
         data=dict(rows=stats.rows, dropped=dict(stats.dropped), truncated=stats.truncated,
                   trained_tokens_per_epoch=stats.trained_tokens),
@@ -242,6 +250,8 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
+        # the checkpoint with the lowest eval loss is kept however many newer ones rotate out
+        metric_for_best_model="eval_loss" if (t.eval_steps and has_eval) else None, greater_is_better=False,
         gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         # AMP on GPUs only: on CPU the compute dtype is fp32 and LoRA weights are fp32
         bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,

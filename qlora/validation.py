@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List
 
-from qlora.config import ComputeDtype, DistStrategy, LossOn, QLoraConfig, Switch
+from qlora.config import ComputeDtype, DistStrategy, QLoraConfig, Switch
 from qlora.errors import UserError
+from qlora.sources import check_path
 
 
 SCHEDULERS = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
@@ -41,6 +42,9 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         p.append(f"train.save_total_limit={t.save_total_limit}: keep at least 1 checkpoint")
     if t.eval_steps is not None and t.eval_steps <= 0:
         p.append(f"train.eval_steps={t.eval_steps}: must be > 0, or null for evaluation at the end only")
+    elif t.eval_steps and t.save_steps % t.eval_steps:
+        p.append(f"train.save_steps={t.save_steps}: must be a multiple of train.eval_steps={t.eval_steps}, so that "
+                 "the best checkpoint (lowest eval loss) is one that was saved")
     if t.max_steps == 0 or t.max_steps < -1:
         p.append(f"train.max_steps={t.max_steps}: must be > 0, or -1 to run train.num_train_epochs")
     if t.max_steps == -1 and t.num_train_epochs <= 0:
@@ -56,12 +60,11 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         p.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
     if not 0 <= d.max_bad_fraction < 1:
         p.append(f"data.max_bad_fraction={d.max_bad_fraction}: must be in [0, 1)")
-    if d.packing:
-        p.append("data.packing=true: packing is not available yet; remove the override")
-    if d.format.value in ("prompt_completion", "text"):
-        p.append(f"data.format={d.format.value}: not available yet; use messages, sharegpt or alpaca (or auto)")
-    if d.loss_on is LossOn.completion:
-        p.append("data.loss_on=completion: needs prompt_completion data, not available yet; use assistant or all")
+    for i, src in enumerate(d.sources):
+        if not src.path:
+            p.append(f"data.sources[{i}].path: missing; each source needs a path")
+        if src.weight <= 0:
+            p.append(f"data.sources[{i}].weight={src.weight}: must be > 0 (1 = every row once)")
     if cfg.eval.exact_match and not (d.eval_path or d.eval_fraction > 0):
         p.append("eval.exact_match=true needs held-out data: set data.eval_path or data.eval_fraction")
     if cfg.eval.max_new_tokens <= 0:
@@ -80,9 +83,12 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         if t.optim.startswith("paged") or "8bit" in t.optim:
             p.append(f"train.optim={t.optim}: bitsandbytes optimizers do not shard under FSDP; "
                      "use train.optim=adamw_torch_fused")
-    _check_file("data.path", d.path, p)
-    if d.eval_path:
-        _check_file("data.eval_path", d.eval_path, p)
+    for key, path in [("data.path", d.path)] * (not d.sources) + [
+            (f"data.sources[{i}].path", src.path) for i, src in enumerate(d.sources) if src.path] + [
+            ("data.eval_path", d.eval_path)] * bool(d.eval_path):
+        problem = check_path(key, path)
+        if problem:
+            p.append(problem)
     if cfg.model.chat_template and "{" not in cfg.model.chat_template:
         _check_file("model.chat_template", cfg.model.chat_template, p)
     return p
@@ -104,7 +110,7 @@ def _check_file(key: str, path: str, problems: List[str]) -> None:
     if not f.exists():
         problems.append(f"{key}={path}: no such file")
     elif f.is_dir():
-        problems.append(f"{key}={path}: is a folder; give a .jsonl file")
+        problems.append(f"{key}={path}: is a folder; give a file")
 
 
 def refuse(problems: List[str]) -> None:

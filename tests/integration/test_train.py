@@ -1,5 +1,6 @@
 """The real QLoRA path on CPU with a tiny random Llama: 4-bit base, LoRA, SFTTrainer, run directory."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,19 @@ def test_paged_optimizer_on_cpu_is_refused(tiny_model, tiny_data, tmp_path, caps
     assert main(["train", *tiny_overrides(tiny_model, tiny_data, out, **{"train.optim": "paged_adamw_8bit"})]) == 2
     assert "train.optim=paged_adamw_8bit needs a GPU" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_eval_every_n_steps_is_logged_plotted_and_the_best_checkpoint_kept(tiny_model, tiny_data, tmp_path):
+    from qlora.cli import compose
+    from qlora.train import fit
+
+    cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / "run", **{
+        "train.eval_steps": 2, "train.save_steps": 2, "train.save_total_limit": 1, "train.learning_rate": 0.05}))
+    run = fit(cfg)
+    lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in lines if "eval_loss" in r and r["step"] in (2, 4, 6) and "loss" not in r}
+    assert sorted(evals) == [2, 4, 6]
+    best_step = min(evals, key=evals.get)
+    assert run.report["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    assert run.report["best_eval_loss"] == pytest.approx(evals[best_step])
+    assert Path(run.report["best_checkpoint"]).is_dir() and (run.run_dir / "loss.png").is_file()

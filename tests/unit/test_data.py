@@ -35,13 +35,27 @@ def test_chatml_masking_trains_every_assistant_turn_and_its_end_token():
     assert trained_text(tok, row) == "5<|im_end|>8 of them<|im_end|>"
 
 
-@pytest.mark.parametrize("template,eot", [(ZEPHYR, "<|im_end|>"), (LLAMA3, "<|im_end|>")])
-def test_masking_works_for_other_published_formats(template, eot):
-    tok = make_tokenizer(chat_template=template)  # the tiny tokenizer's EOS stands for </s> / <|eot_id|>
+QWEN25 = ("{% if messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. "
+          "You are a helpful assistant.<|im_end|>\n' }}{% endif %}{% for m in messages %}"
+          "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+@pytest.mark.parametrize("template,eos,extra", [
+    (ZEPHYR, "</s>", ["</s>"]),  # TinyLlama-Chat
+    (LLAMA3, "<|eot_id|>", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]),
+    (QWEN25, "<|im_end|>", []),
+], ids=["zephyr", "llama3", "qwen2.5"])
+def test_masking_trains_exactly_the_assistant_contents_and_end_of_turn(template, eos, extra):
+    tok = make_tokenizer(chat_template=template)
+    tok.add_special_tokens({"additional_special_tokens": extra})
+    tok.eos_token = eos
     if template is LLAMA3:
-        tok.chat_template = template.replace("<|eot_id|>", eot)
+        tok.bos_token = "<|begin_of_text|>"
     row = tokenize_example(tok, CONVERSATION, LossOn.assistant, 512)
-    assert trained_text(tok, row) == f"5{eot}8 of them{eot}"
+    assert trained_text(tok, row) == f"5{eos}8 of them{eos}"
+    pieces = [tok.decode([t]) for t in row["input_ids"]]
+    assert pieces.count(eos) == 5  # every turn ends in one end-of-turn token; 2 of them trained
 
 
 def test_loss_on_all_trains_every_token_and_truncation_applies():
@@ -66,7 +80,7 @@ def test_alpaca_rows_become_chat_messages():
 BAD_ROWS = [
     ("{not json", "malformed JSON"),
     ('["a list"]', "a row must be a JSON object"),
-    (json.dumps({"text": "hi"}), "unknown row format"),
+    (json.dumps({"question": "hi"}), "unknown row format"),
     (json.dumps({"messages": []}), "non-empty list"),
     (json.dumps({"messages": [{"role": "user"}]}), "needs 'role' and 'content'"),
     (json.dumps({"messages": [{"role": "robot", "content": "x"}, {"role": "assistant", "content": "y"}]}),
@@ -74,7 +88,7 @@ BAD_ROWS = [
     (json.dumps({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "y"}]}),
      "empty content"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "does not end with an assistant"),
-    (json.dumps({"instruction": "x", "output": ""}), "non-empty string 'output'"),
+    (json.dumps({"instruction": "x", "output": ""}), "'output' is empty"),
     (json.dumps({"conversations": [{"from": "robot", "value": "x"}]}), "unknown 'from' 'robot'"),
     (json.dumps({"conversations": [{"from": "human", "value": "x"}, {"from": "gpt"}]}), "turn 1 needs 'from'"),
 ]
