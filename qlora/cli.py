@@ -32,6 +32,8 @@ VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
                      ("model",)),
     "quant ptq": ("post-training INT8 (dynamic and static) of a merged model: size, speed, quality",
                   "train", ("model", "data")),
+    "plan": ("estimate peak training memory on a GPU (gpu=T4|A10G|L4|A100-40|A100-80|H100) or this machine, "
+             "and what fits", "train", ("model", "quant", "lora", "data", "train")),
     "recipes": ("list the recipes with their one-line descriptions", "", ()),
 }
 GROUPS = {"model", "quant", "lora", "data", "train", "eval", "gen", "merge", "export", "dist"}
@@ -98,7 +100,8 @@ RUNNERS = {"train": ("qlora.train", "train"), "chat": ("qlora.chat", "chat_cli")
            "generate": ("qlora.generate", "generate_cli"), "eval": ("qlora.evaluate", "evaluate_cli"),
            "merge": ("qlora.merge", "merge_cli"), "export": ("qlora.export", "export_cli"),
            "data check": ("qlora.data_check", "data_check_cli"),
-           "quant report": ("qlora.quant_report", "quant_report_cli"), "quant ptq": ("qlora.ptq", "ptq_cli")}
+           "quant report": ("qlora.quant_report", "quant_report_cli"), "quant ptq": ("qlora.ptq", "ptq_cli"),
+           "plan": ("qlora.plan", "plan_cli")}
 
 
 def _runner(verb: str) -> Callable:
@@ -122,9 +125,21 @@ def split_overrides(args: List[str]) -> Tuple[List[str], Dict[str, str]]:
         elif key == "recipe":
             overrides += [f"+recipes={value}", f"recipe={value}"]
             _check_recipe(value)
+        elif value.lower() in ("true", "false") and key in switch_keys():
+            overrides.append(f"{key}='{value.lower()}'")  # the choice named true/false, not a bool
         else:
             overrides.append(f"{ALIASES.get(key, key)}={value}" if key in ALIASES else arg)
     return overrides, texts
+
+
+def switch_keys() -> set:
+    """Keys whose choices include 'true' and 'false' (auto|true|false): Hydra would read those as bools."""
+    from dataclasses import fields
+
+    from qlora.config import QLoraConfig, Switch
+
+    return {f"{group.name}.{f.name}" for group in fields(QLoraConfig) if hasattr(group.default_factory, "__dataclass_fields__")
+            for f in fields(group.default_factory) if f.type in (Switch, "Switch")}
 
 
 def compose(config_name: str, args: List[str]):

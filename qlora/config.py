@@ -341,6 +341,8 @@ class QLoraConfig:
     """Replace a non-empty output_dir."""
     adapter: Optional[str] = None
     """A run directory or its adapter/ folder (merge, export, chat, generate, eval)."""
+    gpu: Optional[str] = None
+    """plan: the GPU to plan for (T4, A10G, L4, A100-40, A100-80, H100); null = this machine."""
     model: ModelConfig = field(default_factory=ModelConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -72,10 +72,14 @@ def audit(tokenizer, examples: List[Example], rows: List[Dict[str, list]], stats
     for ex, row in zip(examples, rows):
         ids, labels = row["input_ids"], row["labels"]
         a.lengths.append(len(ids))
-        # each run of trained tokens is one assistant turn; it must end in an end-of-turn token
-        runs = [i for i in range(len(labels)) if labels[i] != IGNORE and (i + 1 == len(labels) or labels[i + 1] == IGNORE)]
-        a.turns += len(runs)
-        a.turns_without_trained_stop += sum(ids[i] not in stops for i in runs if i + 1 < max_length)
+        if IGNORE not in labels:  # data.loss_on=all: the row must hold a trained stop token somewhere
+            a.turns += 1
+            a.turns_without_trained_stop += len(ids) < max_length and not stops.intersection(ids)
+        else:  # each run of trained tokens is one assistant turn; it must end in an end-of-turn token
+            runs = [i for i in range(len(labels))
+                    if labels[i] != IGNORE and (i + 1 == len(labels) or labels[i + 1] == IGNORE)]
+            a.turns += len(runs)
+            a.turns_without_trained_stop += sum(ids[i] not in stops for i in runs if i + 1 < max_length)
         if not ex.messages:  # plain text: no chat template to agree with
             continue
         prompt = tokenizer.apply_chat_template(ex.messages[:-1], tokenize=False, add_generation_prompt=True)

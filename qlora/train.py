@@ -93,7 +93,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")
     model = load_base_model(path, cfg.model, cfg.quant, device, dtype, place=not fsdp)
-    model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None)
+    model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
     load_seconds = time.perf_counter() - t_load
 
     if is_main():  # under torchrun, rank 0 alone writes

@@ -124,3 +124,25 @@ def test_eval_every_n_steps_is_logged_plotted_and_the_best_checkpoint_kept(tiny_
     assert run.report["best_checkpoint"].endswith(f"checkpoint-{best_step}")
     assert run.report["best_eval_loss"] == pytest.approx(evals[best_step])
     assert Path(run.report["best_checkpoint"]).is_dir() and (run.run_dir / "loss.png").is_file()
+
+
+def test_16_bit_compute_keeps_frozen_embeddings_and_head_in_16_bits_and_lora_in_fp32(tiny_model):
+    """The GPU memory lever, checked on CPU (bitsandbytes runs bf16 there too)."""
+    from qlora.adapters import attach_lora
+    from qlora.config import LoraConfig, ModelConfig, QuantConfig
+    from qlora.models import load_base_model
+
+    model = load_base_model(str(tiny_model), ModelConfig(name_or_path=str(tiny_model)), QuantConfig(), "cpu",
+                            torch.bfloat16)
+    model = attach_lora(model, LoraConfig(r=4), False, compute_dtype=torch.bfloat16)
+    assert model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.get_output_embeddings().weight.dtype == torch.bfloat16
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    norms = [p for n, p in model.named_parameters() if "norm" in n]
+    assert norms and all(p.dtype == torch.float32 for p in norms)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as the Trainer runs it on a GPU (bf16=True)
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in trainable)

@@ -114,3 +114,11 @@ def test_fsdp_qlora_recipe_asks_the_trainer_for_peft_aware_full_sharding():
 def test_unknown_verb_exits_2(capsys):
     assert main(["trian"]) == 2
     assert "unknown verb 'trian'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["true", "false", "True", "auto"])
+def test_three_way_switches_take_true_and_false_from_the_command_line(value):
+    from qlora.config import Switch
+
+    cfg = compose("train", [f"train.gradient_checkpointing={value}"])
+    assert cfg.train.gradient_checkpointing is Switch(value.lower())

@@ -1,0 +1,223 @@
+"""`qlora plan`: peak training memory of a config on a GPU (or this machine), before loading anything.
+
+The estimate adds up what training holds at its peak, from the model's shape alone:
+
+- base weights: linear layers in 4 bits (4.127 bits a weight with double quantization, 4.5 without),
+  embeddings and head in the compute dtype, norms in fp32;
+- LoRA: fp32 weights, their gradients, and the optimizer state (8 bytes a weight for AdamW,
+  2 for the 8-bit optimizers);
+- activations: what each layer keeps for backward per token (about 6 hidden + 2 key/value +
+  4 intermediate values, in the compute dtype), for every layer, or with gradient checkpointing
+  each layer's input plus one layer recomputed;
+- logits: the fp32 arrays of TRL's chunked head at its peak (tokens x vocab on CPU; on GPUs its
+  fused kernel holds only the hidden states it scores);
+- on CPU, the process itself: Python and the libraries, and the pages of the model file.
+
+Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
+
+Calibrated on CPU against measured peak RSS (within 5% on SmolLM2; tests/integration/test_plan.py
+keeps it within 15%). For GPUs it was checked only against the plain stack's CUDA peaks in
+shared/bench/README.md (TinyLlama-1.1B 2048 x 8: 3.54 estimated vs 3.85 GiB; Llama-3-8B
+2048 x 4: 9.23 vs 9.52 GiB): no GPU was lent to this project, so on GPUs it is the model's word.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from qlora.errors import UserError
+
+GiB = 2 ** 30
+# usable memory (GiB) of each GPU: the nominal size less what the driver and CUDA context take
+GPUS: Dict[str, float] = {"T4": 14.7, "A10G": 22.0, "L4": 22.0, "A100-40": 39.0, "A100-80": 78.5, "H100": 78.5}
+BF16 = {"T4": False, "A10G": True, "L4": True, "A100-40": True, "A100-80": True, "H100": True}
+CPU_PROCESS_GB = 0.46  # RSS of Python with torch, transformers, peft, trl, bitsandbytes and datasets imported (measured)
+
+
+@dataclass
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * (self.hidden // self.heads)
+
+    def linears(self) -> List[Tuple[int, int]]:
+        """(in, out) of the adapted linear layers of one decoder layer."""
+        h, i, kv = self.hidden, self.intermediate, self.kv_dim
+        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
+# Published shapes of the recipes' models, for planning without downloading their config.json.
+KNOWN: Dict[str, Shape] = {
+    "TinyLlama/TinyLlama-1.1B-Chat-v1.0": Shape(2048, 5632, 22, 32, 4, 32000, False),
+    "meta-llama/Llama-3.1-8B-Instruct": Shape(4096, 14336, 32, 32, 8, 128256, False),
+    "meta-llama/Llama-3.1-70B-Instruct": Shape(8192, 28672, 80, 64, 8, 128256, False),
+    "mistralai/Mistral-7B-Instruct-v0.3": Shape(4096, 14336, 32, 32, 8, 32768, False),
+    "Qwen/Qwen2.5-7B-Instruct": Shape(3584, 18944, 28, 28, 4, 152064, False),
+}
+
+
+def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
+    """The model's shape from its config.json (local, built-in or cached), else from KNOWN."""
+    from qlora.models import BUILTIN, resolve_model
+
+    folder: Optional[Path] = None
+    if name_or_path in BUILTIN or Path(name_or_path).expanduser().is_dir():
+        folder = Path(resolve_model(name_or_path))
+    if folder is None:
+        if name_or_path in KNOWN:
+            return KNOWN[name_or_path], None
+        try:
+            from huggingface_hub import hf_hub_download
+
+            folder = Path(hf_hub_download(name_or_path, "config.json")).parent
+        except Exception:
+            raise UserError(f"model.name_or_path={name_or_path}: cannot read its config.json (offline?); "
+                            f"plan knows {', '.join(KNOWN)} without it") from None
+    c = json.loads((folder / "config.json").read_text())
+    c = c.get("text_config", c)
+    return Shape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+                 c.get("num_key_value_heads") or c["num_attention_heads"], c["vocab_size"],
+                 bool(c.get("tie_word_embeddings", False))), folder
+
+
+@dataclass
+class Estimate:
+    parts: Dict[str, float]  # GiB by component
+    tokens: int  # tokens per micro-batch
+
+    @property
+    def total(self) -> float:
+        return sum(self.parts.values())
+
+
+def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing: bool, optim: str,
+             device: str, double_quant: bool = True, load_in_4bit: bool = True, packing: bool = False,
+             model_file_gb: float = 0.0) -> Estimate:
+    """Peak memory (GiB) of one training step, by component."""
+    s = shape
+    b = 4 if device == "cpu" else 2  # compute dtype bytes: fp32 on CPU, bf16/fp16 on GPUs
+    linear = s.layers * sum(i * o for i, o in s.linears())
+    other = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden * (2 * s.layers + 1)
+    bits = (4.127 if double_quant else 4.5) if load_in_4bit else 8 * b
+    lora = s.layers * sum(r * (i + o) for i, o in s.linears())
+    opt_bytes = 2 if "8bit" in optim else 8
+    tokens = batch * max_length
+    # values one decoder layer keeps per token for backward: the normalized inputs, q/k/v, the
+    # attention output, the MLP's gate, up, activation and product, each LoRA's rank-r intermediate
+    per_layer = 6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate + 7 * r
+    if checkpointing:
+        act = tokens * (s.layers * s.hidden + per_layer) * b
+    else:
+        act = tokens * s.layers * per_layer * b
+    if packing:  # one row per micro-batch: the attention mask is dense
+        act += tokens * tokens
+    embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
+    parts = {
+        # embeddings and head stay in the compute dtype (adapters.attach_lora), norms are fp32
+        "base weights": (linear * bits / 8 + embeddings * b + (other - embeddings) * 4) / GiB,
+        "LoRA weights + grads + optimizer": lora * (4 + 4 + opt_bytes) / GiB,
+        "activations": act / GiB,
+        # TRL's chunked head: on CPU it scores every position and holds about 11 fp32 copies of the
+        # (tokens x vocab) logits at its peak (measured); on GPUs its fused Triton kernel never holds
+        # the logits, only fp32 copies of the hidden states it scores (and their gradient)
+        "logits": (11 * tokens * s.vocab * 4 if device == "cpu" else 2 * tokens * s.hidden * 4) / GiB,
+    }
+    if device == "cpu":  # RSS also counts the libraries and the pages of the model file as it is read
+        parts["process + model file read"] = CPU_PROCESS_GB + model_file_gb
+    return Estimate(parts, tokens)
+
+
+def model_file_gb(folder: Optional[Path]) -> float:
+    if folder is None:
+        return 0.0
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / GiB
+
+
+def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, checkpointing: bool) -> Optional[str]:
+    """Overrides that fit in `capacity` GiB with the same effective batch where possible."""
+    effective = batch * accum
+    for ckpt in ([checkpointing] if checkpointing else [False, True]):
+        for length in (max_length, max_length // 2, max_length // 4):
+            if length < 64:
+                break
+            for micro in [m for m in (64, 32, 16, 8, 4, 2, 1) if m <= max(batch, 1)]:
+                if fit(micro, length, ckpt).total <= capacity:
+                    over = [f"train.per_device_train_batch_size={micro}",
+                            f"train.gradient_accumulation_steps={max(1, math.ceil(effective / micro))}"]
+                    if length != max_length:
+                        over.append(f"train.max_length={length}")
+                    if ckpt != checkpointing:
+                        over.append("train.gradient_checkpointing=true")
+                    return " ".join(over)
+    return None
+
+
+def plan_cli(cfg) -> int:
+    """The `qlora plan` verb."""
+    from qlora.config import Switch
+    from qlora.validation import refuse, validate_train
+
+    refuse(validate_train(cfg))
+    gpu = cfg.gpu
+    if gpu is not None and gpu not in GPUS:
+        raise UserError(f"gpu={gpu}: choose one of {', '.join(GPUS)}, or leave it out for this machine")
+    device, capacity, name = local_device() if gpu is None else ("cuda", GPUS[gpu], gpu)
+    shape, folder = model_shape(cfg.model.name_or_path)
+    t = cfg.train
+    ckpt = t.gradient_checkpointing is Switch.true or (t.gradient_checkpointing is Switch.auto and device == "cuda")
+    optim = t.optim if t.optim != "auto" else ("paged_adamw_8bit" if device == "cuda" else "adamw_torch")
+
+    def fit(micro, length, checkpointing):
+        return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
+                        optim=optim, device=device, double_quant=cfg.quant.bnb_4bit_use_double_quant,
+                        load_in_4bit=cfg.quant.load_in_4bit, packing=cfg.data.packing,
+                        model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0)
+
+    est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
+    print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")
+    print(f"  {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; LoRA r={cfg.lora.r} on every "
+          f"linear layer; micro-batch {t.per_device_train_batch_size} x {t.max_length} tokens; gradient "
+          f"checkpointing {'on' if ckpt else 'off'}; {optim}")
+    if gpu and not BF16[gpu]:
+        fix = ("set quant.bnb_4bit_compute_dtype=float16 (this config asks for bfloat16)"
+               if cfg.quant.bnb_4bit_compute_dtype.value == "bfloat16" else "quant.bnb_4bit_compute_dtype=auto does that")
+        print(f"  {gpu} has no bf16: compute in fp16; {fix}")
+    width = max(len(k) for k in est.parts)
+    for k, v in est.parts.items():
+        print(f"  {k:<{width}}  {v:8.2f} GiB")
+    print(f"  {'estimated peak':<{width}}  {est.total:8.2f} GiB  ({est.total / capacity:.0%} of {name}; "
+          "for micro-batches as long as train.max_length)")
+    if est.total <= capacity:
+        print("  fits as configured")
+        return 0
+    hint = suggest(fit, capacity, t.per_device_train_batch_size, t.gradient_accumulation_steps, t.max_length, ckpt)
+    if hint:
+        print(f"  does not fit; this does (same effective batch): {hint}")
+    else:
+        print("  does not fit even at micro-batch 1 with a quarter of the length and checkpointing: "
+              "use a bigger GPU, dist=fsdp_qlora over several, or a smaller model")
+    return 0
+
+
+def local_device() -> Tuple[str, float, str]:
+    """(device, usable GiB, name) of this machine."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info()
+        return "cuda", free / GiB, torch.cuda.get_device_name(0)
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / GiB
+    return "cpu", ram, "this CPU (available RAM)"

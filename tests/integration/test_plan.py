@@ -1,0 +1,78 @@
+"""`qlora plan`: the memory estimate, checked against measured peaks on CPU, and its advice."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from qlora.cli import main
+from qlora.plan import GPUS, KNOWN, estimate, model_file_gb, model_shape
+from tests.conftest import write_jsonl
+
+SHAPE = KNOWN["meta-llama/Llama-3.1-8B-Instruct"]
+
+
+def est(**kw):
+    args = dict(r=16, batch=4, max_length=2048, checkpointing=True, optim="paged_adamw_8bit", device="cuda")
+    args.update(kw)
+    return estimate(SHAPE, **args)
+
+
+def test_the_estimate_moves_the_way_memory_does():
+    base = est()
+    assert 5 < base.parts["base weights"] < 5.5  # 7B linear weights at 4.127 bits (3.4 GiB) + bf16 embeddings and head (2)
+    assert est(checkpointing=False).parts["activations"] > 5 * base.parts["activations"]
+    assert est(batch=8).total > base.total and est(r=64).total > base.total
+    assert est(optim="adamw_torch").total > base.total
+    assert est(double_quant=False).parts["base weights"] > base.parts["base weights"]
+
+
+def test_plan_prints_the_parts_and_says_whether_it_fits(capsys):
+    assert main(["plan", "recipe=tinyllama_demo_t4", "gpu=T4"]) == 0
+    out = capsys.readouterr().out
+    assert "TinyLlama" in out and "estimated peak" in out and "fits as configured" in out
+    assert "T4 has no bf16" in out
+
+
+def test_plan_suggests_settings_that_fit_when_the_config_does_not(capsys):
+    assert main(["plan", "recipe=llama3.1_8b_demo", "gpu=T4", "train.per_device_train_batch_size=16",
+                 "train.gradient_checkpointing=false"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit; this does" in out
+    hint = out.split("this does (same effective batch): ")[1].split()
+    settings = dict(h.split("=") for h in hint)
+    micro = int(settings["train.per_device_train_batch_size"])
+    fits = est(batch=micro, max_length=int(settings.get("train.max_length", 2048)),
+               checkpointing="train.gradient_checkpointing" in settings, optim="paged_adamw_8bit")
+    assert fits.total <= GPUS["T4"]
+    assert micro * int(settings["train.gradient_accumulation_steps"]) >= 16
+
+
+def test_an_unknown_gpu_is_refused(capsys):
+    assert main(["plan", "gpu=B300"]) == 2
+    assert "gpu=B300: choose one of T4" in capsys.readouterr().err
+
+
+def _long_rows(n):
+    words = "apple river stone cloud violet engine lantern meadow copper silver".split()
+    return [{"messages": [{"role": "user", "content": "Repeat: " + " ".join(words * 20)},
+                          {"role": "assistant", "content": " ".join(words * 20)}]} for _ in range(n)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch,length,ckpt", [(8, 256, False), (4, 256, True)])
+def test_estimate_is_within_15_percent_of_the_measured_peak_on_cpu(tmp_path, batch, length, ckpt):
+    """Every row is longer than train.max_length, so each micro-batch is as long as the planner plans for."""
+    data = write_jsonl(tmp_path / "long.jsonl", _long_rows(32))
+    out = tmp_path / "run"
+    subprocess.run([sys.executable, "-m", "qlora", "train", f"data.path={data}", "data.eval_path=null",
+                    "data.loss_on=all", "eval.exact_match=false", "train.report_to=[none]", "train.max_steps=2",
+                    f"train.per_device_train_batch_size={batch}", f"train.max_length={length}",
+                    f"train.gradient_checkpointing={str(ckpt).lower()}", f"output_dir={out}"],
+                   check=True, capture_output=True)
+    measured = json.loads((out / "report.json").read_text())["peak_memory_gb"]
+    shape, folder = model_shape("smollm2-135m-instruct")
+    e = estimate(shape, r=16, batch=batch, max_length=length, checkpointing=ckpt, optim="adamw_torch",
+                 device="cpu", model_file_gb=model_file_gb(folder))
+    print(f"batch {batch} x {length}, checkpointing {ckpt}: measured {measured:.3f} GiB, estimated {e.total:.3f}")
+    assert abs(e.total - measured) <= 0.15 * measured
