@@ -23,6 +23,9 @@ import time
 from pathlib import Path
 
 LORA = dict(r=8, lora_alpha=16)
+# plain: the baseline; qlora: the same loss as the baseline (every token); qlora-assistant: qlora's
+# default loss (assistant tokens only, as chat fine-tuning should), whose loss curve differs by design
+CASES = ("plain", "qlora", "qlora-assistant")
 
 
 def tiny_model(folder: Path) -> Path:
@@ -80,12 +83,12 @@ def plain_stack(model_path: str, data: str, steps: int, out: str) -> dict:
     return dict(tokens=int(clock["tokens"]), seconds=seconds, losses=losses)
 
 
-def qlora(model_path: str, data: str, steps: int, out: str) -> dict:
+def qlora(model_path: str, data: str, steps: int, out: str, loss_on: str = "all") -> dict:
     from qlora.cli import compose
     from qlora.train import fit
 
     cfg = compose("train", [f"model.name_or_path={model_path}", f"data.path={data}", "data.eval_path=null",
-                            "data.loss_on=all", f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}",
+                            f"data.loss_on={loss_on}", f"lora.r={LORA['r']}", f"lora.lora_alpha={LORA['lora_alpha']}",
                             "train.per_device_train_batch_size=4", "train.max_length=256", f"train.max_steps={steps}",
                             "train.logging_steps=1", "train.save_steps=100000", "train.report_to=[none]",
                             # TRL's defaults, so that the loss curves compare
@@ -101,7 +104,10 @@ def qlora(model_path: str, data: str, steps: int, out: str) -> dict:
 def one_case(case: str, model_path: str, data: str, steps: int) -> None:
     """Child process: run one case and print its result as the last line."""
     with tempfile.TemporaryDirectory() as out:
-        r = {"plain": plain_stack, "qlora": qlora}[case](model_path, data, steps, out)
+        if case == "qlora-assistant":
+            r = qlora(model_path, data, steps, out, loss_on="assistant")
+        else:
+            r = {"plain": plain_stack, "qlora": qlora}[case](model_path, data, steps, out)
     r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print("RESULT " + json.dumps(r), flush=True)
 
@@ -137,26 +143,26 @@ def main():
         for name in a.models.split(","):
             path = resolve_model("smollm2-135m-instruct") if name == "smollm2" else str(tiny_model(Path(tmp) / "tiny"))
             for rep in range(a.reps):
-                for case in ("plain", "qlora"):
+                for case in CASES:
                     r = run_case(case, path, data, a.steps)
                     r.update(model=name, case=case, rep=rep, tokens_per_second=r["tokens"] / r["seconds"])
                     results.append(r)
-                    print(f"{name:8} {case:6} rep {rep}: {r['tokens_per_second']:7.1f} tokens/s, "
+                    print(f"{name:8} {case:16} rep {rep}: {r['tokens_per_second']:7.1f} tokens/s, "
                           f"{r['seconds'] / a.steps:6.2f} s/step, peak {r['peak_rss_gb']:.2f} GB", flush=True)
-    print(f"\n{'model':8} {'case':6} {'tokens/s':>9} {'s/step':>7} {'peak GB':>8} {'ratio':>6}   losses (first, last)")
+    print(f"\n{'model':8} {'case':16} {'tokens/s':>9} {'s/step':>7} {'peak GB':>8} {'ratio':>6}   losses (first, last)")
     summary = []
     for name in a.models.split(","):
         best = {}
-        for case in ("plain", "qlora"):
+        for case in CASES:
             rs = [r for r in results if r["model"] == name and r["case"] == case]
             best[case] = max(rs, key=lambda r: r["tokens_per_second"])  # the best of the repetitions
-        for case in ("plain", "qlora"):
+        for case in CASES:
             r = best[case]
             ratio = r["tokens_per_second"] / best["plain"]["tokens_per_second"]
             summary.append(dict(model=name, case=case, tokens_per_second=round(r["tokens_per_second"], 2),
                                 seconds_per_step=round(r["seconds"] / a.steps, 3), peak_rss_gb=round(r["peak_rss_gb"], 3),
                                 ratio=round(ratio, 2), losses=[round(x, 4) for x in r["losses"]]))
-            print(f"{name:8} {case:6} {r['tokens_per_second']:9.1f} {r['seconds'] / a.steps:7.2f} "
+            print(f"{name:8} {case:16} {r['tokens_per_second']:9.1f} {r['seconds'] / a.steps:7.2f} "
                   f"{r['peak_rss_gb']:8.2f} {ratio:6.2f}   {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(steps=a.steps, reps=a.reps, summary=summary, runs=results), indent=2) + "\n")

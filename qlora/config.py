@@ -255,6 +255,8 @@ class TrainConfig:
     """Recompute activations in backward: auto = on for GPUs, off on CPU (where it costs ~35%)."""
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
     """Trackers: tensorboard, wandb, mlflow, or [none]."""
+    score_trained_only: bool = True
+    """CPU: compute the head's logits only where the next token is trained (same loss; GPUs always do)."""
     nan_policy: NanPolicy = NanPolicy.stop
     """A non-finite loss or gradient: stop (keeping the last good checkpoint) or skip that step."""
 

@@ -54,6 +54,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.evaluate import exact_match, mean_loss
     from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model, say
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
+    from qlora.speed import trained_positions_only_on_cpu
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
     datasets.disable_progress_bars()  # our own lines say what the data holds
@@ -128,7 +129,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     say(f"training; run directory {run_dir}" + (f"; resuming from {resume_from}" if resume_from else ""))
     stopper.install()
     try:
-        trainer.train(resume_from_checkpoint=resume_from)
+        with trained_positions_only_on_cpu(t.score_trained_only):
+            trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
         raise WorkError("out of memory: lower train.per_device_train_batch_size or train.max_length, or set "
                         "train.gradient_checkpointing=true") from None

@@ -1,0 +1,26 @@
+"""Every speed lever leaves training where it was: same losses and adapter with it on and off."""
+import json
+
+import pytest
+from safetensors.torch import load_file
+
+from qlora.cli import compose
+from qlora.train import fit
+from tests.conftest import tiny_overrides
+
+
+def losses(run):
+    lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in lines if "loss" in r]
+
+
+@pytest.mark.parametrize("lever", ["train.score_trained_only"])
+def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever):
+    runs = {}
+    for on in (True, False):
+        cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / f"{on}", **{lever: str(on).lower()}))
+        runs[on] = fit(cfg)
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), abs=1e-5)
+    a = load_file(str(runs[True].run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(runs[False].run_dir / "adapter" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
