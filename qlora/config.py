@@ -131,7 +131,7 @@ class ModelConfig:
     attn_implementation: AttnImplementation = AttnImplementation.auto
     """Attention kernel: auto picks sdpa where available."""
     chat_template: Optional[str] = None
-    """A Jinja chat template (file path or inline text) for base models that lack one."""
+    """Chat template for base models that lack one: chatml (adds its tokens), a .jinja file, or inline Jinja."""
 
 
 @dataclass

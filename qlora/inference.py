@@ -39,7 +39,8 @@ def run_config(adapter: Path) -> Optional[QLoraConfig]:
 def load_for_inference(cfg: QLoraConfig, chat: bool = True) -> Loaded:
     """The model to generate with: run adapter on its 4-bit base when `adapter` is set, else a model.
     chat=False accepts a tokenizer without a chat template (plain-text data)."""
-    from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model
+    from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
+                              resolve_model)
 
     device = pick_device()
     model_cfg, quant = cfg.model, cfg.quant
@@ -62,6 +63,7 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True) -> Loaded:
         path = resolve_model(model_cfg.name_or_path)
         tokenizer = load_tokenizer(path, model_cfg, chat)
     model = load_base_model(path, model_cfg, quant, device, compute_dtype(quant, device))
+    resize_for_tokenizer(model, tokenizer)  # a run that added tokens (model.chat_template=chatml)
     if cfg.adapter:
         from peft import PeftModel
 

@@ -148,6 +148,14 @@ def compute_dtype(quant: QuantConfig, device: str):
     return getattr(torch, choice.value)
 
 
+# Chat templates by name, for base models that have none: (template, special tokens it needs)
+NAMED_TEMPLATES = {
+    "chatml": ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}",
+               ["<|im_start|>", "<|im_end|>"]),
+}
+
+
 def load_tokenizer(path: str, model_cfg: ModelConfig, chat: bool = True):
     """The tokenizer, with a chat template (when chat data needs one) and a pad token distinct from EOS.
 
@@ -156,7 +164,12 @@ def load_tokenizer(path: str, model_cfg: ModelConfig, chat: bool = True):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    if model_cfg.chat_template:
+    if model_cfg.chat_template in NAMED_TEMPLATES:
+        tok.chat_template, needed = NAMED_TEMPLATES[model_cfg.chat_template]
+        missing = [t for t in needed if t not in tok.get_vocab()]
+        if missing:  # new rows in the embeddings: see resize_for_tokenizer
+            tok.add_special_tokens({"additional_special_tokens": missing})
+    elif model_cfg.chat_template:
         template = model_cfg.chat_template
         tok.chat_template = Path(template).read_text() if Path(template).is_file() else template
     if chat and not tok.chat_template:
@@ -225,3 +238,13 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     except OSError as e:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot load it "
                         f"({str(e).splitlines()[0]})") from None
+
+
+def resize_for_tokenizer(model, tokenizer) -> List[str]:
+    """Grow the embeddings (and head) to a tokenizer with added tokens; returns the names of the
+    modules that must then train in full and be saved with the adapter (lora.modules_to_save)."""
+    if len(tokenizer) <= model.get_input_embeddings().weight.shape[0]:
+        return []
+    model.resize_token_embeddings(len(tokenizer))
+    wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
+    return [name.rpartition(".")[2] for name, module in model.named_modules() if id(module) in wanted]

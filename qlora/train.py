@@ -39,6 +39,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     started = started or time.perf_counter()
     refuse(validate_train(cfg))
     run_dir, resume_from = prepare_run_dir(cfg)
+    fp = fingerprint(cfg)  # as given: resuming compares the command line's config with it
     if resume_from:
         check_resumable(run_dir, cfg)
 
@@ -52,7 +53,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.data import DataStats, collate_packed, pack_rows, split_examples, tokenize_examples
     from qlora.data_check import check_for_training
     from qlora.evaluate import exact_match, mean_loss
-    from qlora.models import compute_dtype, load_base_model, load_tokenizer, pick_device, resolve_model, say
+    from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
+                              resolve_model, say)
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
     from qlora.speed import trained_positions_only_on_cpu
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
@@ -94,6 +96,12 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")
     model = load_base_model(path, cfg.model, cfg.quant, device, dtype, place=not fsdp)
+    grown = resize_for_tokenizer(model, tokenizer)
+    if grown:  # the added tokens' rows must be trained, and saved with the adapter
+        keep = list(cfg.lora.modules_to_save or [])
+        cfg.lora.modules_to_save = keep + [m for m in grown if m not in keep]
+        say(f"model.chat_template={cfg.model.chat_template} added tokens: embeddings resized to {len(tokenizer)}; "
+            f"training {', '.join(cfg.lora.modules_to_save)} in full (lora.modules_to_save)")
     model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
     load_seconds = time.perf_counter() - t_load
 
@@ -105,7 +113,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         if resume_from:
             drop_metrics_after(run_dir, step_of(Path(resume_from)))  # those steps are trained again
         else:
-            write_atomic(run_dir / "fingerprint.json", json.dumps(fingerprint(cfg), indent=2) + "\n")
+            write_atomic(run_dir / "fingerprint.json", json.dumps(fp, indent=2) + "\n")
     if "tensorboard" in t.report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(run_dir / "tensorboard")
     logger = RunLogger(run_dir, started)

@@ -89,7 +89,7 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         problem = check_path(key, path)
         if problem:
             p.append(problem)
-    if cfg.model.chat_template and "{" not in cfg.model.chat_template:
+    if cfg.model.chat_template and "{" not in cfg.model.chat_template and cfg.model.chat_template not in ("chatml",):
         _check_file("model.chat_template", cfg.model.chat_template, p)
     return p
 

@@ -1,0 +1,51 @@
+"""A base model without a chat template: model.chat_template=chatml adds its tokens, the embeddings
+grow, the new rows train and travel with the adapter, and generation and merge see the same shapes."""
+import json
+
+import torch
+from safetensors.torch import load_file
+
+from qlora.cli import compose, main
+from qlora.train import fit
+from tests.conftest import CORPUS, people_rows, tiny_overrides, write_jsonl
+
+
+def make_base_without_template(path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    t.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<pad>"],
+                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<|endoftext|>", pad_token="<pad>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, len(tok)
+
+
+def test_chatml_on_a_base_model_adds_tokens_trains_them_and_merges(tmp_path, capsys):
+    base, vocab = make_base_without_template(tmp_path / "base")
+    data = (write_jsonl(tmp_path / "t.jsonl", people_rows(8)), write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
+    run = fit(compose("train", tiny_overrides(base, data, tmp_path / "run", **{"model.chat_template": "chatml",
+                                                                               "train.max_steps": 3})))
+    weights = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
+    saved = {k: v.shape for k, v in weights.items() if "embed_tokens" in k or "lm_head" in k}
+    assert saved and all(shape[0] == vocab + 2 for shape in saved.values()), saved
+    assert json.loads((run.run_dir / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+
+    from qlora.inference import load_for_inference
+
+    loaded = load_for_inference(compose("train", [f"adapter={run.run_dir}"]))
+    assert loaded.model.get_input_embeddings().weight.shape[0] == vocab + 2
+    assert "<|im_end|>" in loaded.tokenizer.get_vocab()
+
+    out = tmp_path / "merged"
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32"]) == 0
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab + 2
+    assert json.loads((out / "merge_report.json").read_text())["top1_agreement"] >= 0.99
