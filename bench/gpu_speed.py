@@ -1,0 +1,145 @@
+"""qlora against the plain stack on one GPU: the shapes and cases of shared/bench/plain_stack_gpu.py,
+each side in its own process, in one run.
+
+usage: python bench/gpu_speed.py --plain PATH/TO/plain_stack_gpu.py [--only tl-bf16-ckpt,l8b-bf16-ckpt,tl-bf16-var]
+                                 [--out bench/results/gpu_speed.json]
+       python bench/gpu_speed.py --tiny      # qlora's side only, on a tiny shape: checks the pipeline on CPU
+
+The plain side is the shared script's own case (its numbers are measured after 4 warm-up steps).
+qlora's side trains the same random-init model (the shared script's make_model) on the same random
+token ids, written as `text` rows, with the same LoRA (r=16, alpha 32, all-linear), batch, length,
+compute dtype and constant learning rate, and qlora's defaults otherwise. Its tokens/s is
+report.json's: non-padding tokens over the whole training loop, warm-up steps included, so it is
+a little pessimistic. Varied lengths: the plain side's padded and TRL-packed cases against
+qlora's `data.packing=true`.
+"""
+import argparse
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+WARM, MEAS = 4, 12
+# ours: (plain cases to compare with, shape, seq, batch, packing)
+CASES = {
+    "tl-bf16-ckpt": (["tl-bf16-ckpt", "tl-bf16-ckpt-liger"], "tinyllama-1.1b", 2048, 8, False),
+    "l8b-bf16-ckpt": (["l8b-bf16-ckpt", "l8b-bf16-ckpt-liger"], "llama3-8b", 2048, 4, False),
+    "tl-bf16-var": (["tl-bf16-var-padded", "tl-bf16-var-packed"], "tinyllama-1.1b", 2048, 8, True),
+}
+
+
+def load_plain(path: str):
+    spec = importlib.util.spec_from_file_location("plain_stack_gpu", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def token_rows(vocab: int, n_rows: int, length: int, varied: bool):
+    """The shared script's data: random ids (seed 1), fixed length or lognormal lengths (median ~200)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    if varied:
+        lens = torch.exp(torch.randn(n_rows * 12, generator=g) * 0.8 + 5.3).clamp(16, 1024).long()
+        return [torch.randint(10, vocab, (int(n),), generator=g).tolist() for n in lens]
+    return torch.randint(10, vocab, (n_rows, length), generator=g).tolist()
+
+
+def ours(model_path: str, vocab: int, seq: int, batch: int, packing: bool, folder: Path, device_note: str) -> dict:
+    from qlora.cli import compose
+    from qlora.train import fit
+
+    rows = token_rows(vocab, batch * (WARM + MEAS), seq, packing)
+    data = folder / "rows.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"t{i}" for i in r)}) + "\n" for r in rows))
+    cfg = compose("train", [
+        f"model.name_or_path={model_path}", f"data.path={data}", "data.format=text", "data.eval_path=null",
+        f"data.packing={str(packing).lower()}", "eval.exact_match=false", "lora.r=16", "lora.lora_alpha=32",
+        f"train.per_device_train_batch_size={batch}", f"train.max_length={seq}", f"train.max_steps={WARM + MEAS}",
+        "train.learning_rate=2e-4", "train.lr_scheduler_type=constant", "train.warmup_ratio=0",
+        "train.logging_steps=1", "train.save_steps=100000", "train.report_to=[none]", f"output_dir={folder / 'run'}"])
+    r = fit(cfg).report
+    return dict(side="qlora", tok_s=r["tokens_per_second"], peak_gib=r["peak_memory_gb"], steps=r["steps"],
+                loss_first=r["loss_first"], loss_last=r["loss_last"], device=r["device"] or device_note)
+
+
+def tiny_model(folder: Path) -> Path:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(1000)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", pad_token="t1", eos_token="t2",
+                            bos_token="t3").save_pretrained(folder)
+    return folder
+
+
+def child(a) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        if a.tiny:
+            path, vocab, seq, batch, packing = str(tiny_model(Path(tmp) / "m")), 1000, 64, 2, a.case == "var"
+        else:
+            plain = load_plain(a.plain)
+            _, shape, seq, batch, packing = CASES[a.case]
+            path, vocab = plain.make_model(shape), plain.SHAPES[shape]["vocab_size"]
+        print("RESULT " + json.dumps(ours(path, vocab, seq, batch, packing, Path(tmp), "cpu")), flush=True)
+
+
+def run(cmd) -> dict:
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not lines:
+        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
+    return json.loads(lines[-1][7:])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--plain", help="path to shared/bench/plain_stack_gpu.py")
+    ap.add_argument("--only", default=",".join(CASES))
+    ap.add_argument("--out", default="bench/results/gpu_speed.json")
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--child", action="store_true")
+    ap.add_argument("--case")
+    a = ap.parse_args()
+    if a.child:
+        return child(a)
+    me = [sys.executable, __file__, "--child"]
+    if a.tiny:
+        for case in ("fixed", "var"):
+            print(case, run(me + ["--tiny", "--case", case]), flush=True)
+        return
+    if not a.plain:
+        raise SystemExit("give --plain PATH/TO/plain_stack_gpu.py (shared/bench), or --tiny")
+    rows = []
+    for case in a.only.split(","):
+        plains, *_ = CASES[case]
+        for p in plains:
+            rows.append({**run([sys.executable, a.plain, "--case", p]), "case": case, "side": p})
+            print(rows[-1], flush=True)
+        rows.append({**run(me + ["--plain", a.plain, "--case", case]), "case": case, "side": "qlora"})
+        print(rows[-1], flush=True)
+    print(f"\n{'case':14} {'side':22} {'tokens/s':>9} {'peak GiB':>9} {'vs first plain':>15}")
+    for case in a.only.split(","):
+        mine = [r for r in rows if r["case"] == case]
+        base = next((r for r in mine if "tok_s" in r), None)
+        for r in mine:
+            if "tok_s" not in r:
+                print(f"{case:14} {r.get('side', '?'):22} ERROR {r.get('error')}")
+                continue
+            ratio = r["tok_s"] / base["tok_s"] if base else float("nan")
+            print(f"{case:14} {r['side']:22} {r['tok_s']:>9} {r['peak_gib']:>9} {ratio:>15.2f}")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
