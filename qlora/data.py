@@ -65,15 +65,11 @@ def read_examples(path: str, cfg: DataConfig, stats: Optional[DataStats] = None,
     return examples
 
 
-def training_examples(cfg: DataConfig, seed: int, stats: DataStats) -> List[Example]:
-    """data.path, or the weighted mixture of data.sources."""
+def source_examples(cfg: DataConfig, stats: DataStats) -> List[Tuple[List[Example], float]]:
+    """(examples, weight) of data.path, or of each of data.sources."""
     if not cfg.sources:
-        return read_examples(cfg.path, cfg, stats, cfg.format, cfg.subset, cfg.split)
-    out: List[Example] = []
-    for i, src in enumerate(cfg.sources):
-        examples = read_examples(src.path, cfg, stats, src.format, src.subset, src.split)
-        out += weighted(examples, src.weight, random.Random(seed + i))
-    return out
+        return [(read_examples(cfg.path, cfg, stats, cfg.format, cfg.subset, cfg.split), 1.0)]
+    return [(read_examples(s.path, cfg, stats, s.format, s.subset, s.split), s.weight) for s in cfg.sources]
 
 
 def weighted(examples: List[Example], weight: float, rng: random.Random) -> List[Example]:
@@ -292,19 +288,21 @@ def collate_packed(rows: List[Dict[str, list]]) -> dict:
 
 
 def split_examples(cfg: DataConfig, seed: int) -> Tuple[List[Example], List[Example], DataStats]:
-    """Training and held-out examples: from data.eval_path, or a seeded share of the training data."""
+    """Training and held-out examples: from data.eval_path, or a seeded share of each source, held
+    out before the mixture weights repeat rows (so no held-out row is also trained on)."""
     stats = DataStats()
-    train = training_examples(cfg, seed, stats)
+    train: List[Example] = []
+    held: List[Example] = []
+    for i, (examples, weight) in enumerate(source_examples(cfg, stats)):
+        if not cfg.eval_path and cfg.eval_fraction > 0:
+            order = list(range(len(examples)))
+            random.Random(seed + i).shuffle(order)
+            k = max(1, int(len(examples) * cfg.eval_fraction))
+            held += [examples[j] for j in sorted(order[:k])]
+            examples = [examples[j] for j in sorted(order[k:])]
+        train += weighted(examples, weight, random.Random(seed + i))
     if cfg.eval_path:
         held = read_examples(cfg.eval_path, cfg, split=cfg.eval_split)
-    elif cfg.eval_fraction > 0:
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        k = max(1, int(len(train) * cfg.eval_fraction))
-        held = [train[i] for i in sorted(order[:k])]
-        train = [train[i] for i in sorted(order[k:])]
-    else:
-        held = []
     return train, held, stats
 
 

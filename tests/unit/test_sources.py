@@ -212,3 +212,14 @@ def test_dropped_rows_are_counted_per_file_by_reason(tmp_path):
     stats = DataStats()
     ok = read_examples(str(f), DataConfig(on_bad_row=OnBadRow.drop, max_bad_fraction=0.05), stats)
     assert len(ok) == 98 and sum(stats.dropped.values()) == 2 and stats.dropped["malformed JSON"] == 1
+
+
+def test_held_out_rows_of_a_mixture_are_never_trained_on(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", [dict(PC, prompt=f"a{i}") for i in range(20)])
+    b = write_jsonl(tmp_path / "b.jsonl", [dict(PC, prompt=f"b{i}") for i in range(20)])
+    cfg = DataConfig(sources=[SourceConfig(path=str(a), weight=2.0), SourceConfig(path=str(b), weight=0.5)],
+                     eval_path=None, eval_fraction=0.25)
+    train, held, _ = split_examples(cfg, seed=0)
+    held_names = {e.prompt for e in held}
+    assert len(held) == 10 and not held_names & {e.prompt for e in train}
+    assert sum(e.prompt.startswith("a") for e in train) == 30 and sum(e.prompt.startswith("b") for e in train) == 8
