@@ -9,8 +9,8 @@ The plain side is the shared script's own case (its numbers are measured after 4
 qlora's side trains the same random-init model (the shared script's make_model) on the same random
 token ids, written as `text` rows, with the same LoRA (r=16, alpha 32, all-linear), batch, length,
 compute dtype and constant learning rate, and qlora's defaults otherwise. Its tokens/s is
-report.json's: non-padding tokens over the whole training loop, warm-up steps included, so it is
-a little pessimistic. Varied lengths: the plain side's padded and TRL-packed cases against
+measured as the shared script's: non-padding tokens from the end of step 4 to the last step
+(metrics.jsonl); peak memory is over the whole run (the shared script resets it at step 4). Varied lengths: the plain side's padded and TRL-packed cases against
 qlora's `data.packing=true`.
 """
 import argparse
@@ -48,10 +48,31 @@ def token_rows(vocab: int, n_rows: int, length: int, varied: bool):
     return torch.randint(10, vocab, (n_rows, length), generator=g).tolist()
 
 
+def word_model(model_path: str, vocab: int, folder: Path) -> str:
+    """The same weights with a word-level tokenizer whose special tokens are not substrings of the
+    words (the shared script's t0-t3 specials would split "t123" into "t1" + "23"), so that the
+    text rows tokenize back to exactly the shared script's ids."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    out = folder / "model"
+    out.mkdir()
+    for f in Path(model_path).iterdir():
+        if not f.name.startswith(("tokenizer", "special_tokens")):
+            (out / f.name).symlink_to(f.resolve())
+    words = {f"t{i}": i for i in range(4, vocab)} | {"<unk>": 0, "<pad>": 1, "<eos>": 2, "<bos>": 3}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                            bos_token="<bos>").save_pretrained(out)
+    return str(out)
+
+
 def ours(model_path: str, vocab: int, seq: int, batch: int, packing: bool, folder: Path, device_note: str) -> dict:
     from qlora.cli import compose
     from qlora.train import fit
 
+    model_path = word_model(model_path, vocab, folder)
     rows = token_rows(vocab, batch * (WARM + MEAS), seq, packing)
     data = folder / "rows.jsonl"
     data.write_text("".join(json.dumps({"text": " ".join(f"t{i}" for i in r)}) + "\n" for r in rows))
@@ -61,9 +82,16 @@ def ours(model_path: str, vocab: int, seq: int, batch: int, packing: bool, folde
         f"train.per_device_train_batch_size={batch}", f"train.max_length={seq}", f"train.max_steps={WARM + MEAS}",
         "train.learning_rate=2e-4", "train.lr_scheduler_type=constant", "train.warmup_ratio=0",
         "train.logging_steps=1", "train.save_steps=100000", "train.report_to=[none]", f"output_dir={folder / 'run'}"])
-    r = fit(cfg).report
-    return dict(side="qlora", tok_s=r["tokens_per_second"], peak_gib=r["peak_memory_gb"], steps=r["steps"],
-                loss_first=r["loss_first"], loss_last=r["loss_last"], device=r["device"] or device_note)
+    run = fit(cfg)
+    r = run.report
+    # as the shared script measures: tokens and seconds from the end of step WARM to the last step
+    logs = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logs = {x["step"]: x for x in logs if "tokens" in x and "seconds" in x}
+    last = max(logs)
+    tok_s = (logs[last]["tokens"] - logs[WARM]["tokens"]) / (logs[last]["seconds"] - logs[WARM]["seconds"])
+    return dict(side="qlora", tok_s=round(tok_s), tok_s_whole_loop=r["tokens_per_second"],
+                peak_gib=r["peak_memory_gb"], steps=r["steps"], loss_first=r["loss_first"],
+                loss_last=r["loss_last"], device=r["device"] or device_note)
 
 
 def tiny_model(folder: Path) -> Path:
@@ -105,6 +133,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--plain", help="path to shared/bench/plain_stack_gpu.py")
     ap.add_argument("--only", default=",".join(CASES))
+    ap.add_argument("--plain-cases", default="", help="run only these of the shared script's cases")
     ap.add_argument("--out", default="bench/results/gpu_speed.json")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--child", action="store_true")
@@ -122,7 +151,7 @@ def main():
     rows = []
     for case in a.only.split(","):
         plains, *_ = CASES[case]
-        for p in plains:
+        for p in [p for p in plains if not a.plain_cases or p in a.plain_cases.split(",")]:
             rows.append({**run([sys.executable, a.plain, "--case", p]), "case": case, "side": p})
             print(rows[-1], flush=True)
         rows.append({**run(me + ["--plain", a.plain, "--case", case]), "case": case, "side": "qlora"})

@@ -43,6 +43,8 @@ class RunLogger(TrainerCallback):
         if not logs or not state.is_world_process_zero:
             return
         rec: Dict[str, Any] = {"step": state.global_step}
+        if self.loop_start is not None:  # seconds into the training loop, for rates over any span of steps
+            rec["seconds"] = round(time.perf_counter() - self.loop_start, 3)
         for key, value in logs.items():
             name = {"num_tokens": "tokens"}.get(key, key)
             if isinstance(value, (int, float)) and not key.startswith("train_"):
