@@ -3,7 +3,7 @@
 The estimate adds up what training holds at its peak, from the model's shape alone:
 
 - base weights: linear layers in 4 bits (4.127 bits a weight with double quantization, 4.5 without),
-  embeddings and head in the compute dtype, norms in fp32;
+  embeddings, head and norms in the compute dtype;
 - LoRA: fp32 weights, their gradients, and the optimizer state (8 bytes a weight for AdamW,
   2 for the 8-bit optimizers);
 - activations: what each layer keeps for backward per token (about 6 hidden + 2 key/value +
@@ -122,10 +122,9 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         act = tokens * s.layers * per_layer * b
     if packing:  # one row per micro-batch: the attention mask is dense
         act += tokens * tokens
-    embeddings = s.vocab * s.hidden * (1 if s.tied else 2)
     parts = {
-        # embeddings and head stay in the compute dtype (adapters.attach_lora), norms are fp32
-        "base weights": (linear * bits / 8 + embeddings * b + (other - embeddings) * 4) / GiB,
+        # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
+        "base weights": (linear * bits / 8 + other * b) / GiB,
         "LoRA weights + grads + optimizer": lora * (4 + 4 + opt_bytes) / GiB,
         "activations": act / GiB,
         # TRL's chunked head: on CPU it scores every position and holds about 11 fp32 copies of the
