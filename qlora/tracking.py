@@ -49,7 +49,7 @@ class RunLogger(TrainerCallback):
             name = {"num_tokens": "tokens"}.get(key, key)
             if isinstance(value, (int, float)) and not key.startswith("train_"):
                 rec[name] = value if math.isfinite(value) else str(value)
-        if set(rec) - {"step", "epoch", "total_flos"}:  # not the end-of-training summary
+        if set(rec) - {"step", "seconds", "epoch", "total_flos"}:  # not the end-of-training summary
             self.records.append(rec)
             with self.path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
