@@ -7,6 +7,7 @@ from typing import List
 
 from qlora.config import ComputeDtype, DistStrategy, QLoraConfig, Switch
 from qlora.errors import UserError
+from qlora.models import NAMED_TEMPLATES
 from qlora.sources import check_path
 
 
@@ -89,7 +90,7 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         problem = check_path(key, path)
         if problem:
             p.append(problem)
-    if cfg.model.chat_template and "{" not in cfg.model.chat_template and cfg.model.chat_template not in ("chatml",):
+    if cfg.model.chat_template and "{" not in cfg.model.chat_template and cfg.model.chat_template not in NAMED_TEMPLATES:
         _check_file("model.chat_template", cfg.model.chat_template, p)
     return p
 
