@@ -2,6 +2,7 @@
 each side in its own process, in one run.
 
 usage: python bench/gpu_speed.py --plain PATH/TO/plain_stack_gpu.py [--only tl-bf16-ckpt,l8b-bf16-ckpt,tl-bf16-var]
+                                 [--plain-cases CASE,...] [--set train.optim=adamw_torch_fused ...]
                                  [--out bench/results/gpu_speed.json]
        python bench/gpu_speed.py --tiny      # qlora's side only, on a tiny shape: checks the pipeline on CPU
 
@@ -68,7 +69,8 @@ def word_model(model_path: str, vocab: int, folder: Path) -> str:
     return str(out)
 
 
-def ours(model_path: str, vocab: int, seq: int, batch: int, packing: bool, folder: Path, device_note: str) -> dict:
+def ours(model_path: str, vocab: int, seq: int, batch: int, packing: bool, folder: Path, device_note: str,
+         extra: list) -> dict:
     from qlora.cli import compose
     from qlora.train import fit
 
@@ -81,7 +83,8 @@ def ours(model_path: str, vocab: int, seq: int, batch: int, packing: bool, folde
         f"data.packing={str(packing).lower()}", "eval.exact_match=false", "lora.r=16", "lora.lora_alpha=32",
         f"train.per_device_train_batch_size={batch}", f"train.max_length={seq}", f"train.max_steps={WARM + MEAS}",
         "train.learning_rate=2e-4", "train.lr_scheduler_type=constant", "train.warmup_ratio=0",
-        "train.logging_steps=1", "train.save_steps=100000", "train.report_to=[none]", f"output_dir={folder / 'run'}"])
+        "train.logging_steps=1", "train.save_steps=100000", "train.report_to=[none]", f"output_dir={folder / 'run'}",
+        *extra])
     run = fit(cfg)
     r = run.report
     # as the shared script measures: tokens and seconds from the end of step WARM to the last step
@@ -91,7 +94,7 @@ def ours(model_path: str, vocab: int, seq: int, batch: int, packing: bool, folde
     tok_s = (logs[last]["tokens"] - logs[WARM]["tokens"]) / (logs[last]["seconds"] - logs[WARM]["seconds"])
     return dict(side="qlora", tok_s=round(tok_s), tok_s_whole_loop=r["tokens_per_second"],
                 peak_gib=r["peak_memory_gb"], steps=r["steps"], loss_first=r["loss_first"],
-                loss_last=r["loss_last"], device=r["device"] or device_note)
+                loss_last=r["loss_last"], device=r["device"] or device_note, overrides=extra)
 
 
 def tiny_model(folder: Path) -> Path:
@@ -118,7 +121,7 @@ def child(a) -> None:
             plain = load_plain(a.plain)
             _, shape, seq, batch, packing = CASES[a.case]
             path, vocab = plain.make_model(shape), plain.SHAPES[shape]["vocab_size"]
-        print("RESULT " + json.dumps(ours(path, vocab, seq, batch, packing, Path(tmp), "cpu")), flush=True)
+        print("RESULT " + json.dumps(ours(path, vocab, seq, batch, packing, Path(tmp), "cpu", a.set)), flush=True)
 
 
 def run(cmd) -> dict:
@@ -135,13 +138,15 @@ def main():
     ap.add_argument("--only", default=",".join(CASES))
     ap.add_argument("--plain-cases", default="", help="run only these of the shared script's cases")
     ap.add_argument("--out", default="bench/results/gpu_speed.json")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="an override for qlora's side (repeatable), to measure one lever")
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--child", action="store_true")
     ap.add_argument("--case")
     a = ap.parse_args()
     if a.child:
         return child(a)
-    me = [sys.executable, __file__, "--child"]
+    me = [sys.executable, __file__, "--child", *(f"--set={x}" for x in a.set)]
     if a.tiny:
         for case in ("fixed", "var"):
             print(case, run(me + ["--tiny", "--case", case]), flush=True)
