@@ -15,8 +15,9 @@ The estimate adds up what training holds at its peak, from the model's shape alo
 
 Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
 
-Calibrated on CPU against measured peak RSS (within 5% on SmolLM2; tests/integration/test_plan.py
-keeps it within 15%). On GPUs: against the plain stack's CUDA peaks in shared/bench/README.md
+Calibrated on CPU against the high end of measured peak RSS, which moves run to run with how glibc
+reuses freed memory (SmolLM2, batch 8 x 256: 6.2 to 8.1 GiB, estimated 7.63; tests/integration/
+test_plan.py keeps it within 15% of the higher of two runs with one malloc arena). On GPUs: against the plain stack's CUDA peaks in shared/bench/README.md
 (TinyLlama-1.1B 2048 x 8: 3.53 estimated vs 3.85 GiB; Llama-3-8B 2048 x 4: 9.23 vs 9.52 GiB) and
 qlora's own TinyLlama run on an H200 (3.53 vs 3.86 GiB); other GPUs and shapes are the model's word.
 """

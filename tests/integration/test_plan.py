@@ -1,5 +1,6 @@
 """`qlora plan`: the memory estimate, checked against measured peaks on CPU, and its advice."""
 import json
+import os
 import subprocess
 import sys
 
@@ -62,17 +63,26 @@ def _long_rows(n):
 @pytest.mark.slow
 @pytest.mark.parametrize("batch,length,ckpt", [(8, 256, False), (4, 256, True)])
 def test_estimate_is_within_15_percent_of_the_measured_peak_on_cpu(tmp_path, batch, length, ckpt):
-    """Every row is longer than train.max_length, so each micro-batch is as long as the planner plans for."""
+    """Every row is longer than train.max_length, so each micro-batch is as long as the planner plans for.
+
+    The peak RSS of one config varies from run to run by how glibc happens to reuse freed blocks:
+    6.2 to 8.1 GiB for batch 8 x 256 with its default per-thread arenas (this failed CI once).
+    With one arena (MALLOC_ARENA_MAX=1, same speed) it stays near the high end, 7.7 to 8.1 GiB, and
+    3.1 to 3.9 GiB for batch 4 with checkpointing. The planner estimates that high end, the memory a
+    user has to have, so the estimate is checked against the higher of two runs."""
     data = write_jsonl(tmp_path / "long.jsonl", _long_rows(32))
-    out = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "qlora", "train", f"data.path={data}", "data.eval_path=null",
-                    "data.loss_on=all", "eval.exact_match=false", "train.report_to=[none]", "train.max_steps=2",
-                    f"train.per_device_train_batch_size={batch}", f"train.max_length={length}",
-                    f"train.gradient_checkpointing={str(ckpt).lower()}", f"output_dir={out}"],
-                   check=True, capture_output=True)
-    measured = json.loads((out / "report.json").read_text())["peak_memory_gb"]
+    peaks = []
+    for run in range(2):
+        out = tmp_path / f"run{run}"
+        subprocess.run([sys.executable, "-m", "qlora", "train", f"data.path={data}", "data.eval_path=null",
+                        "data.loss_on=all", "eval.exact_match=false", "train.report_to=[none]", "train.max_steps=2",
+                        f"train.per_device_train_batch_size={batch}", f"train.max_length={length}",
+                        f"train.gradient_checkpointing={str(ckpt).lower()}", f"output_dir={out}"],
+                       check=True, capture_output=True, env={**os.environ, "MALLOC_ARENA_MAX": "1"})
+        peaks.append(json.loads((out / "report.json").read_text())["peak_memory_gb"])
+    measured = max(peaks)
     shape, folder = model_shape("smollm2-135m-instruct")
     e = estimate(shape, r=16, batch=batch, max_length=length, checkpointing=ckpt, optim="adamw_torch",
                  device="cpu", model_file_gb=model_file_gb(folder))
-    print(f"batch {batch} x {length}, checkpointing {ckpt}: measured {measured:.3f} GiB, estimated {e.total:.3f}")
+    print(f"batch {batch} x {length}, checkpointing {ckpt}: measured {peaks} GiB, estimated {e.total:.3f}")
     assert abs(e.total - measured) <= 0.15 * measured
