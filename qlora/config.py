@@ -257,6 +257,8 @@ class TrainConfig:
     """Trackers: tensorboard, wandb, mlflow, or [none]."""
     score_trained_only: bool = True
     """CPU: compute the head's logits only where the next token is trained (same loss; GPUs always do)."""
+    small_head_tiles: bool = True
+    """CPU: the LM head's loss in 1024 x 8192 tiles instead of 4096 x 32768 (same loss, less memory)."""
     nan_policy: NanPolicy = NanPolicy.stop
     """A non-finite loss or gradient: stop (keeping the last good checkpoint) or skip that step."""
 

@@ -9,15 +9,17 @@ The estimate adds up what training holds at its peak, from the model's shape alo
 - activations: what each layer keeps for backward per token (about 6 hidden + 2 key/value +
   4 intermediate values, in the compute dtype), for every layer, or with gradient checkpointing
   each layer's input plus one layer recomputed;
-- logits: the fp32 arrays of TRL's chunked head at its peak (tokens x vocab on CPU; on GPUs its
-  fused kernel holds only the hidden states it scores);
-- on CPU, the process itself: Python and the libraries, and the pages of the model file.
+- logits: on GPUs TRL's fused head holds only fp32 copies of the hidden states it scores; on CPU
+  a measured per-token term (about 6.9 fp32 rows of the vocabulary per token with the head in
+  small tiles, 11 with TRL's own tiles): the head's temporaries and what the allocator keeps;
+- on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS.
 
 Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
 
 Calibrated on CPU against the high end of measured peak RSS, which moves run to run with how glibc
-reuses freed memory (SmolLM2, batch 8 x 256: 6.2 to 8.1 GiB, estimated 7.63; tests/integration/
-test_plan.py keeps it within 15% of the higher of two runs with one malloc arena). On GPUs: against the plain stack's CUDA peaks in shared/bench/README.md
+reuses freed memory (SmolLM2 with one malloc arena, 512 to 2048 tokens: 2.5 to 6.4 GiB, each
+estimate within 11% of the highest run; tests/integration/test_plan.py keeps two cases within 15%
+of the highest of three runs). On GPUs: against the plain stack's CUDA peaks in shared/bench/README.md
 (TinyLlama-1.1B 2048 x 8: 3.53 estimated vs 3.85 GiB; Llama-3-8B 2048 x 4: 9.23 vs 9.52 GiB) and
 qlora's own TinyLlama run on an H200 (3.53 vs 3.86 GiB); other GPUs and shapes are the model's word.
 """
@@ -104,7 +106,7 @@ class Estimate:
 
 def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing: bool, optim: str,
              device: str, double_quant: bool = True, load_in_4bit: bool = True, packing: bool = False,
-             model_file_gb: float = 0.0) -> Estimate:
+             model_file_gb: float = 0.0, small_head_tiles: bool = True) -> Estimate:
     """Peak memory (GiB) of one training step, by component."""
     s = shape
     b = 4 if device == "cpu" else 2  # compute dtype bytes: fp32 on CPU, bf16/fp16 on GPUs
@@ -128,13 +130,17 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         "base weights": (linear * bits / 8 + other * b) / GiB,
         "LoRA weights + grads + optimizer": lora * (4 + 4 + opt_bytes) / GiB,
         "activations": act / GiB,
-        # TRL's chunked head: on CPU it scores every position and holds about 11 fp32 copies of the
-        # (tokens x vocab) logits at its peak (measured); on GPUs its fused Triton kernel never holds
-        # the logits, only fp32 copies of the hidden states it scores (and their gradient)
-        "logits": (11 * tokens * s.vocab * 4 if device == "cpu" else 2 * tokens * s.hidden * 4) / GiB,
+        # TRL's chunked head: on GPUs its fused Triton kernel never holds the logits, only fp32 copies
+        # of the hidden states it scores (and their gradient). On CPU, measured peak RSS grows by about
+        # 6.9 (tokens x vocab) fp32 arrays beyond the other parts with train.small_head_tiles, 11
+        # without: the head's temporaries in its torch fallback, and memory glibc keeps from them
+        "logits": ((6.9 if small_head_tiles else 11) * tokens * s.vocab * 4 if device == "cpu"
+                   else 2 * tokens * s.hidden * 4) / GiB,
     }
-    if device == "cpu":  # RSS also counts the libraries and the pages of the model file as it is read
-        parts["process + model file read"] = CPU_PROCESS_GB + model_file_gb
+    if device == "cpu":  # RSS also counts the libraries
+        # and what loading leaves behind: the file's pages and the memory glibc keeps from the
+        # full-precision weights it quantized (measured: 1.6x the file on SmolLM2)
+        parts["process + model load"] = CPU_PROCESS_GB + 1.6 * model_file_gb
     return Estimate(parts, tokens)
 
 
@@ -182,7 +188,8 @@ def plan_cli(cfg) -> int:
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
                         optim=optim, device=device, double_quant=cfg.quant.bnb_4bit_use_double_quant,
                         load_in_4bit=cfg.quant.load_in_4bit, packing=cfg.data.packing,
-                        model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0)
+                        model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
+                        small_head_tiles=t.small_head_tiles)
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")

@@ -14,8 +14,10 @@ def losses(run):
     return [r["loss"] for r in lines if "loss" in r]
 
 
-@pytest.mark.parametrize("lever", ["train.score_trained_only"])
-def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever):
+@pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles"])
+def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever, monkeypatch):
+    # the tiny model's ~400-word vocabulary and 4 x 128 batches fit in one real tile: split them here
+    monkeypatch.setattr("qlora.speed.CPU_HEAD_TILE", (96, 64))
     runs = {}
     for on in (True, False):
         cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / f"{on}", **{lever: str(on).lower()}))
