@@ -19,9 +19,10 @@ Tokens are counted as micro-batch x train.max_length: the planner plans for the 
 Calibrated on CPU against the high end of measured peak RSS, which moves run to run with how glibc
 reuses freed memory (SmolLM2 with one malloc arena, 512 to 2048 tokens: 2.5 to 6.4 GiB, each
 estimate within 11% of the highest run; tests/integration/test_plan.py keeps two cases within 15%
-of the highest of three runs). On GPUs: against the plain stack's CUDA peaks in shared/bench/README.md
-(TinyLlama-1.1B 2048 x 8: 3.53 estimated vs 3.85 GiB; Llama-3-8B 2048 x 4: 9.23 vs 9.52 GiB) and
-qlora's own TinyLlama run on an H200 (3.53 vs 3.86 GiB); other GPUs and shapes are the model's word.
+of the highest of three runs). On GPUs: against the plain stack's CUDA peaks in
+shared/bench/README.md (TinyLlama-1.1B 2048 x 8: 3.53 estimated vs 3.85 GiB; Llama-3-8B 2048 x 4:
+9.23 vs 9.52 GiB) and qlora's own TinyLlama run on an H200 (3.53 vs 3.86 GiB); other GPUs and
+shapes are the model's word.
 """
 from __future__ import annotations
 
