@@ -11,8 +11,8 @@ qlora's side trains the same random-init model (the shared script's make_model) 
 token ids, written as `text` rows, with the same LoRA (r=16, alpha 32, all-linear), batch, length,
 compute dtype and constant learning rate, and qlora's defaults otherwise. Its tokens/s is
 measured as the shared script's: non-padding tokens from the end of step 4 to the last step
-(metrics.jsonl); peak memory is over the whole run (the shared script resets it at step 4). Varied lengths: the plain side's padded and TRL-packed cases against
-qlora's `data.packing=true`.
+(metrics.jsonl); peak memory is over the whole run (the shared script resets it at step 4).
+Varied lengths: the plain side's padded and TRL-packed cases against qlora's `data.packing=true`.
 """
 import argparse
 import importlib.util

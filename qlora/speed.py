@@ -14,49 +14,51 @@ unchanged (tests/integration/test_speed.py).
 """
 from __future__ import annotations
 
+import importlib
 from contextlib import contextmanager
+
+CPU_HEAD_TILE = (1024, 8192)  # tokens x vocabulary columns per tile of TRL's chunked LM head on CPU
+
+
+def _trl_module(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
+
+
+@contextmanager
+def _swapped(module, **values):
+    """Within the block, the module's attributes hold these values; a module without them (another
+    TRL layout, or none) is left as it is."""
+    if module is None or not all(hasattr(module, k) for k in values):
+        yield
+        return
+    original = {k: getattr(module, k) for k in values}
+    for k, v in values.items():
+        setattr(module, k, v)
+    try:
+        yield
+    finally:
+        for k, v in original.items():
+            setattr(module, k, v)
 
 
 @contextmanager
 def trained_positions_only_on_cpu(enabled: bool = True):
     """Within the block, TRL's fused LM head scores only trained positions on CPU too."""
-    if not enabled:
-        yield
-        return
-    try:
-        import trl.trainer.utils as tu
-    except ImportError:
-        yield
-        return
+    tu = _trl_module("trl.trainer.utils") if enabled else None
     original = getattr(tu, "_use_triton", None)
-    if original is None:  # another TRL layout: leave it as it is
+    with _swapped(tu, _use_triton=lambda device: device.type == "cpu" or original(device)):
         yield
-        return
-    tu._use_triton = lambda device: device.type == "cpu" or original(device)
-    try:
-        yield
-    finally:
-        tu._use_triton = original
-
-
-CPU_HEAD_TILE = (1024, 8192)  # tokens x vocabulary columns per tile of TRL's chunked LM head on CPU
 
 
 @contextmanager
 def small_head_tiles(enabled: bool = True):
     """Within the block, TRL's chunked LM head works through CPU_HEAD_TILE tiles (use on CPU runs only:
     the sizes are module settings, and a GPU's kernels are tuned to TRL's own)."""
-    try:
-        import trl.kernels.chunked_logprob as ck
-        import trl.trainer.utils as tu
-    except ImportError:
-        enabled = False
-    if not enabled or not hasattr(ck, "TOKEN_CHUNK_SIZE") or not hasattr(tu, "_CHUNKED_LOGPROB_CHUNK_SIZE"):
-        yield  # another TRL layout: leave it as it is
-        return
-    original = ck.TOKEN_CHUNK_SIZE, tu._CHUNKED_LOGPROB_CHUNK_SIZE
-    ck.TOKEN_CHUNK_SIZE, tu._CHUNKED_LOGPROB_CHUNK_SIZE = CPU_HEAD_TILE
-    try:
+    tokens, vocab = CPU_HEAD_TILE
+    ck = _trl_module("trl.kernels.chunked_logprob") if enabled else None
+    tu = _trl_module("trl.trainer.utils") if enabled else None
+    with _swapped(ck, TOKEN_CHUNK_SIZE=tokens), _swapped(tu, _CHUNKED_LOGPROB_CHUNK_SIZE=vocab):
         yield
-    finally:
-        ck.TOKEN_CHUNK_SIZE, tu._CHUNKED_LOGPROB_CHUNK_SIZE = original
