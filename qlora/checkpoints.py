@@ -81,6 +81,16 @@ def check_resumable(run_dir: Path, cfg: QLoraConfig) -> None:
                         "or start a new run in another output_dir")
 
 
+def load_checkpoint(trainer, checkpoint: Path) -> None:
+    """The checkpoint's adapter and trainer state, put into a trainer without training."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    set_peft_model_state_dict(trainer.model, load_file(str(checkpoint / "adapter_model.safetensors")))
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+
+
 def drop_metrics_after(run_dir: Path, step: int) -> None:
     """Forget log lines of steps after the checkpoint: they are trained again."""
     path = run_dir / "metrics.jsonl"

@@ -8,7 +8,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from transformers import TrainerCallback
 
@@ -26,11 +26,15 @@ class RunLogger(TrainerCallback):
     def __init__(self, run_dir: Path, started: float):
         self.path = run_dir / "metrics.jsonl"
         self.started = started  # when the verb started: time to first step counts from there
-        self.records: List[Dict[str, Any]] = []
+        # a resumed run goes on from the steps logged before it (those up to its checkpoint)
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        self.records: List[Dict[str, Any]] = [json.loads(line) for line in lines if line.strip()]
         self.loop_start = self.loop_end = self.first_step_end = None
+        self.tokens_at_start = self.tokens_at_end = 0
 
     def on_train_begin(self, args, state, control, **kw):
         self.loop_start = time.perf_counter()
+        self.tokens_at_start = self.tokens_at_end = state.num_input_tokens_seen  # restored on resume
 
     def on_step_end(self, args, state, control, **kw):
         if self.first_step_end is None:
@@ -38,6 +42,7 @@ class RunLogger(TrainerCallback):
 
     def on_train_end(self, args, state, control, **kw):
         self.loop_end = time.perf_counter()
+        self.tokens_at_end = state.num_input_tokens_seen
 
     def on_log(self, args, state, control, logs=None, **kw):
         if not logs or not state.is_world_process_zero:
@@ -46,21 +51,28 @@ class RunLogger(TrainerCallback):
         if self.loop_start is not None:  # seconds into the training loop, for rates over any span of steps
             rec["seconds"] = round(time.perf_counter() - self.loop_start, 3)
         for key, value in logs.items():
-            name = {"num_tokens": "tokens"}.get(key, key)
-            if isinstance(value, (int, float)) and not key.startswith("train_"):
+            # tokens: transformers' count, kept in checkpoints (TRL's num_tokens restarts from 0 on resume)
+            name = {"num_input_tokens_seen": "tokens"}.get(key, key)
+            if isinstance(value, (int, float)) and not key.startswith("train_") and key != "num_tokens":
                 rec[name] = value if math.isfinite(value) else str(value)
-        if set(rec) - {"step", "seconds", "epoch", "total_flos"}:  # not the end-of-training summary
+        if set(rec) - {"step", "seconds", "epoch", "total_flos", "tokens"}:  # not the end-of-training summary
             self.records.append(rec)
             with self.path.open("a") as f:
                 f.write(json.dumps(rec) + "\n")
 
     @property
     def train_seconds(self) -> float:
+        """Seconds of this process's training loop (0 if it trained nothing)."""
         return (self.loop_end or time.perf_counter()) - (self.loop_start or time.perf_counter())
 
     @property
-    def time_to_first_step(self) -> float:
-        return (self.first_step_end or time.perf_counter()) - self.started
+    def session_tokens(self) -> int:
+        """Tokens trained through by this process (a resumed run's earlier ones are not counted)."""
+        return self.tokens_at_end - self.tokens_at_start
+
+    @property
+    def time_to_first_step(self) -> Optional[float]:
+        return None if self.first_step_end is None else self.first_step_end - self.started
 
 
 def peak_memory_gb(device: str) -> float:

@@ -13,7 +13,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from qlora.checkpoints import check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, step_of
+from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, load_checkpoint,
+                               step_of)
 from qlora.config import DistStrategy, QLoraConfig, Resume, Switch
 from qlora.validation import refuse, validate_train
 from qlora.distributed import is_main, world_size
@@ -129,17 +130,24 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         keep_trainable_fp32(trainer.model)  # undo TRL's bf16 cast of LoRA weights on quantized models
 
     em_before = None
-    if cfg.eval.exact_match and eval_ex and not resume_from and is_main():
+    if cfg.eval.exact_match and eval_ex and is_main():  # the base alone: the same whether resumed or not
         with trainer.model.disable_adapter():
             em_before = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval, desc="exact match before")
         say(f"held-out exact match before training: {em_before:.1%}")
 
-    say(f"training; run directory {run_dir}" + (f"; resuming from {resume_from}" if resume_from else ""))
+    # a run killed after its final checkpoint only has its wrap-up to do: transformers' Trainer, resumed
+    # there, would train one step past max_steps (it checks for the end only after a step)
+    finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
+    say(f"training; run directory {run_dir}" + (f"; resuming from {resume_from}" if resume_from else "")
+        + ("; all train.max_steps are done: evaluating and saving" if finished else ""))
     stopper.install()
     try:
-        with trained_positions_only_on_cpu(t.score_trained_only), \
-                small_head_tiles(t.small_head_tiles and device == "cpu"):
-            trainer.train(resume_from_checkpoint=resume_from)
+        if finished:
+            load_checkpoint(trainer, Path(resume_from))
+        else:
+            with trained_positions_only_on_cpu(t.score_trained_only), \
+                    small_head_tiles(t.small_head_tiles and device == "cpu"):
+                trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
         raise WorkError("out of memory: lower train.per_device_train_batch_size or train.max_length, or set "
                         "train.gradient_checkpointing=true") from None
@@ -166,13 +174,15 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     em_after = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval) if (cfg.eval.exact_match and eval_ex) else None
 
     losses = [r["loss"] for r in logger.records if isinstance(r.get("loss"), float)]
-    tokens = max([r.get("tokens", 0) for r in logger.records] or [0])
+    tokens = max([r.get("tokens", 0) for r in logger.records] or [0])  # over the whole run, resumed or not
     if eval_loss is not None:
         logger.records.append({"step": trainer.state.global_step, "eval_loss": eval_loss})
     report = dict(
+        # seconds and speed of this process's training (after a resume, of the steps it trained)
         steps=trainer.state.global_step, train_tokens=int(tokens), train_seconds=round(train_seconds, 3),
-        tokens_per_second=round(tokens / train_seconds, 2) if train_seconds > 0 else None,
-        load_seconds=round(load_seconds, 2), time_to_first_step_seconds=round(logger.time_to_first_step, 2),
+        tokens_per_second=round(logger.session_tokens / train_seconds, 2) if train_seconds > 0 else None,
+        load_seconds=round(load_seconds, 2), time_to_first_step_seconds=(
+            None if logger.time_to_first_step is None else round(logger.time_to_first_step, 2)),
         peak_memory_gb=round(peak_memory_gb(device), 3),
         device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
@@ -187,7 +197,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     write_atomic(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     plot_losses(logger.records, run_dir / "loss.png")
     say(f"done in {time.perf_counter() - started:.0f} s: {report['steps']} steps, "
-        f"{report['tokens_per_second']} tokens/s, loss {report['loss_first']} -> {report['loss_last']}"
+        + (f"{report['tokens_per_second']} tokens/s, " if report["tokens_per_second"] else "")
+        + f"loss {report['loss_first']} -> {report['loss_last']}"
         + (f", held-out exact match {em_before:.1%} -> {em_after:.1%}" if em_after is not None else ""))
     print(run_dir)
     return Run(run_dir, trainer, tokenizer, report)
@@ -268,6 +279,8 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
         packing=False, dataset_num_proc=None, ddp_find_unused_parameters=False,
+        # kept in checkpoints, so a resumed run counts on; packed rows have no padding (nor attention mask)
+        include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding",
         **fsdp_args(cfg) if fsdp else {})
 
 
