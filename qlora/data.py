@@ -273,18 +273,27 @@ def pack_rows(rows: List[Dict[str, list]], max_length: int) -> List[Dict[str, li
     return bins
 
 
-def collate_packed(rows: List[Dict[str, list]]) -> dict:
-    """A micro-batch as one row without padding: the rows side by side, positions restarting at
-    every example (from pack_rows, or 0..n-1 per row), so attention stays within each example."""
+def collate_packed(rows: List[Dict[str, list]], pad_id: int, one_row: bool = False) -> dict:
+    """A micro-batch of packed rows (from pack_rows, or single examples) in which positions restart
+    at every example, so that transformers (given no attention mask) keeps attention within each.
+
+    For sdpa and eager attention, rows stay rows, padded to the longest with pad_id (positions restart
+    at the padding too): the block-diagonal mask costs rows x length^2, not (rows x length)^2 as one
+    long row would. one_row=True lays the rows end to end instead: flash-attention reads restarts
+    only in a batch of one row, and its variable-length kernel needs no mask. Padding is never a
+    label, and a pad_id distinct from EOS (models.load_tokenizer) keeps the token count exact."""
     import torch
 
+    width = 0 if one_row else max(len(r["input_ids"]) for r in rows)
     ids, labels, positions = [], [], []
     for r in rows:
-        ids += r["input_ids"]
-        labels += [IGNORE] + r["labels"][1:]
-        positions += r.get("position_ids") or list(range(len(r["input_ids"])))
-    return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-            "position_ids": torch.tensor([positions])}
+        n, pad = len(r["input_ids"]), max(0, width - len(r["input_ids"]))
+        ids.append(r["input_ids"] + [pad_id] * pad)
+        labels.append([IGNORE] + r["labels"][1:] + [IGNORE] * pad)
+        positions.append((r.get("position_ids") or list(range(n))) + list(range(pad)))
+    if one_row:
+        ids, labels, positions = ([sum(x, [])] for x in (ids, labels, positions))
+    return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "position_ids": torch.tensor(positions)}
 
 
 def split_examples(cfg: DataConfig, seed: int) -> Tuple[List[Example], List[Example], DataStats]:

@@ -124,8 +124,8 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         act = tokens * (s.layers * s.hidden + per_layer) * b
     else:
         act = tokens * s.layers * per_layer * b
-    if packing:  # one row per micro-batch: the attention mask is dense
-        act += tokens * tokens
+    if packing:  # each row's attention mask is dense (block-diagonal, one byte per query x key)
+        act += batch * max_length * max_length
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
         "base weights": (linear * bits / 8 + other * b) / GiB,

@@ -9,6 +9,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -123,7 +124,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     args = trainer_args(cfg, run_dir, device, dtype, checkpointing, optim, has_eval=bool(eval_rows))
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer, callbacks=[logger, stopper, guard],
-        data_collator=collate_packed if cfg.data.packing else None,
+        data_collator=partial(collate_packed, pad_id=tokenizer.pad_token_id,
+                              one_row="flash" in cfg.model.attn_implementation.value) if cfg.data.packing else None,
         train_dataset=Dataset.from_list(train_rows),
         eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
     if not fsdp:  # FSDP flattens one dtype per shard: there LoRA stays in the compute dtype
@@ -279,8 +281,8 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
         packing=False, dataset_num_proc=None, ddp_find_unused_parameters=False,
-        # kept in checkpoints, so a resumed run counts on; packed rows have no padding (nor attention mask)
-        include_num_input_tokens_seen="all" if cfg.data.packing else "non_padding",
+        # kept in checkpoints, so a resumed run counts on
+        include_num_input_tokens_seen="non_padding",
         **fsdp_args(cfg) if fsdp else {})
 
 

@@ -8,33 +8,47 @@ from tests.conftest import make_tokenizer, people_rows, tiny_overrides, write_js
 
 
 def per_token_loss(logits, labels):
-    return torch.nn.functional.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE,
-                                             reduction="none")
+    return torch.nn.functional.cross_entropy(logits[:-1].float(), labels[1:], ignore_index=IGNORE, reduction="none")
 
 
+def segments(positions):
+    """(start, length) of each example in a packed row, from where its positions restart."""
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    return list(zip(starts, [b - a for a, b in zip(starts, starts[1:])]))
+
+
+@pytest.mark.parametrize("one_row", [False, True], ids=["rows", "one-row"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_each_example_in_a_packed_row_has_the_loss_it_has_alone(tiny_model, attn):
+def test_each_example_in_a_packed_batch_has_the_loss_it_has_alone(tiny_model, attn, one_row):
+    """Rows of unequal width, padded (sdpa, eager), or laid end to end as flash-attention wants (that
+    layout is checked here under sdpa and eager, which read it the same way)."""
     from transformers import AutoModelForCausalLM
 
     tok = make_tokenizer()
     model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn, dtype=torch.float32).eval()
-    rows = [tokenize_example(tok, r["messages"], LossOn.all, 128) for r in people_rows(4)]
+    rows = [tokenize_example(tok, r["messages"], LossOn.all, 128) for r in people_rows(7)]
     for r in rows:
         r.pop("length")
-    (packed,) = pack_rows(rows, sum(len(r["input_ids"]) for r in rows))
-    batch = collate_packed([packed])
+    bins = pack_rows(rows, 2 * max(len(r["input_ids"]) for r in rows))
+    widths = [len(b["input_ids"]) for b in bins]
+    assert len(bins) >= 2 and len(set(widths)) > 1, "the micro-batch needs rows of unequal width (padding)"
+    batch = collate_packed(bins, pad_id=tok.pad_token_id, one_row=one_row)
+    assert batch["input_ids"].shape == ((1, sum(widths)) if one_row else (len(bins), max(widths)))
     with torch.no_grad():
-        together = per_token_loss(model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                                        use_cache=False).logits,
-                                  batch["labels"])
-        start = 0
-        for r in sorted(rows, key=lambda r: -len(r["input_ids"])):  # pack_rows puts the longest first
-            n = len(r["input_ids"])
-            alone = per_token_loss(model(input_ids=torch.tensor([r["input_ids"]])).logits,
-                                   torch.tensor([r["labels"]]))
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    checked = 0
+    for i, b in enumerate(bins):
+        row, at = (0, sum(widths[:i])) if one_row else (i, 0)
+        together = per_token_loss(logits[row, at:at + widths[i]], batch["labels"][row, at:at + widths[i]])
+        for start, n in segments(b["position_ids"]):
+            ids, labels = b["input_ids"][start:start + n], b["labels"][start:start + n]
+            with torch.no_grad():
+                alone = per_token_loss(model(input_ids=torch.tensor([ids])).logits[0], torch.tensor(labels))
             inside = together[start:start + n - 1]  # the n-1 predictions within the example
             assert torch.allclose(inside, alone, atol=1e-5), (attn, (inside - alone).abs().max())
-            start += n
+            checked += 1
+    assert checked == len(rows)
+    assert (batch["labels"][batch["input_ids"] == tok.pad_token_id] == IGNORE).all(), "padding is never a label"
 
 
 def test_packed_rows_fit_and_never_predict_across_examples():
