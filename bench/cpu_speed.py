@@ -8,10 +8,11 @@ gradient checkpointing). qlora runs the same model, rows, LoRA shape, batch and 
 (TRL's learning rate and schedule), training every token (data.loss_on=all) as the plain stack
 does, so the two loss curves compare; everything else is qlora's defaults.
 
-usage: python bench/cpu_speed.py [--models smollm2,tiny] [--steps 6] [--reps 2] [--out bench/results/cpu_speed.json]
+usage: python bench/cpu_speed.py [--models smollm2,tiny] [--steps 8] [--reps 2] [--out bench/results/cpu_speed.json]
 
 Each case runs in its own process, `--reps` times, alternating. tokens/s = non-padding tokens
-trained through / seconds of the training loop; peak = the process's peak RSS.
+trained through / seconds of the training loop; "warm" tokens/s leaves the first step out (it holds
+train.compile's compilation, and the first-call costs of every case); peak = the process's peak RSS.
 """
 import argparse
 import json
@@ -23,9 +24,10 @@ import time
 from pathlib import Path
 
 LORA = dict(r=8, lora_alpha=16)
-# plain: the baseline; qlora: the same loss as the baseline (every token); qlora-assistant: qlora's
-# default loss (assistant tokens only, as chat fine-tuning should), whose loss curve differs by design
-CASES = ("plain", "qlora", "qlora-assistant")
+# plain: the baseline; qlora: the same loss as the baseline (every token); qlora-compiled: the same
+# with train.compile=true (which auto leaves off for runs this short); qlora-assistant: qlora's default
+# loss (assistant tokens only, as chat fine-tuning should), whose loss curve differs by design
+CASES = ("plain", "qlora", "qlora-compiled", "qlora-assistant")
 
 
 def tiny_model(folder: Path) -> Path:
@@ -71,6 +73,7 @@ def plain_stack(model_path: str, data: str, steps: int, out: str) -> dict:
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
                 clock["tokens"] = logs.get("num_tokens", clock.get("tokens"))
+                clock.setdefault("series", []).append((time.perf_counter() - clock["begin"], clock["tokens"]))
 
     args = SFTConfig(output_dir=out, use_cpu=True, bf16=False, fp16=False, max_length=256,
                      per_device_train_batch_size=4, max_steps=steps, logging_steps=1, report_to="none",
@@ -80,10 +83,10 @@ def plain_stack(model_path: str, data: str, steps: int, out: str) -> dict:
                          callbacks=[Clock()])
     trainer.train()
     seconds = clock["end"] - clock["begin"]
-    return dict(tokens=int(clock["tokens"]), seconds=seconds, losses=losses)
+    return dict(tokens=int(clock["tokens"]), seconds=seconds, losses=losses, series=clock["series"])
 
 
-def qlora(model_path: str, data: str, steps: int, out: str, loss_on: str = "all") -> dict:
+def qlora(model_path: str, data: str, steps: int, out: str, loss_on: str = "all", compile: bool = False) -> dict:
     from qlora.cli import compose
     from qlora.train import fit
 
@@ -94,11 +97,12 @@ def qlora(model_path: str, data: str, steps: int, out: str, loss_on: str = "all"
                             # TRL's defaults, so that the loss curves compare
                             "train.learning_rate=2e-5", "train.lr_scheduler_type=linear", "train.warmup_ratio=0",
                             "train.max_grad_norm=1.0",
-                            "eval.exact_match=false", f"output_dir={out}"])
+                            f"train.compile={str(compile).lower()}", "eval.exact_match=false", f"output_dir={out}"])
     run = fit(cfg)
     lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     return dict(tokens=run.report["train_tokens"], seconds=run.report["train_seconds"],
-                losses=[r["loss"] for r in lines if "loss" in r])
+                losses=[r["loss"] for r in lines if "loss" in r],
+                series=[(r["seconds"], r["tokens"]) for r in lines if "loss" in r])
 
 
 def one_case(case: str, model_path: str, data: str, steps: int) -> None:
@@ -106,6 +110,8 @@ def one_case(case: str, model_path: str, data: str, steps: int) -> None:
     with tempfile.TemporaryDirectory() as out:
         if case == "qlora-assistant":
             r = qlora(model_path, data, steps, out, loss_on="assistant")
+        elif case == "qlora-compiled":
+            r = qlora(model_path, data, steps, out, compile=True)
         else:
             r = {"plain": plain_stack, "qlora": qlora}[case](model_path, data, steps, out)
     r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -125,7 +131,7 @@ def run_case(case, model_path, data, steps) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,tiny")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="bench/results/cpu_speed.json")
     ap.add_argument("--child")
@@ -145,11 +151,15 @@ def main():
             for rep in range(a.reps):
                 for case in CASES:
                     r = run_case(case, path, data, a.steps)
-                    r.update(model=name, case=case, rep=rep, tokens_per_second=r["tokens"] / r["seconds"])
+                    (t0, n0), (t1, n1) = r["series"][0], r["series"][-1]
+                    r.update(model=name, case=case, rep=rep, tokens_per_second=r["tokens"] / r["seconds"],
+                             warm_tokens_per_second=(n1 - n0) / (t1 - t0))
                     results.append(r)
-                    print(f"{name:8} {case:16} rep {rep}: {r['tokens_per_second']:7.1f} tokens/s, "
-                          f"{r['seconds'] / a.steps:6.2f} s/step, peak {r['peak_rss_gb']:.2f} GB", flush=True)
-    print(f"\n{'model':8} {'case':16} {'tokens/s':>9} {'s/step':>7} {'peak GB':>8} {'ratio':>6}   losses (first, last)")
+                    print(f"{name:8} {case:16} rep {rep}: {r['tokens_per_second']:7.1f} tokens/s "
+                          f"({r['warm_tokens_per_second']:.1f} warm), {r['seconds'] / a.steps:6.2f} s/step, "
+                          f"peak {r['peak_rss_gb']:.2f} GB", flush=True)
+    print(f"\n{'model':8} {'case':16} {'tokens/s':>9} {'s/step':>7} {'peak GB':>8} {'ratio':>6} {'warm':>8} "
+          f"{'ratio':>6}   losses (first, last)")
     summary = []
     for name in a.models.split(","):
         best = {}
@@ -159,11 +169,15 @@ def main():
         for case in CASES:
             r = best[case]
             ratio = r["tokens_per_second"] / best["plain"]["tokens_per_second"]
+            warm = max(x["warm_tokens_per_second"] for x in results if x["model"] == name and x["case"] == case)
+            warm_plain = max(x["warm_tokens_per_second"] for x in results if x["model"] == name and x["case"] == "plain")
             summary.append(dict(model=name, case=case, tokens_per_second=round(r["tokens_per_second"], 2),
                                 seconds_per_step=round(r["seconds"] / a.steps, 3), peak_rss_gb=round(r["peak_rss_gb"], 3),
-                                ratio=round(ratio, 2), losses=[round(x, 4) for x in r["losses"]]))
+                                ratio=round(ratio, 2), warm_tokens_per_second=round(warm, 2),
+                                warm_ratio=round(warm / warm_plain, 2), losses=[round(x, 4) for x in r["losses"]]))
             print(f"{name:8} {case:16} {r['tokens_per_second']:9.1f} {r['seconds'] / a.steps:7.2f} "
-                  f"{r['peak_rss_gb']:8.2f} {ratio:6.2f}   {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
+                  f"{r['peak_rss_gb']:8.2f} {ratio:6.2f} {warm:8.1f} {warm / warm_plain:6.2f}   "
+                  f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(steps=a.steps, reps=a.reps, summary=summary, runs=results), indent=2) + "\n")
 

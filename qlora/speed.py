@@ -18,6 +18,7 @@ import importlib
 from contextlib import contextmanager
 
 CPU_HEAD_TILE = (1024, 8192)  # tokens x vocabulary columns per tile of TRL's chunked LM head on CPU
+COMPILE_MIN_STEPS = 200  # train.compile=auto: shorter CPU runs would spend more compiling than they save
 
 
 def _trl_module(name: str):
@@ -62,3 +63,34 @@ def small_head_tiles(enabled: bool = True):
     tu = _trl_module("trl.trainer.utils") if enabled else None
     with _swapped(ck, TOKEN_CHUNK_SIZE=tokens), _swapped(tu, _CHUNKED_LOGPROB_CHUNK_SIZE=vocab):
         yield
+
+
+def decoder_layers(model) -> list:
+    """The model's repeated blocks, by the class names transformers keeps whole when it splits a model."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    return [m for m in base.modules() if type(m).__name__ in names]
+
+
+def has_cxx_compiler() -> bool:
+    """torch.compile on CPU builds C++ kernels (inductor); it finds the compiler as below."""
+    import os
+    import shutil
+
+    return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c)
+
+
+@contextmanager
+def compiled_layers(model, enabled: bool = True):
+    """Within the block, each decoder layer's forward is compiled (dynamic shapes); eager after it,
+    so that evaluation and generation do not compile graphs of their own."""
+    import torch
+
+    layers = decoder_layers(model) if enabled else []
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            del layer.forward  # the instance attribute: the class's forward again

@@ -5,6 +5,7 @@ The run directory (see the README) is enough to resume, merge, chat and audit th
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -58,7 +59,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
-    from qlora.speed import small_head_tiles, trained_positions_only_on_cpu
+    from qlora.speed import (COMPILE_MIN_STEPS, compiled_layers, has_cxx_compiler, small_head_tiles,
+                             trained_positions_only_on_cpu)
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
     datasets.disable_progress_bars()  # our own lines say what the data holds
@@ -68,6 +70,9 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     checkpointing = t.gradient_checkpointing is Switch.true or (
         t.gradient_checkpointing is Switch.auto and device == "cuda")  # on CPU it costs ~35% for little memory
     optim = pick_optimizer(t.optim, device)
+    if t.compile is Switch.true and device == "cpu" and not has_cxx_compiler():
+        raise UserError("train.compile=true: torch.compile builds C++ kernels on CPU and no compiler was found "
+                        "(g++, clang++ or $CXX); install one, or set train.compile=false")
     fsdp = cfg.dist.strategy is DistStrategy.fsdp_qlora
     if fsdp:
         if device != "cuda":
@@ -94,6 +99,14 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         fill = sum(len(r["input_ids"]) for r in train_rows) / (len(train_rows) * t.max_length)
         say(f"packing: {n} examples in {len(train_rows)} rows of up to {t.max_length} tokens ({fill:.0%} full); "
             "each example attends only to itself")
+    steps = t.max_steps if t.max_steps > 0 else math.ceil(
+        len(train_rows) / (t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size())
+        * t.num_train_epochs)
+    # a run killed after its final checkpoint only has its wrap-up to do: transformers' Trainer, resumed
+    # there, would train one step past max_steps (it checks for the end only after a step)
+    finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
+    compiling = not finished and (t.compile is Switch.true or (
+        t.compile is Switch.auto and device == "cpu" and steps >= COMPILE_MIN_STEPS and has_cxx_compiler()))
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")
@@ -137,17 +150,17 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
             em_before = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval, desc="exact match before")
         say(f"held-out exact match before training: {em_before:.1%}")
 
-    # a run killed after its final checkpoint only has its wrap-up to do: transformers' Trainer, resumed
-    # there, would train one step past max_steps (it checks for the end only after a step)
-    finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
     say(f"training; run directory {run_dir}" + (f"; resuming from {resume_from}" if resume_from else "")
-        + ("; all train.max_steps are done: evaluating and saving" if finished else ""))
+        + ("; all train.max_steps are done: evaluating and saving" if finished else "")
+        + ("; compiling the decoder layers first (train.compile: a minute or so)" if compiling else ""))
     stopper.install()
+    compiled = 0
     try:
         if finished:
             load_checkpoint(trainer, Path(resume_from))
         else:
             with trained_positions_only_on_cpu(t.score_trained_only), \
+                    compiled_layers(trainer.model, compiling) as compiled, \
                     small_head_tiles(t.small_head_tiles and device == "cpu"):
                 trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
@@ -188,6 +201,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         peak_memory_gb=round(peak_memory_gb(device), 3),
         device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
+        compiled_layers=compiled,
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
         best_checkpoint=trainer.state.best_model_checkpoint, best_eval_loss=trainer.state.best_metric,

@@ -69,7 +69,8 @@ def test_a_packed_run_trains_the_same_adapter_as_an_unpacked_one(tiny_model, tmp
     from qlora.cli import compose
     from qlora.train import fit
 
-    data = (write_jsonl(tmp_path / "t.jsonl", people_rows(8, seed=3)), write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
+    data = (write_jsonl(tmp_path / "t.jsonl", people_rows(8, seed=3)),
+            write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
     adapters, tokens = {}, {}
     for packing in (False, True):
         out = tmp_path / f"packing-{packing}"

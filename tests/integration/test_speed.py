@@ -5,6 +5,7 @@ import pytest
 from safetensors.torch import load_file
 
 from qlora.cli import compose
+from qlora.speed import decoder_layers
 from qlora.train import fit
 from tests.conftest import tiny_overrides
 
@@ -14,7 +15,8 @@ def losses(run):
     return [r["loss"] for r in lines if "loss" in r]
 
 
-@pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles"])
+@pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles",
+                                   pytest.param("train.compile", marks=pytest.mark.slow)])
 def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever, monkeypatch):
     # the tiny model's ~400-word vocabulary and 4 x 128 batches fit in one real tile: split them here
     monkeypatch.setattr("qlora.speed.CPU_HEAD_TILE", (96, 64))
@@ -22,6 +24,10 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
     for on in (True, False):
         cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / f"{on}", **{lever: str(on).lower()}))
         runs[on] = fit(cfg)
+    if lever == "train.compile":  # both decoder layers were compiled, and are eager again after training
+        assert (runs[True].report["compiled_layers"], runs[False].report["compiled_layers"]) == (2, 0)
+        layers = decoder_layers(runs[True].trainer.model)
+        assert len(layers) == 2 and not any("forward" in vars(m) for m in layers)
     assert losses(runs[True]) == pytest.approx(losses(runs[False]), abs=1e-5)
     a = load_file(str(runs[True].run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(runs[False].run_dir / "adapter" / "adapter_model.safetensors"))

@@ -33,6 +33,7 @@ def test_run_directory_has_the_contracted_layout(tiny_run):
                 "eval_loss", "eval_exact_match", "versions"):
         assert key in report, key
     assert report["steps"] == 6 and report["device"] == "cpu"
+    assert report["compiled_layers"] == 0, "train.compile=auto compiles only CPU runs of 200+ steps"
     assert report["tokens_per_second"] == pytest.approx(report["train_tokens"] / report["train_seconds"], rel=2e-2)
     lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "loss" in r]
