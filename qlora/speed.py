@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
+from typing import Optional
 
 CPU_HEAD_TILE = (1024, 8192)  # tokens x vocabulary columns per tile of TRL's chunked LM head on CPU
 COMPILE_MIN_STEPS = 200  # train.compile=auto: shorter CPU runs would spend more compiling than they save
@@ -72,12 +73,17 @@ def decoder_layers(model) -> list:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
-def has_cxx_compiler() -> bool:
-    """torch.compile on CPU builds C++ kernels (inductor); it finds the compiler as below."""
-    import os
-    import shutil
+def compile_problem(device: str) -> Optional[str]:
+    """Why torch.compile cannot build kernels on this device (on CPU: a C++ compiler and the Python
+    headers), or None when it can. A tiny function is compiled: seconds the first time, then cached."""
+    import torch
 
-    return any(shutil.which(c) for c in (os.environ.get("CXX"), "g++", "clang++", "c++") if c)
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(4, device=device))
+    except Exception as e:  # whatever the toolchain raises: the run goes on or stops with this reason
+        lines = str(e).strip().splitlines()
+        return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+    return None
 
 
 @contextmanager

@@ -59,7 +59,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
-    from qlora.speed import (COMPILE_MIN_STEPS, compiled_layers, has_cxx_compiler, small_head_tiles,
+    from qlora.speed import (COMPILE_MIN_STEPS, compile_problem, compiled_layers, small_head_tiles,
                              trained_positions_only_on_cpu)
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
@@ -70,9 +70,6 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     checkpointing = t.gradient_checkpointing is Switch.true or (
         t.gradient_checkpointing is Switch.auto and device == "cuda")  # on CPU it costs ~35% for little memory
     optim = pick_optimizer(t.optim, device)
-    if t.compile is Switch.true and device == "cpu" and not has_cxx_compiler():
-        raise UserError("train.compile=true: torch.compile builds C++ kernels on CPU and no compiler was found "
-                        "(g++, clang++ or $CXX); install one, or set train.compile=false")
     fsdp = cfg.dist.strategy is DistStrategy.fsdp_qlora
     if fsdp:
         if device != "cuda":
@@ -106,7 +103,14 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     # there, would train one step past max_steps (it checks for the end only after a step)
     finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
     compiling = not finished and (t.compile is Switch.true or (
-        t.compile is Switch.auto and device == "cpu" and steps >= COMPILE_MIN_STEPS and has_cxx_compiler()))
+        t.compile is Switch.auto and device == "cpu" and steps >= COMPILE_MIN_STEPS))
+    problem = compile_problem(device) if compiling else None
+    if problem and t.compile is Switch.true:
+        raise UserError(f"train.compile=true: torch.compile cannot build kernels here ({problem}); on CPU it "
+                        "needs a C++ compiler (g++) and the Python headers; install them, or set train.compile=false")
+    if problem:
+        say(f"train.compile=auto: torch.compile cannot build kernels here ({problem}); training without it")
+        compiling = False
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")

@@ -32,3 +32,25 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
     a = load_file(str(runs[True].run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(runs[False].run_dir / "adapter" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_where_torch_compile_cannot_build_auto_trains_eager_and_true_stops(tiny_model, tiny_data, tmp_path,
+                                                                          monkeypatch, capsys):
+    import torch
+
+    from qlora.cli import main
+
+    def no_toolchain(*args, **kwargs):
+        raise RuntimeError("C++ compile error: cannot find Python.h\n(the rest of the compiler's output)")
+
+    monkeypatch.setattr(torch, "compile", no_toolchain)
+    monkeypatch.setattr("qlora.speed.COMPILE_MIN_STEPS", 1)  # so that auto would compile this short run
+    assert main(["train", *tiny_overrides(tiny_model, tiny_data, tmp_path / "auto")]) == 0
+    err = capsys.readouterr().err
+    assert "torch.compile cannot build kernels here (RuntimeError: C++ compile error: cannot find Python.h)" in err
+    assert "training without it" in err
+    assert json.loads((tmp_path / "auto" / "report.json").read_text())["compiled_layers"] == 0
+    assert main(["train", *tiny_overrides(tiny_model, tiny_data, tmp_path / "true", **{"train.compile": "true"})]) == 2
+    err = capsys.readouterr().err
+    assert "train.compile=true" in err and "set train.compile=false" in err and "Traceback" not in err
+    assert not (tmp_path / "true" / "report.json").exists()
