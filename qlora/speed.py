@@ -86,6 +86,24 @@ def compile_problem(device: str) -> Optional[str]:
     return None
 
 
+def compile_wanted(setting, device: str, steps: int) -> bool:
+    """train.compile resolved for this run: true, or auto on CPU runs of COMPILE_MIN_STEPS or more.
+    Where torch.compile cannot build kernels, auto says why and trains without it; true stops."""
+    from qlora.config import Switch
+    from qlora.errors import UserError
+    from qlora.models import say
+
+    if setting is Switch.false or (setting is Switch.auto and (device != "cpu" or steps < COMPILE_MIN_STEPS)):
+        return False
+    problem = compile_problem(device)
+    if problem and setting is Switch.true:
+        raise UserError(f"train.compile=true: torch.compile cannot build kernels here ({problem}); on CPU it "
+                        "needs a C++ compiler (g++) and the Python headers; install them, or set train.compile=false")
+    if problem:
+        say(f"train.compile=auto: torch.compile cannot build kernels here ({problem}); training without it")
+    return problem is None
+
+
 @contextmanager
 def compiled_layers(model, enabled: bool = True):
     """Within the block, each decoder layer's forward is compiled (dynamic shapes); eager after it,

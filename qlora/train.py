@@ -59,8 +59,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
-    from qlora.speed import (COMPILE_MIN_STEPS, compile_problem, compiled_layers, small_head_tiles,
-                             trained_positions_only_on_cpu)
+    from qlora.speed import compile_wanted, compiled_layers, small_head_tiles, trained_positions_only_on_cpu
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
     datasets.disable_progress_bars()  # our own lines say what the data holds
@@ -102,15 +101,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     # a run killed after its final checkpoint only has its wrap-up to do: transformers' Trainer, resumed
     # there, would train one step past max_steps (it checks for the end only after a step)
     finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
-    compiling = not finished and (t.compile is Switch.true or (
-        t.compile is Switch.auto and device == "cpu" and steps >= COMPILE_MIN_STEPS))
-    problem = compile_problem(device) if compiling else None
-    if problem and t.compile is Switch.true:
-        raise UserError(f"train.compile=true: torch.compile cannot build kernels here ({problem}); on CPU it "
-                        "needs a C++ compiler (g++) and the Python headers; install them, or set train.compile=false")
-    if problem:
-        say(f"train.compile=auto: torch.compile cannot build kernels here ({problem}); training without it")
-        compiling = False
+    compiling = not finished and compile_wanted(t.compile, device, steps)
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")
