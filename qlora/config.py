@@ -252,7 +252,13 @@ class TrainConfig:
     eval_steps: Optional[int] = None
     """Steps between evaluations of the held-out split; null = only at the end."""
     gradient_checkpointing: Switch = Switch.auto
-    """Recompute activations in backward: auto = on for GPUs, off on CPU (where it costs ~35%)."""
+    """Recompute activations in backward: auto = on for GPUs, off on CPU (where it costs ~25%)."""
+    checkpoint_every: int = 1
+    """With checkpointing: recompute only every n-th decoder layer; the rest keep their activations (faster, more memory)."""
+    checkpoint_attention: bool = False
+    """With checkpointing: keep each layer's attention output rather than recompute it (TRL's selective checkpointing)."""
+    offload_checkpoints: bool = False
+    """GPU, with checkpointing: hold the checkpointed layers' inputs in CPU memory (less GPU memory, slower steps)."""
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])
     """Trackers: tensorboard, wandb, mlflow, or [none]."""
     score_trained_only: bool = True

@@ -8,7 +8,8 @@ The estimate adds up what training holds at its peak, from the model's shape alo
   2 for the 8-bit optimizers);
 - activations: what each layer keeps for backward per token (about 6 hidden + 2 key/value +
   4 intermediate values, in the compute dtype), for every layer, or with gradient checkpointing
-  each layer's input plus one layer recomputed;
+  each checkpointed layer's input (none on the GPU when offloaded; one more hidden value where its
+  attention output is kept) plus one layer recomputed, the layers between checkpoints holding all;
 - logits: on GPUs TRL's fused head holds only fp32 copies of the hidden states it scores; on CPU
   a measured per-token term (about 6.9 fp32 rows of the vocabulary per token with the head in
   small tiles, 11 with TRL's own tiles): the head's temporaries and what the allocator keeps;
@@ -107,8 +108,9 @@ class Estimate:
 
 def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing: bool, optim: str,
              device: str, double_quant: bool = True, load_in_4bit: bool = True, packing: bool = False,
-             model_file_gb: float = 0.0, small_head_tiles: bool = True) -> Estimate:
-    """Peak memory (GiB) of one training step, by component."""
+             model_file_gb: float = 0.0, small_head_tiles: bool = True, checkpoint_every: int = 1,
+             checkpoint_attention: bool = False, offload_checkpoints: bool = False) -> Estimate:
+    """Peak memory (GiB) of one training step, by component; the checkpoint_* settings as train.*."""
     s = shape
     b = 4 if device == "cpu" else 2  # compute dtype bytes: fp32 on CPU, bf16/fp16 on GPUs
     linear = s.layers * sum(i * o for i, o in s.linears())
@@ -120,10 +122,10 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     # values one decoder layer keeps per token for backward: the normalized inputs, q/k/v, the
     # attention output, the MLP's gate, up, activation and product, each LoRA's rank-r intermediate
     per_layer = 6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate + 7 * r
-    if checkpointing:
-        act = tokens * (s.layers * s.hidden + per_layer) * b
-    else:
-        act = tokens * s.layers * per_layer * b
+    # with checkpointing, layers 0, n, 2n, ... keep only their input (train.checkpoint_every=n)
+    checkpointed = math.ceil(s.layers / checkpoint_every) if checkpointing else 0
+    kept = (0 if offload_checkpoints else s.hidden) + (s.hidden if checkpoint_attention else 0)
+    act = tokens * (checkpointed * kept + (s.layers - checkpointed) * per_layer + (per_layer if checkpointed else 0)) * b
     if packing:  # each row's attention mask is dense (block-diagonal, one byte per query x key)
         act += batch * max_length * max_length
     parts = {
@@ -172,8 +174,7 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
-    from qlora.config import Switch
-    from qlora.validation import refuse, validate_train
+    from qlora.validation import checkpointing_on, refuse, validate_train
 
     refuse(validate_train(cfg))
     gpu = cfg.gpu
@@ -182,21 +183,22 @@ def plan_cli(cfg) -> int:
     device, capacity, name = local_device() if gpu is None else ("cuda", GPUS[gpu], gpu)
     shape, folder = model_shape(cfg.model.name_or_path)
     t = cfg.train
-    ckpt = t.gradient_checkpointing is Switch.true or (t.gradient_checkpointing is Switch.auto and device == "cuda")
+    ckpt = checkpointing_on(t, device)
     optim = t.optim if t.optim != "auto" else ("paged_adamw_8bit" if device == "cuda" else "adamw_torch")
 
-    def fit(micro, length, checkpointing):
+    def fit(micro, length, checkpointing, every=t.checkpoint_every, offload=t.offload_checkpoints):
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
                         optim=optim, device=device, double_quant=cfg.quant.bnb_4bit_use_double_quant,
                         load_in_4bit=cfg.quant.load_in_4bit, packing=cfg.data.packing,
                         model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
-                        small_head_tiles=t.small_head_tiles)
+                        small_head_tiles=t.small_head_tiles, checkpoint_every=every,
+                        checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload)
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")
     print(f"  {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; LoRA r={cfg.lora.r} on every "
           f"linear layer; micro-batch {t.per_device_train_batch_size} x {t.max_length} tokens; gradient "
-          f"checkpointing {'on' if ckpt else 'off'}; {optim}")
+          f"checkpointing {checkpoint_words(t, shape.layers) if ckpt else 'off'}; {optim}")
     if gpu and not BF16[gpu]:
         fix = ("set quant.bnb_4bit_compute_dtype=float16 (this config asks for bfloat16)"
                if cfg.quant.bnb_4bit_compute_dtype.value == "bfloat16" else "quant.bnb_4bit_compute_dtype=auto does that")
@@ -206,16 +208,49 @@ def plan_cli(cfg) -> int:
         print(f"  {k:<{width}}  {v:8.2f} GiB")
     print(f"  {'estimated peak':<{width}}  {est.total:8.2f} GiB  ({est.total / capacity:.0%} of {name}; "
           "for micro-batches as long as train.max_length)")
+    micro, length = t.per_device_train_batch_size, t.max_length
     if est.total <= capacity:
         print("  fits as configured")
+        faster = less_recompute(lambda ckpt, every: fit(micro, length, ckpt, every).total, capacity, shape.layers,
+                                t.checkpoint_every) if ckpt else None
+        if faster:
+            print(f"  room to spare: {faster[0]} recomputes less, so trains faster, and is estimated at "
+                  f"{faster[1]:.2f} GiB")
         return 0
-    hint = suggest(fit, capacity, t.per_device_train_batch_size, t.gradient_accumulation_steps, t.max_length, ckpt)
+    hint = suggest(fit, capacity, micro, t.gradient_accumulation_steps, length, ckpt)
     if hint:
         print(f"  does not fit; this does (same effective batch): {hint}")
     else:
         print("  does not fit even at micro-batch 1 with a quarter of the length and checkpointing: "
               "use a bigger GPU, dist=fsdp_qlora over several, or a smaller model")
+    if device == "cuda" and ckpt and not t.offload_checkpoints:
+        offloaded = fit(micro, length, True, offload=True).total
+        if offloaded <= capacity:
+            print(f"  or keep the batch with train.offload_checkpoints=true ({offloaded:.2f} GiB; the "
+                  "checkpointed inputs go to CPU memory and back, so each step is slower)")
     return 0
+
+
+HEADROOM = 0.85  # speed levers are suggested where the estimate leaves this share of the memory unused
+
+
+def less_recompute(total, capacity: float, layers: int, every: int):
+    """(override, GiB) of the fastest checkpointing that fits in HEADROOM of capacity: none at all,
+    else checkpointing every n-th layer for the largest n above the configured one; None if none fits."""
+    if total(False, 1) <= HEADROOM * capacity:
+        return "train.gradient_checkpointing=false", total(False, 1)
+    for n in range(layers, every, -1):
+        if total(True, n) <= HEADROOM * capacity:
+            return f"train.checkpoint_every={n}", total(True, n)
+    return None
+
+
+def checkpoint_words(t, layers: int) -> str:
+    """How the run checkpoints, in words."""
+    n = math.ceil(layers / t.checkpoint_every)
+    words = f"on ({n} of {layers} layers" if t.checkpoint_every > 1 else "on (every layer"
+    words += ", attention outputs kept" if t.checkpoint_attention else ""
+    return words + (", inputs offloaded to CPU)" if t.offload_checkpoints else ")")
 
 
 def local_device() -> Tuple[str, float, str]:

@@ -11,12 +11,21 @@ unchanged (tests/integration/test_speed.py).
   CPU its backward holds about ten fp32 temporaries of a tile, 0.27 GB each at 2048 tokens.
   1024 x 8192 tiles keep them at 34 MB for the same loss (the tiles are summed exactly as before,
   up to float rounding) and the same speed.
+- Keep attention outputs under checkpointing (train.checkpoint_attention). TRL offers this
+  selective checkpointing through `gradient_checkpointing_kwargs={"selective": True}`, but it wraps
+  the PEFT model's `gradient_checkpointing_enable`, while transformers 5's Trainer enables
+  checkpointing through `activation_checkpointing_enable` of the model inside: the key then reaches
+  the decoder layers' forward as an unused argument and nothing is kept. We set torch's
+  selective-checkpoint context on each checkpointed layer once the Trainer has enabled checkpointing.
 """
 from __future__ import annotations
 
 import importlib
 from contextlib import contextmanager
+from functools import partial
 from typing import Optional
+
+from transformers import TrainerCallback
 
 CPU_HEAD_TILE = (1024, 8192)  # tokens x vocabulary columns per tile of TRL's chunked LM head on CPU
 COMPILE_MIN_STEPS = 200  # train.compile=auto: shorter CPU runs would spend more compiling than they save
@@ -71,6 +80,41 @@ def decoder_layers(model) -> list:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = set(getattr(base, "_no_split_modules", None) or [])
     return [m for m in base.modules() if type(m).__name__ in names]
+
+
+# attention kernels as torch dispatches them (flash-attn's own kernels are matched by name)
+ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                 "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+
+
+def keep_attention_outputs(model) -> int:
+    """Each checkpointed decoder layer saves its attention kernel's outputs in the forward pass, so
+    that the recompute in backward skips attention (norms, projections and MLP are recomputed as
+    before). Call once checkpointing is enabled; returns the number of layers changed."""
+    import torch
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    ops = {getattr(torch.ops.aten, name).default for name in ATTENTION_OPS if hasattr(torch.ops.aten, name)}
+
+    def policy(ctx, op, *args, **kwargs):
+        keep = op in ops or "flash_attn" in str(op)
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    layers = [layer for layer in decoder_layers(model) if layer.gradient_checkpointing]
+    for layer in layers:
+        layer._gradient_checkpointing_func = partial(
+            layer._gradient_checkpointing_func, context_fn=partial(create_selective_checkpoint_contexts, policy))
+    return len(layers)
+
+
+class KeepAttentionOutputs(TrainerCallback):
+    """train.checkpoint_attention: keep_attention_outputs once the Trainer has enabled checkpointing."""
+
+    def __init__(self):
+        self.layers = 0
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.layers = keep_attention_outputs(model)
 
 
 def compile_problem(device: str) -> Optional[str]:

@@ -17,8 +17,8 @@ from typing import Any, Dict, Optional
 
 from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, load_checkpoint,
                                step_of)
-from qlora.config import DistStrategy, QLoraConfig, Resume, Switch
-from qlora.validation import refuse, validate_train
+from qlora.config import DistStrategy, QLoraConfig, Resume
+from qlora.validation import checkpointing_on, refuse, validate_train
 from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -59,15 +59,15 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
-    from qlora.speed import compile_wanted, compiled_layers, small_head_tiles, trained_positions_only_on_cpu
+    from qlora.speed import (KeepAttentionOutputs, compile_wanted, compiled_layers, small_head_tiles,
+                             trained_positions_only_on_cpu)
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
     datasets.disable_progress_bars()  # our own lines say what the data holds
     t = cfg.train
     device = pick_device()
     dtype = compute_dtype(cfg.quant, device)
-    checkpointing = t.gradient_checkpointing is Switch.true or (
-        t.gradient_checkpointing is Switch.auto and device == "cuda")  # on CPU it costs ~35% for little memory
+    checkpointing = checkpointing_on(t, device)
     optim = pick_optimizer(t.optim, device)
     fsdp = cfg.dist.strategy is DistStrategy.fsdp_qlora
     if fsdp:
@@ -131,7 +131,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     guard = NonFiniteGuard(t.nan_policy.value, scaler_owns_overflow=device == "cuda" and dtype == torch.float16)
     args = trainer_args(cfg, run_dir, device, dtype, checkpointing, optim, has_eval=bool(eval_rows))
     trainer = SFTTrainer(
-        model=model, args=args, processing_class=tokenizer, callbacks=[logger, stopper, guard],
+        model=model, args=args, processing_class=tokenizer,
+        callbacks=[logger, stopper, guard] + [KeepAttentionOutputs()] * (checkpointing and t.checkpoint_attention),
         data_collator=partial(collate_packed, pad_id=tokenizer.pad_token_id,
                               one_row="flash" in cfg.model.attn_implementation.value) if cfg.data.packing else None,
         train_dataset=Dataset.from_list(train_rows),
@@ -285,7 +286,7 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
         # the checkpoint with the lowest eval loss is kept however many newer ones rotate out
         metric_for_best_model="eval_loss" if (t.eval_steps and has_eval) else None, greater_is_better=False,
-        gradient_checkpointing=checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=checkpointing, activation_checkpointing_kwargs=checkpoint_kwargs(t) if checkpointing else None,
         # AMP on GPUs only: on CPU the compute dtype is fp32 and LoRA weights are fp32
         bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
@@ -293,6 +294,12 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         # kept in checkpoints, so a resumed run counts on
         include_num_input_tokens_seen="non_padding",
         **fsdp_args(cfg) if fsdp else {})
+
+
+def checkpoint_kwargs(t) -> dict:
+    """How transformers' Trainer checkpoints: every n-th layer (`every_n_layers`), their inputs held in
+    host memory (`offload`). Attention outputs are kept by speed.KeepAttentionOutputs."""
+    return {"use_reentrant": False, "every_n_layers": t.checkpoint_every, "offload": t.offload_checkpoints}
 
 
 def fsdp_args(cfg: QLoraConfig) -> dict:

@@ -3,7 +3,7 @@ Hydra's job, at composition). Each problem reads 'key=value: what is wrong; how 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from qlora.config import ComputeDtype, DistStrategy, QLoraConfig, Switch
 from qlora.errors import UserError
@@ -39,6 +39,12 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     positive("train.logging_steps", t.logging_steps)
     positive("train.save_steps", t.save_steps)
     positive("train.max_grad_norm", t.max_grad_norm)
+    if t.checkpoint_every < 1:
+        p.append(f"train.checkpoint_every={t.checkpoint_every}: must be >= 1 (1 = recompute every layer)")
+    lever = checkpoint_lever(t)
+    if lever and t.gradient_checkpointing is Switch.false:
+        p.append(f"{lever} shapes gradient checkpointing, which train.gradient_checkpointing=false turns off; "
+                 "set train.gradient_checkpointing=true (or auto on a GPU), or drop it")
     if t.save_total_limit < 1:
         p.append(f"train.save_total_limit={t.save_total_limit}: keep at least 1 checkpoint")
     if t.eval_steps is not None and t.eval_steps <= 0:
@@ -93,6 +99,31 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     if cfg.model.chat_template and "{" not in cfg.model.chat_template and cfg.model.chat_template not in NAMED_TEMPLATES:
         _check_file("model.chat_template", cfg.model.chat_template, p)
     return p
+
+
+def checkpoint_lever(t) -> Optional[str]:
+    """The first checkpointing lever set away from its default, as key=value (None if none is)."""
+    if t.checkpoint_every != 1:
+        return f"train.checkpoint_every={t.checkpoint_every}"
+    if t.checkpoint_attention:
+        return "train.checkpoint_attention=true"
+    if t.offload_checkpoints:
+        return "train.offload_checkpoints=true"
+    return None
+
+
+def checkpointing_on(t, device: str) -> bool:
+    """Whether a run on `device` ("cuda" or "cpu") checkpoints: auto is on for GPUs only (on CPU it
+    costs ~25% for little memory). Levers that need checkpointing, or a GPU, say so here."""
+    on = t.gradient_checkpointing is Switch.true or (t.gradient_checkpointing is Switch.auto and device == "cuda")
+    lever = checkpoint_lever(t)
+    if lever and not on:
+        raise UserError(f"{lever} shapes gradient checkpointing, which train.gradient_checkpointing="
+                        f"{t.gradient_checkpointing.value} leaves off on {device}: set train.gradient_checkpointing=true")
+    if t.offload_checkpoints and device != "cuda":
+        raise UserError("train.offload_checkpoints=true moves checkpointed activations off a GPU; on CPU they "
+                        "are in host memory already: drop it")
+    return on
 
 
 def validate_merge(cfg: QLoraConfig) -> List[str]:

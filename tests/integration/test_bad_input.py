@@ -51,6 +51,12 @@ CATALOGUE = [
      "no whole checkpoint"),
     ("resume without output_dir", lambda c: [a for a in train(c) if not a.startswith("output_dir=")]
      + ["resume=auto"], 2, "resume=auto needs the run to continue: add output_dir=RUN_DIR"),
+    ("checkpointing lever with checkpointing off on CPU", lambda c: train(c, **{"train.checkpoint_every": 2}), 2,
+     "train.checkpoint_every=2 shapes gradient checkpointing, which train.gradient_checkpointing=auto leaves off "
+     "on cpu: set train.gradient_checkpointing=true"),
+    ("offloading checkpoints on CPU", lambda c: train(c, **{"train.gradient_checkpointing": "true",
+                                                           "train.offload_checkpoints": "true"}), 2,
+     "train.offload_checkpoints=true moves checkpointed activations off a GPU"),
     ("adapter folder missing", lambda c: ["generate", f"adapter={c['d'] / 'nope'}", "prompt=hi"], 2,
      "no adapter_config.json"),
     ("adapter without weights", lambda c: ["chat", f"adapter={c['d'] / 'adapter_no_weights'}"], 2,

@@ -28,6 +28,28 @@ def test_the_estimate_moves_the_way_memory_does():
     assert est(double_quant=False).parts["base weights"] > base.parts["base weights"]
 
 
+def test_checkpointing_levers_move_the_activations_the_way_they_hold_memory():
+    full, none = est().parts["activations"], est(checkpointing=False).parts["activations"]
+    halves = est(checkpoint_every=2).parts["activations"]  # 16 of 32 layers keep everything
+    assert full < halves < none and halves == pytest.approx((full + none) / 2, rel=0.05)
+    assert est(checkpoint_attention=True).parts["activations"] > full  # one more hidden state a layer
+    assert est(offload_checkpoints=True).parts["activations"] < full  # the layers' inputs leave the GPU
+
+
+def test_plan_points_to_faster_checkpointing_where_memory_is_to_spare(capsys):
+    assert main(["plan", "recipe=tinyllama_demo_t4", "gpu=H100", "train.max_length=2048",
+                 "train.per_device_train_batch_size=8"]) == 0
+    assert "room to spare: train.gradient_checkpointing=false recomputes less" in capsys.readouterr().out
+    assert main(["plan", "recipe=tinyllama_demo_t4", "gpu=A10G", "train.max_length=2048",
+                 "train.per_device_train_batch_size=8"]) == 0
+    out = capsys.readouterr().out
+    assert int(out.split("room to spare: train.checkpoint_every=")[1].split()[0]) > 1  # configured: 1
+    assert main(["plan", "recipe=llama3.1_8b_demo", "gpu=T4", "train.per_device_train_batch_size=12",
+                 "train.max_length=2048"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit" in out and "or keep the batch with train.offload_checkpoints=true" in out
+
+
 def test_plan_prints_the_parts_and_says_whether_it_fits(capsys):
     assert main(["plan", "recipe=tinyllama_demo_t4", "gpu=T4"]) == 0
     out = capsys.readouterr().out

@@ -54,3 +54,54 @@ def test_where_torch_compile_cannot_build_auto_trains_eager_and_true_stops(tiny_
     err = capsys.readouterr().err
     assert "train.compile=true" in err and "set train.compile=false" in err and "Traceback" not in err
     assert not (tmp_path / "true" / "report.json").exists()
+
+
+class AttentionCalls:
+    """Counts the attention kernel's runs (a dispatch mode: SAC's cached outputs never reach it)."""
+
+    def __enter__(self):
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counter, self.count = self, 0
+        kernel = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counter.count += func is kernel
+                return func(*args, **(kwargs or {}))
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.mode.__exit__(*exc)
+
+
+@pytest.fixture(scope="module")
+def fully_checkpointed(tiny_model, tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "full"
+    with AttentionCalls() as calls:
+        run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, out, **{"train.gradient_checkpointing": "true"})))
+    return run, calls.count
+
+
+@pytest.mark.parametrize("lever, checkpointed, recomputed", [
+    ({"train.checkpoint_every": 2}, [True, False], 1),  # layers 0, 2, 4, ...: here layer 0 alone
+    ({"train.checkpoint_attention": "true"}, [True, True], 0),  # both layers checkpointed, attention kept
+    ({"train.gradient_checkpointing": "false"}, [False, False], 0),
+])
+def test_checkpointing_levers_train_as_full_checkpointing(fully_checkpointed, tiny_model, tiny_data, tmp_path,
+                                                          lever, checkpointed, recomputed):
+    full, full_calls = fully_checkpointed
+    extra = {"train.gradient_checkpointing": "true", **lever}
+    with AttentionCalls() as calls:
+        run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path, **extra)))
+    assert [m.gradient_checkpointing for m in decoder_layers(run.trainer.model)] == checkpointed
+    # full checkpointing runs each layer's attention again in backward: 6 steps x 2 layers more
+    assert full_calls - calls.count == 6 * (2 - recomputed)
+    assert losses(run) == pytest.approx(losses(full), abs=1e-5)
+    a = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(full.run_dir / "adapter" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
