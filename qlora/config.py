@@ -254,9 +254,9 @@ class TrainConfig:
     gradient_checkpointing: Switch = Switch.auto
     """Recompute activations in backward: auto = on for GPUs, off on CPU (where it costs ~25%)."""
     checkpoint_every: int = 1
-    """With checkpointing: recompute only every n-th decoder layer; the rest keep their activations (faster, more memory)."""
+    """With checkpointing: checkpoint only every n-th decoder layer (1 = all); higher is faster and holds more memory."""
     checkpoint_attention: bool = False
-    """With checkpointing: keep each layer's attention output rather than recompute it (TRL's selective checkpointing)."""
+    """With checkpointing: keep each layer's attention output rather than recompute it (selective checkpointing)."""
     offload_checkpoints: bool = False
     """GPU, with checkpointing: hold the checkpointed layers' inputs in CPU memory (less GPU memory, slower steps)."""
     report_to: List[str] = field(default_factory=lambda: ["tensorboard"])

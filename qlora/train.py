@@ -286,7 +286,8 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
         # the checkpoint with the lowest eval loss is kept however many newer ones rotate out
         metric_for_best_model="eval_loss" if (t.eval_steps and has_eval) else None, greater_is_better=False,
-        activation_checkpointing=checkpointing, activation_checkpointing_kwargs=checkpoint_kwargs(t) if checkpointing else None,
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs=checkpoint_kwargs(t) if checkpointing else None,
         # AMP on GPUs only: on CPU the compute dtype is fp32 and LoRA weights are fp32
         bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
         use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,

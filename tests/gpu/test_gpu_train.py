@@ -1,5 +1,6 @@
 """GPU code paths (skipped without CUDA): fp16 compute must train where the plain stack crashes
-(the grad scaler meets bf16 LoRA gradients), bf16 where the GPU has it, checkpointing on by default."""
+(the grad scaler meets bf16 LoRA gradients), bf16 where the GPU has it, checkpointing on by default,
+and the speed levers that change nothing but speed or memory."""
 import json
 
 import pytest
@@ -38,3 +39,18 @@ def test_compiled_layers_train_as_eager_ones_on_gpu(tiny_model, tiny_data, tmp_p
         lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[on] = [r["loss"] for r in lines if "loss" in r]
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+@pytest.mark.parametrize("lever", [{"train.offload_checkpoints": "true"}, {"train.checkpoint_attention": "true"},
+                                   {"train.checkpoint_every": 2}])
+def test_checkpointing_levers_train_as_full_checkpointing_on_gpu(tiny_model, tiny_data, tmp_path, lever):
+    """Offloaded inputs (pinned CPU memory, copied back in backward), kept attention outputs (flash or
+    memory-efficient SDPA kernels on a GPU) and every other layer checkpointed: the losses of full
+    checkpointing, within bf16/fp16 rounding. Not yet run on a GPU."""
+    losses = {}
+    for name, extra in (("full", {}), ("lever", lever)):
+        run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / name, **extra)))
+        assert run.report["gradient_checkpointing"] is True
+        lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[name] = [r["loss"] for r in lines if "loss" in r]
+    assert losses["lever"] == pytest.approx(losses["full"], rel=2e-2)
