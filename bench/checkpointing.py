@@ -5,8 +5,8 @@ usage: python bench/checkpointing.py [--batch 4] [--length 512] [--steps 4] [--r
 
 SmolLM2-135M (4-bit, LoRA r=16, every token trained) on rows longer than --length, so that every
 micro-batch is as long as the planner plans for. The cases: no checkpointing, every layer
-checkpointed (what GPUs get by default), every 2nd and every 4th layer (train.checkpoint_every),
-and every layer with the attention outputs kept (train.checkpoint_attention). Each run is its own
+checkpointed (what GPUs get by default), the first 15 and the first 8 of its 30 layers
+(train.checkpoint_layers), and every layer with the attention outputs kept (train.checkpoint_attention). Each run is its own
 `qlora train` process with one malloc arena (peak RSS then varies least), the cases in turn,
 --reps times; the table keeps each case's best speed and highest peak. Warm tokens/s leaves the
 first step out. train.offload_checkpoints needs a GPU: bench/gpu_speed.py --set measures it there.
@@ -24,8 +24,8 @@ from qlora.plan import estimate, model_file_gb, model_shape
 CASES = {
     "off": ["train.gradient_checkpointing=false"],
     "every layer": ["train.gradient_checkpointing=true"],
-    "every 2nd layer": ["train.gradient_checkpointing=true", "train.checkpoint_every=2"],
-    "every 4th layer": ["train.gradient_checkpointing=true", "train.checkpoint_every=4"],
+    "first 15 layers": ["train.gradient_checkpointing=true", "train.checkpoint_layers=15"],
+    "first 8 layers": ["train.gradient_checkpointing=true", "train.checkpoint_layers=8"],
     "every layer, attention kept": ["train.gradient_checkpointing=true", "train.checkpoint_attention=true"],
 }
 
@@ -61,7 +61,7 @@ def planned(case: str, a) -> float:
     return estimate(shape, r=16, batch=a.batch, max_length=a.length, optim="adamw_torch", device="cpu",
                     model_file_gb=model_file_gb(folder),
                     checkpointing=keys["train.gradient_checkpointing"] == "true",
-                    checkpoint_every=int(keys.get("train.checkpoint_every", 1)),
+                    checkpoint_layers=int(keys["train.checkpoint_layers"]) if "train.checkpoint_layers" in keys else None,
                     checkpoint_attention=keys.get("train.checkpoint_attention") == "true").total
 
 

@@ -253,8 +253,8 @@ class TrainConfig:
     """Steps between evaluations of the held-out split; null = only at the end."""
     gradient_checkpointing: Switch = Switch.auto
     """Recompute activations in backward: auto = on for GPUs, off on CPU (where it costs ~25%)."""
-    checkpoint_every: int = 1
-    """With checkpointing: checkpoint only every n-th decoder layer (1 = all); higher is faster and holds more memory."""
+    checkpoint_layers: Optional[int] = None
+    """With checkpointing: checkpoint only the first n decoder layers (null = all); fewer is faster, holds more memory."""
     checkpoint_attention: bool = False
     """With checkpointing: keep each layer's attention output rather than recompute it (selective checkpointing)."""
     offload_checkpoints: bool = False

@@ -9,7 +9,7 @@ The estimate adds up what training holds at its peak, from the model's shape alo
 - activations: what each layer keeps for backward per token (about 6 hidden + 2 key/value +
   4 intermediate values, in the compute dtype), for every layer, or with gradient checkpointing
   each checkpointed layer's input (none on the GPU when offloaded; one more hidden value where its
-  attention output is kept) plus one layer recomputed, the layers between checkpoints holding all;
+  attention output is kept) plus one layer recomputed, and all of it for the layers not checkpointed;
 - logits: on GPUs TRL's fused head holds only fp32 copies of the hidden states it scores; on CPU
   a measured per-token term (about 6.9 fp32 rows of the vocabulary per token with the head in
   small tiles, 11 with TRL's own tiles): the head's temporaries and what the allocator keeps;
@@ -108,7 +108,7 @@ class Estimate:
 
 def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing: bool, optim: str,
              device: str, double_quant: bool = True, load_in_4bit: bool = True, packing: bool = False,
-             model_file_gb: float = 0.0, small_head_tiles: bool = True, checkpoint_every: int = 1,
+             model_file_gb: float = 0.0, small_head_tiles: bool = True, checkpoint_layers: Optional[int] = None,
              checkpoint_attention: bool = False, offload_checkpoints: bool = False) -> Estimate:
     """Peak memory (GiB) of one training step, by component; the checkpoint_* settings as train.*."""
     s = shape
@@ -122,8 +122,8 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     # values one decoder layer keeps per token for backward: the normalized inputs, q/k/v, the
     # attention output, the MLP's gate, up, activation and product, each LoRA's rank-r intermediate
     per_layer = 6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate + 7 * r
-    # with checkpointing, layers 0, n, 2n, ... keep only their input (train.checkpoint_every=n)
-    checkpointed = math.ceil(s.layers / checkpoint_every) if checkpointing else 0
+    # with checkpointing, the first n layers keep only their input (train.checkpoint_layers=n)
+    checkpointed = min(s.layers, checkpoint_layers or s.layers) if checkpointing else 0
     kept = (0 if offload_checkpoints else s.hidden) + (s.hidden if checkpoint_attention else 0)
     act = tokens * (checkpointed * kept + (s.layers - checkpointed) * per_layer + (per_layer if checkpointed else 0)) * b
     if packing:  # each row's attention mask is dense (block-diagonal, one byte per query x key)
@@ -186,12 +186,12 @@ def plan_cli(cfg) -> int:
     ckpt = checkpointing_on(t, device)
     optim = t.optim if t.optim != "auto" else ("paged_adamw_8bit" if device == "cuda" else "adamw_torch")
 
-    def fit(micro, length, checkpointing, every=t.checkpoint_every, offload=t.offload_checkpoints):
+    def fit(micro, length, checkpointing, first=t.checkpoint_layers, offload=t.offload_checkpoints):
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
                         optim=optim, device=device, double_quant=cfg.quant.bnb_4bit_use_double_quant,
                         load_in_4bit=cfg.quant.load_in_4bit, packing=cfg.data.packing,
                         model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
-                        small_head_tiles=t.small_head_tiles, checkpoint_every=every,
+                        small_head_tiles=t.small_head_tiles, checkpoint_layers=first,
                         checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload)
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
@@ -211,8 +211,8 @@ def plan_cli(cfg) -> int:
     micro, length = t.per_device_train_batch_size, t.max_length
     if est.total <= capacity:
         print("  fits as configured")
-        faster = less_recompute(lambda ckpt, every: fit(micro, length, ckpt, every).total, capacity, shape.layers,
-                                t.checkpoint_every) if ckpt else None
+        faster = less_recompute(lambda ckpt, first: fit(micro, length, ckpt, first).total, capacity,
+                                min(shape.layers, t.checkpoint_layers or shape.layers)) if ckpt else None
         if faster:
             print(f"  room to spare: {faster[0]} recomputes less, so trains faster, and is estimated at "
                   f"{faster[1]:.2f} GiB")
@@ -234,21 +234,21 @@ def plan_cli(cfg) -> int:
 HEADROOM = 0.85  # speed levers are suggested where the estimate leaves this share of the memory unused
 
 
-def less_recompute(total, capacity: float, layers: int, every: int):
+def less_recompute(total, capacity: float, checkpointed: int):
     """(override, GiB) of the fastest checkpointing that fits in HEADROOM of capacity: none at all,
-    else checkpointing every n-th layer for the largest n above the configured one; None if none fits."""
-    if total(False, 1) <= HEADROOM * capacity:
-        return "train.gradient_checkpointing=false", total(False, 1)
-    for n in range(layers, every, -1):
+    else the fewest checkpointed layers below the configured number; None if none fits."""
+    if total(False, None) <= HEADROOM * capacity:
+        return "train.gradient_checkpointing=false", total(False, None)
+    for n in range(1, checkpointed):
         if total(True, n) <= HEADROOM * capacity:
-            return f"train.checkpoint_every={n}", total(True, n)
+            return f"train.checkpoint_layers={n}", total(True, n)
     return None
 
 
 def checkpoint_words(t, layers: int) -> str:
     """How the run checkpoints, in words."""
-    n = math.ceil(layers / t.checkpoint_every)
-    words = f"on ({n} of {layers} layers" if t.checkpoint_every > 1 else "on (every layer"
+    n = min(layers, t.checkpoint_layers or layers)
+    words = f"on (the first {n} of {layers} layers" if n < layers else "on (every layer"
     words += ", attention outputs kept" if t.checkpoint_attention else ""
     return words + (", inputs offloaded to CPU)" if t.offload_checkpoints else ")")
 

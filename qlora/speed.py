@@ -11,6 +11,8 @@ unchanged (tests/integration/test_speed.py).
   CPU its backward holds about ten fp32 temporaries of a tile, 0.27 GB each at 2048 tokens.
   1024 x 8192 tiles keep them at 34 MB for the same loss (the tiles are summed exactly as before,
   up to float rounding) and the same speed.
+- Checkpoint the first n layers only (train.checkpoint_layers): transformers offers every n-th
+  layer (`every_n_layers`), which leaves nothing between all layers and half of them.
 - Keep attention outputs under checkpointing (train.checkpoint_attention). TRL offers this
   selective checkpointing through `gradient_checkpointing_kwargs={"selective": True}`, but it wraps
   the PEFT model's `gradient_checkpointing_enable`, while transformers 5's Trainer enables
@@ -107,14 +109,22 @@ def keep_attention_outputs(model) -> int:
     return len(layers)
 
 
-class KeepAttentionOutputs(TrainerCallback):
-    """train.checkpoint_attention: keep_attention_outputs once the Trainer has enabled checkpointing."""
+class CheckpointedLayers(TrainerCallback):
+    """Once the Trainer has enabled checkpointing (on every layer), train.checkpoint_layers=n turns it
+    off past the first n decoder layers, and train.checkpoint_attention keeps attention outputs.
+    The first layers, not others: their recompute comes last in backward, when the activations of
+    the layers after them are freed already. `layers` counts the checkpointed layers."""
 
-    def __init__(self):
-        self.layers = 0
+    def __init__(self, first: Optional[int] = None, keep_attention: bool = False):
+        self.first, self.keep_attention, self.layers = first, keep_attention, 0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.layers = keep_attention_outputs(model)
+        layers = decoder_layers(model)
+        for layer in layers[self.first:] if self.first is not None else []:
+            layer.gradient_checkpointing = False
+        self.layers = sum(layer.gradient_checkpointing for layer in layers)
+        if self.keep_attention:
+            keep_attention_outputs(model)
 
 
 def compile_problem(device: str) -> Optional[str]:

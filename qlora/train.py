@@ -59,7 +59,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
-    from qlora.speed import (KeepAttentionOutputs, compile_wanted, compiled_layers, small_head_tiles,
+    from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, small_head_tiles,
                              trained_positions_only_on_cpu)
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
@@ -130,9 +130,10 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     stopper = StopOnSignal()
     guard = NonFiniteGuard(t.nan_policy.value, scaler_owns_overflow=device == "cuda" and dtype == torch.float16)
     args = trainer_args(cfg, run_dir, device, dtype, checkpointing, optim, has_eval=bool(eval_rows))
+    checkpointed = CheckpointedLayers(t.checkpoint_layers, t.checkpoint_attention)
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
-        callbacks=[logger, stopper, guard] + [KeepAttentionOutputs()] * (checkpointing and t.checkpoint_attention),
+        callbacks=[logger, stopper, guard] + [checkpointed] * checkpointing,
         data_collator=partial(collate_packed, pad_id=tokenizer.pad_token_id,
                               one_row="flash" in cfg.model.attn_implementation.value) if cfg.data.packing else None,
         train_dataset=Dataset.from_list(train_rows),
@@ -197,6 +198,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         peak_memory_gb=round(peak_memory_gb(device), 3),
         device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
+        checkpointed_layers=checkpointed.layers,
         compiled_layers=compiled,
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
@@ -298,9 +300,9 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
 
 
 def checkpoint_kwargs(t) -> dict:
-    """How transformers' Trainer checkpoints: every n-th layer (`every_n_layers`), their inputs held in
-    host memory (`offload`). Attention outputs are kept by speed.KeepAttentionOutputs."""
-    return {"use_reentrant": False, "every_n_layers": t.checkpoint_every, "offload": t.offload_checkpoints}
+    """How transformers' Trainer checkpoints: non-reentrant, the inputs held in host memory with
+    train.offload_checkpoints. Which layers, and what they keep: speed.CheckpointedLayers."""
+    return {"use_reentrant": False, "offload": t.offload_checkpoints}
 
 
 def fsdp_args(cfg: QLoraConfig) -> dict:

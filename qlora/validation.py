@@ -39,8 +39,9 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     positive("train.logging_steps", t.logging_steps)
     positive("train.save_steps", t.save_steps)
     positive("train.max_grad_norm", t.max_grad_norm)
-    if t.checkpoint_every < 1:
-        p.append(f"train.checkpoint_every={t.checkpoint_every}: must be >= 1 (1 = recompute every layer)")
+    if t.checkpoint_layers is not None and t.checkpoint_layers < 1:
+        p.append(f"train.checkpoint_layers={t.checkpoint_layers}: must be >= 1 (or null for every layer; "
+                 "train.gradient_checkpointing=false for none)")
     lever = checkpoint_lever(t)
     if lever and t.gradient_checkpointing is Switch.false:
         p.append(f"{lever} shapes gradient checkpointing, which train.gradient_checkpointing=false turns off; "
@@ -103,8 +104,8 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
 
 def checkpoint_lever(t) -> Optional[str]:
     """The first checkpointing lever set away from its default, as key=value (None if none is)."""
-    if t.checkpoint_every != 1:
-        return f"train.checkpoint_every={t.checkpoint_every}"
+    if t.checkpoint_layers is not None:
+        return f"train.checkpoint_layers={t.checkpoint_layers}"
     if t.checkpoint_attention:
         return "train.checkpoint_attention=true"
     if t.offload_checkpoints:

@@ -51,8 +51,8 @@ CATALOGUE = [
      "no whole checkpoint"),
     ("resume without output_dir", lambda c: [a for a in train(c) if not a.startswith("output_dir=")]
      + ["resume=auto"], 2, "resume=auto needs the run to continue: add output_dir=RUN_DIR"),
-    ("checkpointing lever with checkpointing off on CPU", lambda c: train(c, **{"train.checkpoint_every": 2}), 2,
-     "train.checkpoint_every=2 shapes gradient checkpointing, which train.gradient_checkpointing=auto leaves off "
+    ("checkpointing lever with checkpointing off on CPU", lambda c: train(c, **{"train.checkpoint_layers": 2}), 2,
+     "train.checkpoint_layers=2 shapes gradient checkpointing, which train.gradient_checkpointing=auto leaves off "
      "on cpu: set train.gradient_checkpointing=true"),
     ("offloading checkpoints on CPU", lambda c: train(c, **{"train.gradient_checkpointing": "true",
                                                            "train.offload_checkpoints": "true"}), 2,

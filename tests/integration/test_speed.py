@@ -88,7 +88,7 @@ def fully_checkpointed(tiny_model, tiny_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("lever, checkpointed, recomputed", [
-    ({"train.checkpoint_every": 2}, [True, False], 1),  # layers 0, 2, 4, ...: here layer 0 alone
+    ({"train.checkpoint_layers": 1}, [True, False], 1),  # the first layer alone
     ({"train.checkpoint_attention": "true"}, [True, True], 0),  # both layers checkpointed, attention kept
     ({"train.gradient_checkpointing": "false"}, [False, False], 0),
 ])
@@ -99,6 +99,7 @@ def test_checkpointing_levers_train_as_full_checkpointing(fully_checkpointed, ti
     with AttentionCalls() as calls:
         run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path, **extra)))
     assert [m.gradient_checkpointing for m in decoder_layers(run.trainer.model)] == checkpointed
+    assert run.report["checkpointed_layers"] == sum(checkpointed)
     # full checkpointing runs each layer's attention again in backward: 6 steps x 2 layers more
     assert full_calls - calls.count == 6 * (2 - recomputed)
     assert losses(run) == pytest.approx(losses(full), abs=1e-5)

@@ -88,7 +88,7 @@ BAD = [
     (["resume=/nonexistent/checkpoint-3"], "no such checkpoint folder"),
     (["dist=fsdp_qlora"], "quant.bnb_4bit_quant_storage=bfloat16"),
     (["recipe=llama3.1_70b_fsdp_2x24gb", "train.optim=paged_adamw_8bit"], "do not shard under FSDP"),
-    (["train.checkpoint_every=0"], "train.checkpoint_every=0: must be >= 1"),
+    (["train.checkpoint_layers=0"], "train.checkpoint_layers=0: must be >= 1"),
     (["train.gradient_checkpointing=false", "train.checkpoint_attention=true"],
      "train.checkpoint_attention=true shapes gradient checkpointing, which train.gradient_checkpointing=false"),
 ]
