@@ -56,6 +56,10 @@ class Shape:
     def kv_dim(self) -> int:
         return self.kv_heads * (self.hidden // self.heads)
 
+    def checkpointed(self, first: Optional[int]) -> int:
+        """Layers checkpointed with train.checkpoint_layers=first (None = all)."""
+        return min(self.layers, first or self.layers)
+
     def linears(self) -> List[Tuple[int, int]]:
         """(in, out) of the adapted linear layers of one decoder layer."""
         h, i, kv = self.hidden, self.intermediate, self.kv_dim
@@ -123,7 +127,7 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     # attention output, the MLP's gate, up, activation and product, each LoRA's rank-r intermediate
     per_layer = 6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate + 7 * r
     # with checkpointing, the first n layers keep only their input (train.checkpoint_layers=n)
-    checkpointed = min(s.layers, checkpoint_layers or s.layers) if checkpointing else 0
+    checkpointed = s.checkpointed(checkpoint_layers) if checkpointing else 0
     kept = (0 if offload_checkpoints else s.hidden) + (s.hidden if checkpoint_attention else 0)
     act = tokens * (checkpointed * kept + (s.layers - checkpointed) * per_layer + (per_layer if checkpointed else 0)) * b
     if packing:  # each row's attention mask is dense (block-diagonal, one byte per query x key)
@@ -198,7 +202,7 @@ def plan_cli(cfg) -> int:
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")
     print(f"  {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; LoRA r={cfg.lora.r} on every "
           f"linear layer; micro-batch {t.per_device_train_batch_size} x {t.max_length} tokens; gradient "
-          f"checkpointing {checkpoint_words(t, shape.layers) if ckpt else 'off'}; {optim}")
+          f"checkpointing {checkpoint_words(t, shape) if ckpt else 'off'}; {optim}")
     if gpu and not BF16[gpu]:
         fix = ("set quant.bnb_4bit_compute_dtype=float16 (this config asks for bfloat16)"
                if cfg.quant.bnb_4bit_compute_dtype.value == "bfloat16" else "quant.bnb_4bit_compute_dtype=auto does that")
@@ -212,7 +216,7 @@ def plan_cli(cfg) -> int:
     if est.total <= capacity:
         print("  fits as configured")
         faster = less_recompute(lambda ckpt, first: fit(micro, length, ckpt, first).total, capacity,
-                                min(shape.layers, t.checkpoint_layers or shape.layers)) if ckpt else None
+                                shape.checkpointed(t.checkpoint_layers)) if ckpt else None
         if faster:
             print(f"  room to spare: {faster[0]} recomputes less, so trains faster, and is estimated at "
                   f"{faster[1]:.2f} GiB")
@@ -245,10 +249,10 @@ def less_recompute(total, capacity: float, checkpointed: int):
     return None
 
 
-def checkpoint_words(t, layers: int) -> str:
+def checkpoint_words(t, shape: Shape) -> str:
     """How the run checkpoints, in words."""
-    n = min(layers, t.checkpoint_layers or layers)
-    words = f"on (the first {n} of {layers} layers" if n < layers else "on (every layer"
+    n = shape.checkpointed(t.checkpoint_layers)
+    words = f"on (the first {n} of {shape.layers} layers" if n < shape.layers else "on (every layer"
     words += ", attention outputs kept" if t.checkpoint_attention else ""
     return words + (", inputs offloaded to CPU)" if t.offload_checkpoints else ")")
 

@@ -84,7 +84,7 @@ def decoder_layers(model) -> list:
     return [m for m in base.modules() if type(m).__name__ in names]
 
 
-# attention kernels as torch dispatches them (flash-attn's own kernels are matched by name)
+# attention kernels as torch dispatches them (flash-attn's own kernels by their op namespace)
 ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
                  "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
 
@@ -92,21 +92,20 @@ ATTENTION_OPS = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_eff
 def keep_attention_outputs(model) -> int:
     """Each checkpointed decoder layer saves its attention kernel's outputs in the forward pass, so
     that the recompute in backward skips attention (norms, projections and MLP are recomputed as
-    before). Call once checkpointing is enabled; returns the number of layers changed."""
+    before). Call once checkpointing is enabled."""
     import torch
     from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
     ops = {getattr(torch.ops.aten, name).default for name in ATTENTION_OPS if hasattr(torch.ops.aten, name)}
 
-    def policy(ctx, op, *args, **kwargs):
-        keep = op in ops or "flash_attn" in str(op)
+    def policy(ctx, op, *args, **kwargs):  # runs for every op of a checkpointed layer: no string work
+        keep = op in ops or getattr(op, "namespace", "").startswith("flash_attn")
         return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
 
-    layers = [layer for layer in decoder_layers(model) if layer.gradient_checkpointing]
-    for layer in layers:
-        layer._gradient_checkpointing_func = partial(
-            layer._gradient_checkpointing_func, context_fn=partial(create_selective_checkpoint_contexts, policy))
-    return len(layers)
+    context = partial(create_selective_checkpoint_contexts, policy)
+    for layer in decoder_layers(model):
+        if layer.gradient_checkpointing:
+            layer._gradient_checkpointing_func = partial(layer._gradient_checkpointing_func, context_fn=context)
 
 
 class CheckpointedLayers(TrainerCallback):

@@ -133,7 +133,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     checkpointed = CheckpointedLayers(t.checkpoint_layers, t.checkpoint_attention)
     trainer = SFTTrainer(
         model=model, args=args, processing_class=tokenizer,
-        callbacks=[logger, stopper, guard] + [checkpointed] * checkpointing,
+        callbacks=[logger, stopper, guard] + ([checkpointed] if checkpointing else []),
         data_collator=partial(collate_packed, pad_id=tokenizer.pad_token_id,
                               one_row="flash" in cfg.model.attn_implementation.value) if cfg.data.packing else None,
         train_dataset=Dataset.from_list(train_rows),
