@@ -267,6 +267,8 @@ class TrainConfig:
     """CPU: the LM head's loss in 1024 x 8192 tiles instead of 4096 x 32768 (same loss, less memory)."""
     compile: Switch = Switch.auto
     """torch.compile each decoder layer: auto = on CPU for runs of 200+ steps (a minute to compile, then ~1.2x)."""
+    liger_kernels: bool = False
+    """GPU: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (pip install 'qlora[liger]'); same loss."""
     nan_policy: NanPolicy = NanPolicy.stop
     """A non-finite loss or gradient: stop (keeping the last good checkpoint) or skip that step."""
 

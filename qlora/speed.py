@@ -19,12 +19,17 @@ unchanged (tests/integration/test_speed.py).
   checkpointing through `activation_checkpointing_enable` of the model inside: the key then reaches
   the decoder layers' forward as an unused argument and nothing is kept. We set torch's
   selective-checkpoint context on each checkpointed layer once the Trainer has enabled checkpointing.
+- Liger's kernels on GPUs (train.liger_kernels): transformers' Trainer applies them when training
+  starts (TRL leaves out Liger's fused loss, as it has its own); we check beforehand what would make
+  them fail or do nothing: a CPU, the package missing, a model type Liger has no kernels for.
 """
 from __future__ import annotations
 
 import importlib
+import json
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Optional
 
 from transformers import TrainerCallback
@@ -125,6 +130,11 @@ class CheckpointedLayers(TrainerCallback):
         if self.keep_attention:
             keep_attention_outputs(model)
 
+    def count(self, model) -> int:
+        """The layers training checkpoints, without training: for a resumed run with only its wrap-up left."""
+        n = len(decoder_layers(model))
+        return n if self.first is None else min(self.first, n)
+
 
 def compile_problem(device: str) -> Optional[str]:
     """Why torch.compile cannot build kernels on this device (on CPU: a C++ compiler and the Python
@@ -155,6 +165,28 @@ def compile_wanted(setting, device: str, steps: int) -> bool:
     if problem:
         say(f"train.compile=auto: torch.compile cannot build kernels here ({problem}); training without it")
     return problem is None
+
+
+def liger_wanted(enabled: bool, device: str, model_path: str) -> bool:
+    """train.liger_kernels resolved for this run, before the model loads: true only where Liger's
+    kernels would be applied; a setting they cannot honour stops with the reason."""
+    from qlora.errors import UserError
+
+    if not enabled:
+        return False
+    if device != "cuda":
+        raise UserError("train.liger_kernels=true: Liger's kernels are Triton kernels for GPUs; on CPU set "
+                        "train.liger_kernels=false")
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as e:
+        raise UserError(f"train.liger_kernels=true needs the liger-kernel package ({e}): pip install "
+                        "'qlora[liger]', or set train.liger_kernels=false") from None
+    model_type = json.loads((Path(model_path) / "config.json").read_text()).get("model_type")
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        raise UserError(f"train.liger_kernels=true: Liger has no kernels for model type {model_type!r} (it has "
+                        f"{', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))}); set train.liger_kernels=false")
+    return True
 
 
 @contextmanager

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from functools import partial
 from datetime import datetime
@@ -59,7 +60,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
-    from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, small_head_tiles,
+    from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, liger_wanted, small_head_tiles,
                              trained_positions_only_on_cpu)
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
@@ -80,6 +81,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
 
     t_load = time.perf_counter()
     path = resolve_model(cfg.model.name_or_path)
+    liger = liger_wanted(t.liger_kernels, device, path)
     train_ex, eval_ex, stats = split_examples(cfg.data, t.seed)
     tokenizer = load_tokenizer(path, cfg.model, chat=any(ex.messages for ex in train_ex + eval_ex))
     kept: list = []
@@ -129,15 +131,17 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     logger = RunLogger(run_dir, started)
     stopper = StopOnSignal()
     guard = NonFiniteGuard(t.nan_policy.value, scaler_owns_overflow=device == "cuda" and dtype == torch.float16)
-    args = trainer_args(cfg, run_dir, device, dtype, checkpointing, optim, has_eval=bool(eval_rows))
+    args = trainer_args(cfg, run_dir, device, dtype, checkpointing, optim, liger, has_eval=bool(eval_rows))
     checkpointed = CheckpointedLayers(t.checkpoint_layers, t.checkpoint_attention)
-    trainer = SFTTrainer(
-        model=model, args=args, processing_class=tokenizer,
-        callbacks=[logger, stopper, guard] + ([checkpointed] if checkpointing else []),
-        data_collator=partial(collate_packed, pad_id=tokenizer.pad_token_id,
-                              one_row="flash" in cfg.model.attn_implementation.value) if cfg.data.packing else None,
-        train_dataset=Dataset.from_list(train_rows),
-        eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
+    with warnings.catch_warnings():  # TRL's note that its Liger switch goes in TRL 2: our pins hold TRL 1
+        warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
+        trainer = SFTTrainer(
+            model=model, args=args, processing_class=tokenizer,
+            callbacks=[logger, stopper, guard] + ([checkpointed] if checkpointing else []),
+            data_collator=partial(collate_packed, pad_id=tokenizer.pad_token_id,
+                                  one_row="flash" in cfg.model.attn_implementation.value) if cfg.data.packing else None,
+            train_dataset=Dataset.from_list(train_rows),
+            eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
     if not fsdp:  # FSDP flattens one dtype per shard: there LoRA stays in the compute dtype
         keep_trainable_fp32(trainer.model)  # undo TRL's bf16 cast of LoRA weights on quantized models
 
@@ -155,6 +159,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     try:
         if finished:
             load_checkpoint(trainer, Path(resume_from))
+            checkpointed.layers = checkpointed.count(trainer.model) if checkpointing else 0
         else:
             with trained_positions_only_on_cpu(t.score_trained_only), \
                     compiled_layers(trainer.model, compiling) as compiled, \
@@ -198,7 +203,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         peak_memory_gb=round(peak_memory_gb(device), 3),
         device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
-        checkpointed_layers=checkpointed.layers,
+        checkpointed_layers=checkpointed.layers, liger_kernels=liger,
         compiled_layers=compiled,
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
@@ -266,7 +271,7 @@ def resume_command(run_dir: Path) -> str:
 
 
 def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpointing: bool, optim: str,
-                 has_eval: bool):
+                 liger: bool, has_eval: bool):
     """TRL's SFTConfig from our keys, with the flags each device needs."""
     import torch
     from trl import SFTConfig
@@ -292,7 +297,7 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         activation_checkpointing_kwargs=checkpoint_kwargs(t) if checkpointing else None,
         # AMP on GPUs only: on CPU the compute dtype is fp32 and LoRA weights are fp32
         bf16=device == "cuda" and dtype == torch.bfloat16, fp16=device == "cuda" and dtype == torch.float16,
-        use_cpu=device == "cpu", report_to=reporters or "none", dataloader_num_workers=0,
+        use_cpu=device == "cpu", use_liger_kernel=liger, report_to=reporters or "none", dataloader_num_workers=0,
         packing=False, dataset_num_proc=None, ddp_find_unused_parameters=False,
         # kept in checkpoints, so a resumed run counts on
         include_num_input_tokens_seen="non_padding",

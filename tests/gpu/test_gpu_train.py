@@ -54,3 +54,19 @@ def test_checkpointing_levers_train_as_full_checkpointing_on_gpu(tiny_model, tin
         lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in lines if "loss" in r]
     assert losses["lever"] == pytest.approx(losses["full"], rel=2e-2)
+
+
+def test_liger_kernels_train_as_the_model_s_own_layers_on_gpu(tiny_model, tiny_data, tmp_path):
+    """train.liger_kernels=true: the norms, SwiGLU and RoPE run Liger's Triton kernels, for the losses
+    of transformers' own layers within bf16/fp16 rounding. Not yet run on a GPU."""
+    pytest.importorskip("liger_kernel", reason="the GPU extra: pip install 'qlora[liger]'")
+    losses, runs = {}, {}
+    for on in (True, False):
+        runs[on] = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / str(on),
+                                                       **{"train.liger_kernels": str(on).lower()})))
+        assert runs[on].report["liger_kernels"] is on
+        lines = [json.loads(x) for x in (runs[on].run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[on] = [r["loss"] for r in lines if "loss" in r]
+    norms = {type(m).__name__: m._get_name() for m in runs[True].trainer.model.modules() if "RMSNorm" in type(m).__name__}
+    assert norms and set(norms.values()) == {"LigerRMSNorm"}, norms
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)

@@ -57,6 +57,8 @@ CATALOGUE = [
     ("offloading checkpoints on CPU", lambda c: train(c, **{"train.gradient_checkpointing": "true",
                                                            "train.offload_checkpoints": "true"}), 2,
      "train.offload_checkpoints=true moves checkpointed activations off a GPU"),
+    ("Liger kernels on CPU", lambda c: train(c, **{"train.liger_kernels": "true"}), 2,
+     "train.liger_kernels=true: Liger's kernels are Triton kernels for GPUs"),
     ("adapter folder missing", lambda c: ["generate", f"adapter={c['d'] / 'nope'}", "prompt=hi"], 2,
      "no adapter_config.json"),
     ("adapter without weights", lambda c: ["chat", f"adapter={c['d'] / 'adapter_no_weights'}"], 2,

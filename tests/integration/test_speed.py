@@ -1,11 +1,14 @@
 """Every speed lever leaves training where it was: same losses and adapter with it on and off."""
+import importlib.util
 import json
+import shutil
 
 import pytest
 from safetensors.torch import load_file
 
 from qlora.cli import compose
-from qlora.speed import decoder_layers
+from qlora.errors import UserError
+from qlora.speed import decoder_layers, liger_wanted
 from qlora.train import fit
 from tests.conftest import tiny_overrides
 
@@ -106,3 +109,33 @@ def test_checkpointing_levers_train_as_full_checkpointing(fully_checkpointed, ti
     a = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(full.run_dir / "adapter" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_a_resumed_wrap_up_reports_the_layers_its_training_checkpointed(fully_checkpointed, tiny_model, tiny_data,
+                                                                       tmp_path):
+    full, _ = fully_checkpointed
+    out = tmp_path / "run"
+    shutil.copytree(full.run_dir, out)
+    for name in ("adapter", "report.json", "loss.png"):  # killed after its final checkpoint
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    extra = {"train.gradient_checkpointing": "true", "resume": "auto"}
+    run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, out, **extra)))
+    assert run.report["steps"] == full.report["steps"]
+    assert run.report["checkpointed_layers"] == full.report["checkpointed_layers"] == 2
+
+
+def test_liger_kernels_stop_before_the_model_loads_where_they_cannot_run(tiny_model, tmp_path):
+    assert liger_wanted(False, "cpu", str(tiny_model)) is False
+    with pytest.raises(UserError, match="Liger's kernels are Triton kernels for GPUs"):
+        liger_wanted(True, "cpu", str(tiny_model))
+    if importlib.util.find_spec("liger_kernel") is None:  # CI: the GPU-only extra is not installed
+        with pytest.raises(UserError, match=r"needs the liger-kernel package .*pip install 'qlora\[liger\]'"):
+            liger_wanted(True, "cuda", str(tiny_model))
+    else:
+        other = tmp_path / "model"
+        other.mkdir()
+        (other / "config.json").write_text('{"model_type": "no-such-model"}')
+        with pytest.raises(UserError, match="Liger has no kernels for model type 'no-such-model'"):
+            liger_wanted(True, "cuda", str(other))
+        assert liger_wanted(True, "cuda", str(tiny_model)) is True
