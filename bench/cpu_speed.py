@@ -8,7 +8,8 @@ gradient checkpointing). qlora runs the same model, rows, LoRA shape, batch and 
 (TRL's learning rate and schedule), training every token (data.loss_on=all) as the plain stack
 does, so the two loss curves compare; everything else is qlora's defaults.
 
-usage: python bench/cpu_speed.py [--models smollm2,tiny] [--steps 8] [--reps 2] [--out bench/results/cpu_speed.json]
+usage: python bench/cpu_speed.py [--models smollm2,tiny] [--cases plain,qlora,...] [--steps 8] [--reps 2]
+                                 [--out bench/results/cpu_speed.json]
 
 Each case runs in its own process, `--reps` times, alternating. tokens/s = non-padding tokens
 trained through / seconds of the training loop; "warm" tokens/s leaves the first step out (it holds
@@ -28,6 +29,8 @@ LORA = dict(r=8, lora_alpha=16)
 # with train.compile=true (which auto leaves off for runs this short); qlora-assistant: qlora's default
 # loss (assistant tokens only, as chat fine-tuning should), whose loss curve differs by design
 CASES = ("plain", "qlora", "qlora-compiled", "qlora-assistant")
+# one lever off, for what it contributes (--cases qlora,qlora-trl-head-tiles): TRL's own head tiles
+EXTRA_CASES = {"qlora-trl-head-tiles": ["train.head_tiles_in_place=false"]}
 
 
 def tiny_model(folder: Path) -> Path:
@@ -86,7 +89,8 @@ def plain_stack(model_path: str, data: str, steps: int, out: str) -> dict:
     return dict(tokens=int(clock["tokens"]), seconds=seconds, losses=losses, series=clock["series"])
 
 
-def qlora(model_path: str, data: str, steps: int, out: str, loss_on: str = "all", compile: bool = False) -> dict:
+def qlora(model_path: str, data: str, steps: int, out: str, loss_on: str = "all", compile: bool = False,
+          extra: tuple = ()) -> dict:
     from qlora.cli import compose
     from qlora.train import fit
 
@@ -97,7 +101,8 @@ def qlora(model_path: str, data: str, steps: int, out: str, loss_on: str = "all"
                             # TRL's defaults, so that the loss curves compare
                             "train.learning_rate=2e-5", "train.lr_scheduler_type=linear", "train.warmup_ratio=0",
                             "train.max_grad_norm=1.0",
-                            f"train.compile={str(compile).lower()}", "eval.exact_match=false", f"output_dir={out}"])
+                            f"train.compile={str(compile).lower()}", "eval.exact_match=false", f"output_dir={out}",
+                            *extra])
     run = fit(cfg)
     lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     return dict(tokens=run.report["train_tokens"], seconds=run.report["train_seconds"],
@@ -112,6 +117,8 @@ def one_case(case: str, model_path: str, data: str, steps: int) -> None:
             r = qlora(model_path, data, steps, out, loss_on="assistant")
         elif case == "qlora-compiled":
             r = qlora(model_path, data, steps, out, compile=True)
+        elif case in EXTRA_CASES:
+            r = qlora(model_path, data, steps, out, extra=EXTRA_CASES[case])
         else:
             r = {"plain": plain_stack, "qlora": qlora}[case](model_path, data, steps, out)
     r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -131,6 +138,8 @@ def run_case(case, model_path, data, steps) -> dict:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,tiny")
+    ap.add_argument("--cases", default=",".join(CASES), help="the first is the ratios' baseline; besides "
+                    f"{', '.join(CASES)}: {', '.join(EXTRA_CASES)}")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="bench/results/cpu_speed.json")
@@ -140,6 +149,8 @@ def main():
     a = ap.parse_args()
     if a.child:
         return one_case(a.child, a.model_path, a.data, a.steps)
+    cases = a.cases.split(",")
+    baseline = cases[0]  # the ratios' denominator
 
     from qlora.models import resolve_model
 
@@ -149,37 +160,39 @@ def main():
         for name in a.models.split(","):
             path = resolve_model("smollm2-135m-instruct") if name == "smollm2" else str(tiny_model(Path(tmp) / "tiny"))
             for rep in range(a.reps):
-                for case in CASES:
+                for case in cases:
                     r = run_case(case, path, data, a.steps)
                     (t0, n0), (t1, n1) = r["series"][0], r["series"][-1]
                     r.update(model=name, case=case, rep=rep, tokens_per_second=r["tokens"] / r["seconds"],
                              warm_tokens_per_second=(n1 - n0) / (t1 - t0))
                     results.append(r)
-                    print(f"{name:8} {case:16} rep {rep}: {r['tokens_per_second']:7.1f} tokens/s "
+                    print(f"{name:8} {case:20} rep {rep}: {r['tokens_per_second']:7.1f} tokens/s "
                           f"({r['warm_tokens_per_second']:.1f} warm), {r['seconds'] / a.steps:6.2f} s/step, "
                           f"peak {r['peak_rss_gb']:.2f} GB", flush=True)
-    print(f"\n{'model':8} {'case':16} {'tokens/s':>9} {'s/step':>7} {'peak GB':>8} {'ratio':>6} {'warm':>8} "
+    print(f"\n{'model':8} {'case':20} {'tokens/s':>9} {'s/step':>7} {'peak GB':>8} {'ratio':>6} {'warm':>8} "
           f"{'ratio':>6}   losses (first, last)")
     summary = []
     for name in a.models.split(","):
         best = {}
-        for case in CASES:
+        for case in cases:
             rs = [r for r in results if r["model"] == name and r["case"] == case]
             best[case] = max(rs, key=lambda r: r["tokens_per_second"])  # the best of the repetitions
-        for case in CASES:
+        for case in cases:
             r = best[case]
-            ratio = r["tokens_per_second"] / best["plain"]["tokens_per_second"]
+            ratio = r["tokens_per_second"] / best[baseline]["tokens_per_second"]
             warm = max(x["warm_tokens_per_second"] for x in results if x["model"] == name and x["case"] == case)
-            warm_plain = max(x["warm_tokens_per_second"] for x in results if x["model"] == name and x["case"] == "plain")
+            warm_plain = max(x["warm_tokens_per_second"] for x in results
+                             if x["model"] == name and x["case"] == baseline)
             summary.append(dict(model=name, case=case, tokens_per_second=round(r["tokens_per_second"], 2),
                                 seconds_per_step=round(r["seconds"] / a.steps, 3), peak_rss_gb=round(r["peak_rss_gb"], 3),
                                 ratio=round(ratio, 2), warm_tokens_per_second=round(warm, 2),
                                 warm_ratio=round(warm / warm_plain, 2), losses=[round(x, 4) for x in r["losses"]]))
-            print(f"{name:8} {case:16} {r['tokens_per_second']:9.1f} {r['seconds'] / a.steps:7.2f} "
+            print(f"{name:8} {case:20} {r['tokens_per_second']:9.1f} {r['seconds'] / a.steps:7.2f} "
                   f"{r['peak_rss_gb']:8.2f} {ratio:6.2f} {warm:8.1f} {warm / warm_plain:6.2f}   "
                   f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(dict(steps=a.steps, reps=a.reps, summary=summary, runs=results), indent=2) + "\n")
+    Path(a.out).write_text(json.dumps(dict(steps=a.steps, reps=a.reps, baseline=baseline, summary=summary,
+                                           runs=results), indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,10 @@ unchanged (tests/integration/test_speed.py).
   CPU its backward holds about ten fp32 temporaries of a tile, 0.27 GB each at 2048 tokens.
   1024 x 8192 tiles keep them at 34 MB for the same loss (the tiles are summed exactly as before,
   up to float rounding) and the same speed.
+- LM-head tiles worked in place on CPU (train.head_tiles_in_place). TRL's torch fallback for its
+  head kernels makes a dozen tile-sized temporaries per tile (scaling by factors that are 1, masks,
+  copies); ours makes one or two and gives the same numbers: the max, exp and sums in the forward
+  (top-1 accuracy from each tile's maximum), exp and a scaled subtraction in the backward.
 - Checkpoint the first n layers only (train.checkpoint_layers): transformers offers every n-th
   layer (`every_n_layers`), which leaves nothing between all layers and half of them.
 - Keep attention outputs under checkpointing (train.checkpoint_attention). TRL offers this
@@ -79,6 +83,75 @@ def small_head_tiles(enabled: bool = True):
     ck = _trl_module("trl.kernels.chunked_logprob") if enabled else None
     tu = _trl_module("trl.trainer.utils") if enabled else None
     with _swapped(ck, TOKEN_CHUNK_SIZE=tokens), _swapped(tu, _CHUNKED_LOGPROB_CHUNK_SIZE=vocab):
+        yield
+
+
+def _forward_tile_in_place(original, tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp,
+                           z_sum, max_before_target, target_logit, vocab_start, n_cols, logit_scale, softcap, inv_t,
+                           HAS_SOFTCAP, HAS_ENTROPY, HAS_LOG_SUM_SQ_PROBS, HAS_MEAN_LOGITS, HAS_IS_TOP1, BLOCK_SIZE):
+    """TRL's forward fold of one (tokens x vocabulary columns) tile of logits into running max, sum of
+    exponentials, entropy and target sums; the tile is scratch (TRL computes it again in backward)."""
+    import torch
+
+    plain = tile.dtype == torch.float32 and not (HAS_SOFTCAP or HAS_LOG_SUM_SQ_PROBS or HAS_MEAN_LOGITS) \
+        and logit_scale == 1 and inv_t == 1
+    if not plain:
+        return original(tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum,
+                        max_before_target, target_logit, vocab_start, n_cols, logit_scale, softcap, inv_t,
+                        HAS_SOFTCAP, HAS_ENTROPY, HAS_LOG_SUM_SQ_PROBS, HAS_MEAN_LOGITS, HAS_IS_TOP1, BLOCK_SIZE)
+    local = targets - vocab_start
+    here = (local >= 0) & (local < n_cols)
+    target_logit.copy_(torch.where(here, tile.gather(-1, local.clamp(0, n_cols - 1).unsqueeze(-1)).squeeze(-1),
+                                   target_logit))
+    tile_max = tile.amax(-1)
+    if HAS_IS_TOP1:
+        # a top-1 hit: the target is the first column with the row's largest logit. TRL keeps the max of
+        # all columns before the target; the same decision needs less. A tile wholly before the target
+        # adds its maximum. The target's own tile adds its maximum only where that first occurs before
+        # the target (argmax gives the first); else nothing before the target reaches its value, or the
+        # target is below the maximum and misses anyway
+        before = local >= n_cols
+        rows = here.nonzero().squeeze(-1)
+        before[rows] = tile[rows].argmax(-1) < local[rows]
+        max_before_target.copy_(torch.where(before, torch.maximum(max_before_target, tile_max), max_before_target))
+    new_max = torch.maximum(running_max, tile_max)
+    rescale = torch.exp(running_max - new_max)
+    shifted = tile.sub_(new_max.unsqueeze(-1))
+    e = torch.exp(shifted)
+    tile_sum = e.sum(-1)
+    sum_exp.mul_(rescale).add_(tile_sum)
+    if HAS_ENTROPY:  # sum(e * logits) = sum(e * shifted) + max * sum(e)
+        x_sum_exp.mul_(rescale).add_(shifted.mul_(e).sum(-1) + new_max * tile_sum)
+    running_max.copy_(new_max)
+
+
+def _backward_tile_in_place(original, tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy,
+                            vocab_start, n_cols, logit_scale, softcap, inv_t, HAS_SOFTCAP, HAS_LOGPROB_GRAD,
+                            HAS_ENTROPY_GRAD, BLOCK_SIZE):
+    """TRL's backward of one tile: the tile of logits becomes its gradient, g * (1[target] - p)."""
+    import torch
+
+    plain = tile.dtype == torch.float32 and HAS_LOGPROB_GRAD and not (HAS_SOFTCAP or HAS_ENTROPY_GRAD) \
+        and logit_scale == 1 and inv_t == 1
+    if not plain:
+        return original(tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy, vocab_start, n_cols,
+                        logit_scale, softcap, inv_t, HAS_SOFTCAP, HAS_LOGPROB_GRAD, HAS_ENTROPY_GRAD, BLOCK_SIZE)
+    tile.sub_(log_z.unsqueeze(-1)).exp_().mul_(-grad_logprobs.unsqueeze(-1))
+    local = targets - vocab_start
+    rows = ((local >= 0) & (local < n_cols)).nonzero().squeeze(-1)
+    tile[rows, local[rows]] += grad_logprobs[rows]
+
+
+@contextmanager
+def head_tiles_in_place(enabled: bool = True):
+    """Within the block, TRL's chunked LM head works its tiles in place when it runs without Triton
+    (CPUs); anything but the plain fp32 log-probability goes to TRL's own code."""
+    ck = _trl_module("trl.kernels.chunked_logprob") if enabled else None
+    if ck is None or not all(hasattr(ck, k) for k in ("_forward_tile", "_backward_tile")):
+        yield
+        return
+    with _swapped(ck, _forward_tile=partial(_forward_tile_in_place, ck._forward_tile),
+                  _backward_tile=partial(_backward_tile_in_place, ck._backward_tile)):
         yield
 
 

@@ -60,8 +60,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
-    from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, liger_wanted, small_head_tiles,
-                             trained_positions_only_on_cpu)
+    from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, head_tiles_in_place, liger_wanted,
+                             small_head_tiles, trained_positions_only_on_cpu)
     from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
 
     datasets.disable_progress_bars()  # our own lines say what the data holds
@@ -163,7 +163,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         else:
             with trained_positions_only_on_cpu(t.score_trained_only), \
                     compiled_layers(trainer.model, compiling) as compiled, \
-                    small_head_tiles(t.small_head_tiles and device == "cpu"):
+                    small_head_tiles(t.small_head_tiles and device == "cpu"), \
+                    head_tiles_in_place(t.head_tiles_in_place and device == "cpu"):
                 trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
         raise WorkError("out of memory: lower train.per_device_train_batch_size or train.max_length, or set "

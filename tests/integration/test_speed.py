@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import shutil
+from functools import partial
 
 import pytest
 from safetensors.torch import load_file
@@ -13,12 +14,61 @@ from qlora.train import fit
 from tests.conftest import tiny_overrides
 
 
-def losses(run):
+def metrics(run, key):
     lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in lines if "loss" in r]
+    return [r[key] for r in lines if key in r]
 
 
-@pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles",
+def losses(run):
+    return metrics(run, "loss")
+
+
+def test_head_tiles_worked_in_place_give_trl_s_numbers():
+    """Tile by tile against TRL's own torch code, targets at tile edges and ties for the top token
+    within and across tiles (top-1 counts only the first maximum)."""
+    import math
+
+    import torch
+    from trl.kernels import chunked_logprob as ck
+
+    from qlora.speed import _backward_tile_in_place, _forward_tile_in_place
+
+    torch.manual_seed(0)
+    tokens, cols, vocab = 40, 64, 256
+    logits = torch.randn(tokens, vocab) * 3
+    targets = torch.randint(0, vocab, (tokens,))
+    targets[:6] = torch.tensor([0, 63, 64, 255, 10, 200])
+    logits[4, [3, 10]] = logits[5, [70, 200]] = 20.0  # the target ties an earlier column: no hit
+    logits[6, [10, 100]] = 20.0
+    targets[6] = 10  # the target ties a later column: a hit
+    logits[7, 30] = 20.0
+    targets[7] = 30
+    flags = dict(logit_scale=1.0, softcap=1.0, inv_t=1.0, HAS_SOFTCAP=False, HAS_ENTROPY=True,
+                 HAS_LOG_SUM_SQ_PROBS=False, HAS_MEAN_LOGITS=False, HAS_IS_TOP1=True, BLOCK_SIZE=0)
+    sums = {}
+    for name, fold in (("trl", ck._forward_tile), ("ours", partial(_forward_tile_in_place, ck._forward_tile))):
+        s = [torch.full((tokens,), -math.inf)] + [torch.zeros(tokens) for _ in range(4)] + \
+            [torch.full((tokens,), -math.inf), torch.zeros(tokens)]
+        for start in range(0, vocab, cols):
+            fold(logits[:, start:start + cols].clone(), cols, targets, *s, start, cols, **flags)
+        running_max, sum_exp, x_sum_exp, _, _, before, target = s
+        sums[name] = dict(log_z=running_max + sum_exp.log(), entropy=x_sum_exp / sum_exp, target=target,
+                          top1=(target >= running_max) & (target > before))
+    assert sums["ours"]["top1"].tolist() == sums["trl"]["top1"].tolist()
+    assert sums["trl"]["top1"][[4, 5, 6, 7]].tolist() == [False, False, True, True]
+    for key in ("log_z", "entropy", "target"):
+        assert torch.allclose(sums["ours"][key], sums["trl"][key], rtol=1e-6, atol=1e-5), key
+    log_z, grad = sums["trl"]["log_z"], torch.rand(tokens)
+    back = dict(logit_scale=1.0, softcap=1.0, inv_t=1.0, HAS_SOFTCAP=False, HAS_LOGPROB_GRAD=True,
+                HAS_ENTROPY_GRAD=False, BLOCK_SIZE=0)
+    for start in range(0, vocab, cols):
+        theirs, ours = logits[:, start:start + cols].clone(), logits[:, start:start + cols].clone()
+        ck._backward_tile(theirs, cols, targets, log_z, log_z, grad, log_z, start, cols, **back)
+        _backward_tile_in_place(ck._backward_tile, ours, cols, targets, log_z, log_z, grad, log_z, start, cols, **back)
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles", "train.head_tiles_in_place",
                                    pytest.param("train.compile", marks=pytest.mark.slow)])
 def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever, monkeypatch):
     # the tiny model's ~400-word vocabulary and 4 x 128 batches fit in one real tile: split them here
@@ -32,6 +82,8 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
         layers = decoder_layers(runs[True].trainer.model)
         assert len(layers) == 2 and not any("forward" in vars(m) for m in layers)
     assert losses(runs[True]) == pytest.approx(losses(runs[False]), abs=1e-5)
+    assert metrics(runs[True], "entropy") == pytest.approx(metrics(runs[False], "entropy"), abs=1e-5)
+    assert metrics(runs[True], "mean_token_accuracy") == metrics(runs[False], "mean_token_accuracy")
     a = load_file(str(runs[True].run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(runs[False].run_dir / "adapter" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
