@@ -181,14 +181,14 @@ def main():
             r = best[case]
             ratio = r["tokens_per_second"] / best[baseline]["tokens_per_second"]
             warm = max(x["warm_tokens_per_second"] for x in results if x["model"] == name and x["case"] == case)
-            warm_plain = max(x["warm_tokens_per_second"] for x in results
+            warm_base = max(x["warm_tokens_per_second"] for x in results
                              if x["model"] == name and x["case"] == baseline)
             summary.append(dict(model=name, case=case, tokens_per_second=round(r["tokens_per_second"], 2),
                                 seconds_per_step=round(r["seconds"] / a.steps, 3), peak_rss_gb=round(r["peak_rss_gb"], 3),
                                 ratio=round(ratio, 2), warm_tokens_per_second=round(warm, 2),
-                                warm_ratio=round(warm / warm_plain, 2), losses=[round(x, 4) for x in r["losses"]]))
+                                warm_ratio=round(warm / warm_base, 2), losses=[round(x, 4) for x in r["losses"]]))
             print(f"{name:8} {case:20} {r['tokens_per_second']:9.1f} {r['seconds'] / a.steps:7.2f} "
-                  f"{r['peak_rss_gb']:8.2f} {ratio:6.2f} {warm:8.1f} {warm / warm_plain:6.2f}   "
+                  f"{r['peak_rss_gb']:8.2f} {ratio:6.2f} {warm:8.1f} {warm / warm_base:6.2f}   "
                   f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(steps=a.steps, reps=a.reps, baseline=baseline, summary=summary,
