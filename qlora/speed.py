@@ -147,11 +147,8 @@ def head_tiles_in_place(enabled: bool = True):
     """Within the block, TRL's chunked LM head works its tiles in place when it runs without Triton
     (CPUs); anything but the plain fp32 log-probability goes to TRL's own code."""
     ck = _trl_module("trl.kernels.chunked_logprob") if enabled else None
-    if ck is None or not all(hasattr(ck, k) for k in ("_forward_tile", "_backward_tile")):
-        yield
-        return
-    with _swapped(ck, _forward_tile=partial(_forward_tile_in_place, ck._forward_tile),
-                  _backward_tile=partial(_backward_tile_in_place, ck._backward_tile)):
+    with _swapped(ck, _forward_tile=partial(_forward_tile_in_place, getattr(ck, "_forward_tile", None)),
+                  _backward_tile=partial(_backward_tile_in_place, getattr(ck, "_backward_tile", None))):
         yield
 
 
