@@ -29,8 +29,10 @@ LORA = dict(r=8, lora_alpha=16)
 # with train.compile=true (which auto leaves off for runs this short); qlora-assistant: qlora's default
 # loss (assistant tokens only, as chat fine-tuning should), whose loss curve differs by design
 CASES = ("plain", "qlora", "qlora-compiled", "qlora-assistant")
-# one lever off, for what it contributes (--cases qlora,qlora-trl-head-tiles): TRL's own head tiles
-EXTRA_CASES = {"qlora-trl-head-tiles": ["train.head_tiles_in_place=false"]}
+# one lever off, for what it contributes (--cases qlora,qlora-trl-head-tiles): TRL's own head tiles;
+# PEFT's own LoRA forward
+EXTRA_CASES = {"qlora-trl-head-tiles": ["train.head_tiles_in_place=false"],
+               "qlora-peft-lora": ["train.fused_lora=false"]}
 
 
 def tiny_model(folder: Path) -> Path:

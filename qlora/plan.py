@@ -11,15 +11,16 @@ The estimate adds up what training holds at its peak, from the model's shape alo
   each checkpointed layer's input (none on the GPU when offloaded; one more hidden value where its
   attention output is kept) plus one layer recomputed, and all of it for the layers not checkpointed;
 - logits: on GPUs TRL's fused head holds only fp32 copies of the hidden states it scores; on CPU
-  a measured per-token term (about 6.9 fp32 rows of the vocabulary per token with the head in
-  small tiles, 11 with TRL's own tiles): the head's temporaries and what the allocator keeps;
+  a measured per-token term (about 2.5 fp32 rows of the vocabulary per token with the head in
+  small tiles, 3.7 with TRL's own tiles; 6.9 and 11 with PEFT's own LoRA forward, whose many
+  temporaries leave glibc holding more): the head's temporaries and what the allocator keeps;
 - on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS.
 
 Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
 
 Calibrated on CPU against the high end of measured peak RSS, which moves run to run with how glibc
-reuses freed memory (SmolLM2 with one malloc arena, 512 to 2048 tokens: 2.5 to 6.4 GiB, each
-estimate within 11% of the highest run; tests/integration/test_plan.py keeps two cases within 15%
+reuses freed memory (SmolLM2 with one malloc arena, 512 to 4096 tokens: 2.0 to 4.8 GiB, each
+estimate within 12% of the highest run; tests/integration/test_plan.py keeps two cases within 15%
 of the highest of three runs). On GPUs: against the plain stack's CUDA peaks in
 shared/bench/README.md (TinyLlama-1.1B 2048 x 8: 3.53 estimated vs 3.85 GiB; Llama-3-8B 2048 x 4:
 9.23 vs 9.52 GiB) and qlora's own TinyLlama run on an H200 (3.53 vs 3.86 GiB); other GPUs and
@@ -40,6 +41,8 @@ GiB = 2 ** 30
 GPUS: Dict[str, float] = {"T4": 14.7, "A10G": 22.0, "L4": 22.0, "A100-40": 39.0, "A100-80": 78.5, "H100": 78.5}
 BF16 = {"T4": False, "A10G": True, "L4": True, "A100-40": True, "A100-80": True, "H100": True}
 CPU_PROCESS_GB = 0.46  # RSS of Python with torch, transformers, peft, trl, bitsandbytes and datasets imported (measured)
+# fp32 rows of the vocabulary a token adds to CPU peak RSS, by (train.fused_lora, train.small_head_tiles) (measured)
+CPU_HEAD_ROWS = {(True, True): 2.5, (True, False): 3.7, (False, True): 6.9, (False, False): 11.0}
 
 
 @dataclass
@@ -113,8 +116,10 @@ class Estimate:
 def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing: bool, optim: str,
              device: str, double_quant: bool = True, load_in_4bit: bool = True, packing: bool = False,
              model_file_gb: float = 0.0, small_head_tiles: bool = True, checkpoint_layers: Optional[int] = None,
-             checkpoint_attention: bool = False, offload_checkpoints: bool = False) -> Estimate:
-    """Peak memory (GiB) of one training step, by component; the checkpoint_* settings as train.*."""
+             checkpoint_attention: bool = False, offload_checkpoints: bool = False,
+             fused_lora: bool = True) -> Estimate:
+    """Peak memory (GiB) of one training step, by component; the checkpoint_* settings as train.*,
+    fused_lora whether train.fused_lora applies (4-bit layers, no LoRA dropout)."""
     s = shape
     b = 4 if device == "cpu" else 2  # compute dtype bytes: fp32 on CPU, bf16/fp16 on GPUs
     linear = s.layers * sum(i * o for i, o in s.linears())
@@ -139,9 +144,10 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         "activations": act / GiB,
         # TRL's chunked head: on GPUs its fused Triton kernel never holds the logits, only fp32 copies
         # of the hidden states it scores (and their gradient). On CPU, measured peak RSS grows by about
-        # 6.9 (tokens x vocab) fp32 arrays beyond the other parts with train.small_head_tiles, 11
+        # 2.5 (tokens x vocab) fp32 arrays beyond the other parts with train.small_head_tiles, 3.7
         # without: the head's temporaries in its torch fallback, and memory glibc keeps from them
-        "logits": ((6.9 if small_head_tiles else 11) * tokens * s.vocab * 4 if device == "cpu"
+        # (6.9 and 11 without train.fused_lora: PEFT's temporaries leave glibc holding more)
+        "logits": (CPU_HEAD_ROWS[fused_lora, small_head_tiles] * tokens * s.vocab * 4 if device == "cpu"
                    else 2 * tokens * s.hidden * 4) / GiB,
     }
     if device == "cpu":  # RSS also counts the libraries
@@ -196,7 +202,9 @@ def plan_cli(cfg) -> int:
                         load_in_4bit=cfg.quant.load_in_4bit, packing=cfg.data.packing,
                         model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
                         small_head_tiles=t.small_head_tiles, checkpoint_layers=first,
-                        checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload)
+                        checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload,
+                        fused_lora=t.fused_lora and cfg.quant.load_in_4bit and cfg.lora.lora_dropout == 0
+                        and not cfg.lora.use_dora)
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")

@@ -15,6 +15,9 @@ unchanged (tests/integration/test_speed.py).
   head kernels makes a dozen tile-sized temporaries per tile (scaling by factors that are 1, masks,
   copies); ours makes one or two and gives the same numbers: the max, exp and sums in the forward
   (top-1 accuracy from each tile's maximum), exp and a scaled subtraction in the backward.
+- One autograd function for each 4-bit layer and its LoRA on CPU (train.fused_lora; the function
+  is in qlora/fused_lora.py): PEFT's separate nodes, its copy of the base output and the
+  temporaries of their backward go; the same products give the same numbers.
 - Checkpoint the first n layers only (train.checkpoint_layers): transformers offers every n-th
   layer (`every_n_layers`), which leaves nothing between all layers and half of them.
 - Keep attention outputs under checkpointing (train.checkpoint_attention). TRL offers this

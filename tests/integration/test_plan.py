@@ -91,10 +91,11 @@ def test_estimate_is_within_15_percent_of_the_measured_peak_on_cpu(tmp_path, bat
     6.2 to 8.1 GiB for batch 8 x 256 with its default per-thread arenas and TRL's own head tiles
     (this failed CI once). With one arena (MALLOC_ARENA_MAX=1, same speed) it stays near the high
     end, and the planner estimates that high end, the memory a user has to have, so the estimate is
-    checked against the highest of three runs. With the head's tiles worked in place, batch 8 x 256
-    measured 5.72 to 6.04 GiB without checkpointing and 3.87 to 4.34 with it (5 and 6 runs). Smaller
-    batches are left out: their peak is mostly the process and what loading left, and it spreads
-    wider than the test's margin (batch 4 x 256 with checkpointing: 2.14 to 2.69 GiB over 6 runs)."""
+    checked against the highest of three runs. With the head's tiles worked in place and the LoRA
+    layers fused (train.fused_lora), batch 8 x 256 measured 4.52 to 4.83 GiB without checkpointing
+    and 2.31 to 2.75 with it (5 runs each; 5.72-6.04 and 3.87-4.34 with PEFT's own LoRA forward).
+    Smaller batches are left out: their peak is mostly the process and what loading left, and it
+    spreads wider than the test's margin."""
     data = write_jsonl(tmp_path / "long.jsonl", _long_rows(32))
     peaks = []
     for run in range(3):

@@ -69,14 +69,24 @@ def test_head_tiles_worked_in_place_give_trl_s_numbers():
 
 
 @pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles", "train.head_tiles_in_place",
+                                   "train.fused_lora",
                                    pytest.param("train.compile", marks=pytest.mark.slow)])
 def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever, monkeypatch):
     # the tiny model's ~400-word vocabulary and 4 x 128 batches fit in one real tile: split them here
     monkeypatch.setattr("qlora.speed.CPU_HEAD_TILE", (96, 64))
-    runs = {}
+    fused = []  # the layers' passes through LoraMatmul4bit
+    if lever == "train.fused_lora":
+        from qlora.fused_lora import LoraMatmul4bit
+
+        monkeypatch.setattr(LoraMatmul4bit, "apply", partial(lambda apply, *a: fused.append(1) or apply(*a),
+                                                             LoraMatmul4bit.apply))
+    runs, passes = {}, {}
     for on in (True, False):
         cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / f"{on}", **{lever: str(on).lower()}))
         runs[on] = fit(cfg)
+        passes[on], fused[:] = len(fused), []
+    if lever == "train.fused_lora":  # each step, every LoRA layer (2 layers x 7), and only with the lever on
+        assert passes[True] >= 14 * len(losses(runs[True])) and passes[False] == 0
     if lever == "train.compile":  # both decoder layers were compiled, and are eager again after training
         assert (runs[True].report["compiled_layers"], runs[False].report["compiled_layers"]) == (2, 0)
         layers = decoder_layers(runs[True].trainer.model)

@@ -1,0 +1,124 @@
+"""train.fused_lora: a PEFT 4-bit LoRA layer trained through LoraMatmul4bit gives PEFT's numbers, and
+every case it does not compute goes to PEFT's own forward."""
+import pytest
+import torch
+
+from qlora.fused_lora import fused_lora
+
+
+class One(torch.nn.Module):
+    def __init__(self, n_in, n_out, bias):
+        super().__init__()
+        self.proj = torch.nn.Linear(n_in, n_out, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
+def lora_layer(n_in=96, n_out=160, bias=False, r=8, lora_alpha=16, dropout=0.0, seed=0):
+    """A PEFT LoRA layer over a bitsandbytes NF4 layer (double quant, fp32 compute), LoRA B not zero."""
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    dense = One(n_in, n_out, bias)
+    q = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.float32, quant_type="nf4",
+                          compress_statistics=True)
+    q.weight = bnb.nn.Params4bit(dense.proj.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                 compress_statistics=True)
+    if bias:
+        q.bias = torch.nn.Parameter(dense.proj.bias.data.clone(), requires_grad=False)
+    dense.proj = q.to("cpu")
+    dense.is_loaded_in_4bit = True  # as transformers marks a 4-bit model: PEFT then wraps the layer for bitsandbytes
+    model = get_peft_model(dense, LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=dropout, target_modules=["proj"]))
+    layer = model.base_model.model.proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    assert type(layer).__module__ == "peft.tuners.lora.bnb"
+    return model, layer
+
+
+def run(model, layer, x, grad, fused):
+    """Output and gradients (input, LoRA A, LoRA B), and whether LoraMatmul4bit made the output."""
+    x = x.clone().requires_grad_(True)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    for p in params:
+        p.grad = None
+    with fused_lora(fused):
+        y = model(x)
+    y.backward(grad)
+    return [y.detach(), x.grad] + [p.grad for p in params], type(y.grad_fn).__name__.startswith("LoraMatmul4bit")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("lora_alpha", [16, 12])  # scaling 2 (exact) and 1.5
+def test_fused_layer_gives_peft_s_output_and_gradients(bias, lora_alpha):
+    model, layer = lora_layer(bias=bias, lora_alpha=lora_alpha)
+    x, grad = torch.randn(3, 7, 96), torch.randn(3, 7, 160)
+    theirs, used = run(model, layer, x, grad, fused=False)
+    assert not used
+    ours, used = run(model, layer, x, grad, fused=True)
+    assert used
+    for name, a, b in zip(("output", "input grad", "A grad", "B grad"), ours, theirs):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    if lora_alpha == 16:  # the same products in the same order, and an exact scaling: the same bits
+        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+
+
+def test_a_frozen_input_gives_the_same_lora_gradients():
+    """The first layer's input (embeddings) needs no gradient: the backward skips it."""
+    model, layer = lora_layer()
+    x = torch.randn(2, 5, 96)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+    grads = {}
+    for fused in (False, True):
+        for p in params:
+            p.grad = None
+        with fused_lora(fused):
+            model(x).square().sum().backward()
+        grads[fused] = [p.grad for p in params]
+    torch.testing.assert_close(grads[True], grads[False])
+
+
+@pytest.mark.parametrize("case", ["no grad", "dropout", "adapter disabled", "bf16 input", "extra argument"])
+def test_what_it_does_not_compute_goes_to_peft(case):
+    model, layer = lora_layer(dropout=0.1 if case == "dropout" else 0.0)
+    x = torch.randn(2, 4, 96)
+    calls = []
+    peft_forward = type(layer).forward
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return peft_forward(self, *args, **kwargs)
+
+    type(layer).forward = counting
+    try:
+        with fused_lora(True):
+            if case == "no grad":
+                with torch.no_grad():
+                    y = model(x)
+            elif case == "adapter disabled":
+                with model.disable_adapter():
+                    y = model(x.requires_grad_(True))
+            elif case == "bf16 input":
+                y = layer(x.bfloat16())
+            elif case == "extra argument":  # PEFT's mixed-adapter batches (inference only)
+                model.eval()
+                y = layer(x, adapter_names=["default", "default"])
+            else:
+                y = model(x)
+        assert calls == [1]  # the original forward ran, once
+        assert y.grad_fn is None or not type(y.grad_fn).__name__.startswith("LoraMatmul4bit")
+    finally:
+        type(layer).forward = peft_forward
+    assert type(layer).forward is peft_forward
+
+
+def test_the_swap_ends_with_the_block_even_on_error():
+    from peft.tuners.lora.bnb import Linear4bit
+
+    original = Linear4bit.forward
+    with pytest.raises(RuntimeError), fused_lora(True):
+        assert Linear4bit.forward is not original
+        raise RuntimeError("stop")
+    assert Linear4bit.forward is original
