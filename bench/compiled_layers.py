@@ -13,12 +13,9 @@ import json
 import time
 from pathlib import Path
 
-import torch
+from smollm2_cpu import lora_model
 
-from qlora.adapters import attach_lora
-from qlora.cli import compose
-from qlora.data import DataStats, collate_packed, read_examples, tokenize_examples
-from qlora.models import load_base_model, load_tokenizer, resolve_model
+from qlora.data import collate_packed
 from qlora.speed import compiled_layers
 
 
@@ -28,12 +25,7 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--out", default="bench/results/compiled_layers.json")
     a = ap.parse_args()
-    cfg = compose("train", ["lora.r=8", "lora.lora_alpha=16", "data.loss_on=all"])
-    path = resolve_model(cfg.model.name_or_path)
-    tok = load_tokenizer(path, cfg.model)
-    rows = tokenize_examples(tok, read_examples(cfg.data.path, cfg.data), cfg.data, 256, DataStats())
-    model = attach_lora(load_base_model(path, cfg.model, cfg.quant, "cpu", torch.float32), cfg.lora, False)
-    model.train()
+    tok, rows, model = lora_model()
 
     def step(k: int, compiled: bool):
         batch = collate_packed(rows[a.batch * k:a.batch * (k + 1)], pad_id=tok.pad_token_id)
