@@ -268,7 +268,7 @@ class TrainConfig:
     head_tiles_in_place: bool = True
     """CPU: the LM head's loss works each tile in place, not through a dozen temporaries (same loss, faster)."""
     fused_lora: bool = True
-    """CPU: each 4-bit layer and its LoRA in one autograd function, without PEFT's copies (same numbers, faster)."""
+    """CPU: each 4-bit layer and its LoRA as one autograd function (same numbers, faster, less memory; no dropout/DoRA)."""
     compile: Switch = Switch.auto
     """torch.compile each decoder layer: auto = on CPU for runs of 200+ steps (a minute to compile, then ~1.2x)."""
     liger_kernels: bool = False
