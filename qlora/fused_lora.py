@@ -57,48 +57,39 @@ class LoraMatmul4bit(torch.autograd.Function):
         return grad_x, grad_A, grad_B, None, None, None
 
 
-def _fusable(layer, x) -> bool:
-    """Whether the layer's LoRA forward is the plain one this function computes."""
+def _fused_arguments(layer, x):
+    """LoraMatmul4bit's arguments for this layer and input, or None where PEFT's forward must run."""
     if not torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
-        return False
+        return None
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
-        return False
+        return None
     name = layer.active_adapters[0]
     if name not in layer.lora_A or name in getattr(layer, "lora_variant", {}):
-        return False
+        return None
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     base = layer.get_base_layer()
     weight, bias = base.weight, base.bias
-    return (isinstance(layer.lora_dropout[name], torch.nn.Identity)
-            and lora_A.bias is None and lora_B.bias is None
-            and lora_A.weight.dtype == lora_B.weight.dtype == torch.float32
-            and getattr(weight, "quant_state", None) is not None
-            and getattr(base, "compute_dtype", None) in (None, torch.float32)
-            and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
+    plain = (isinstance(layer.lora_dropout[name], torch.nn.Identity)
+             and lora_A.bias is None and lora_B.bias is None
+             and lora_A.weight.dtype == lora_B.weight.dtype == torch.float32
+             and getattr(weight, "quant_state", None) is not None
+             and getattr(base, "compute_dtype", None) in (None, torch.float32)
+             and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
+    return (x, lora_A.weight, lora_B.weight, layer.scaling[name], weight, bias) if plain else None
 
 
 def _forward(original, layer, x, *args, **kwargs):
-    if args or kwargs or not _fusable(layer, x):
-        return original(layer, x, *args, **kwargs)
-    name = layer.active_adapters[0]
-    base = layer.get_base_layer()
-    return LoraMatmul4bit.apply(x, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name],
-                                base.weight, base.bias)
+    fused = None if args or kwargs else _fused_arguments(layer, x)
+    return original(layer, x, *args, **kwargs) if fused is None else LoraMatmul4bit.apply(*fused)
 
 
 @contextmanager
 def fused_lora(enabled: bool = True):
     """Within the block, PEFT's 4-bit LoRA layers train through LoraMatmul4bit where they can."""
-    try:
-        from peft.tuners.lora.bnb import Linear4bit
-    except ImportError:  # PEFT without its bitsandbytes layers
-        enabled = False
-    if not enabled:
+    from qlora.speed import _swapped, _optional_module
+
+    bnb_lora = _optional_module("peft.tuners.lora.bnb") if enabled else None  # absent: PEFT without bitsandbytes
+    layer = getattr(bnb_lora, "Linear4bit", None)
+    original = getattr(layer, "forward", None)
+    with _swapped(layer, forward=lambda self, x, *args, **kwargs: _forward(original, self, x, *args, **kwargs)):
         yield
-        return
-    original = Linear4bit.forward
-    Linear4bit.forward = lambda layer, x, *args, **kwargs: _forward(original, layer, x, *args, **kwargs)
-    try:
-        yield
-    finally:
-        Linear4bit.forward = original

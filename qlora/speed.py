@@ -45,7 +45,8 @@ CPU_HEAD_TILE = (1024, 8192)  # tokens x vocabulary columns per tile of TRL's ch
 COMPILE_MIN_STEPS = 200  # train.compile=auto: shorter CPU runs would spend more compiling than they save
 
 
-def _trl_module(name: str):
+def _optional_module(name: str):
+    """The module, or None where this version of the library lays its code out otherwise."""
     try:
         return importlib.import_module(name)
     except ImportError:
@@ -54,8 +55,8 @@ def _trl_module(name: str):
 
 @contextmanager
 def _swapped(module, **values):
-    """Within the block, the module's attributes hold these values; a module without them (another
-    TRL layout, or none) is left as it is."""
+    """Within the block, the module's (or class's) attributes hold these values; one without them
+    (another library layout, or none) is left as it is."""
     if module is None or not all(hasattr(module, k) for k in values):
         yield
         return
@@ -72,7 +73,7 @@ def _swapped(module, **values):
 @contextmanager
 def trained_positions_only_on_cpu(enabled: bool = True):
     """Within the block, TRL's fused LM head scores only trained positions on CPU too."""
-    tu = _trl_module("trl.trainer.utils") if enabled else None
+    tu = _optional_module("trl.trainer.utils") if enabled else None
     original = getattr(tu, "_use_triton", None)
     with _swapped(tu, _use_triton=lambda device: device.type == "cpu" or original(device)):
         yield
@@ -83,8 +84,8 @@ def small_head_tiles(enabled: bool = True):
     """Within the block, TRL's chunked LM head works through CPU_HEAD_TILE tiles (use on CPU runs only:
     the sizes are module settings, and a GPU's kernels are tuned to TRL's own)."""
     tokens, vocab = CPU_HEAD_TILE
-    ck = _trl_module("trl.kernels.chunked_logprob") if enabled else None
-    tu = _trl_module("trl.trainer.utils") if enabled else None
+    ck = _optional_module("trl.kernels.chunked_logprob") if enabled else None
+    tu = _optional_module("trl.trainer.utils") if enabled else None
     with _swapped(ck, TOKEN_CHUNK_SIZE=tokens), _swapped(tu, _CHUNKED_LOGPROB_CHUNK_SIZE=vocab):
         yield
 
@@ -149,7 +150,7 @@ def _backward_tile_in_place(original, tile, tile_stride, targets, log_z, entropy
 def head_tiles_in_place(enabled: bool = True):
     """Within the block, TRL's chunked LM head works its tiles in place when it runs without Triton
     (CPUs); anything but the plain fp32 log-probability goes to TRL's own code."""
-    ck = _trl_module("trl.kernels.chunked_logprob") if enabled else None
+    ck = _optional_module("trl.kernels.chunked_logprob") if enabled else None
     with _swapped(ck, _forward_tile=partial(_forward_tile_in_place, getattr(ck, "_forward_tile", None)),
                   _backward_tile=partial(_backward_tile_in_place, getattr(ck, "_backward_tile", None))):
         yield
