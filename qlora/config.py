@@ -236,7 +236,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     """AdamW weight decay."""
     optim: str = "auto"
-    """Optimizer: auto (paged_adamw_8bit on GPU, adamw_torch on CPU), or any transformers name."""
+    """Optimizer: auto (paged_adamw_8bit on one GPU, else adamw_torch_fused), or any transformers name."""
     max_grad_norm: float = 0.3
     """Gradient clipping norm (QLoRA paper: 0.3)."""
     max_length: int = 512

@@ -184,7 +184,8 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
-    from qlora.validation import checkpointing_on, refuse, validate_train
+    from qlora.config import DistStrategy
+    from qlora.validation import checkpointing_on, pick_optimizer, refuse, validate_train
 
     refuse(validate_train(cfg))
     gpu = cfg.gpu
@@ -194,7 +195,7 @@ def plan_cli(cfg) -> int:
     shape, folder = model_shape(cfg.model.name_or_path)
     t = cfg.train
     ckpt = checkpointing_on(t, device)
-    optim = t.optim if t.optim != "auto" else ("paged_adamw_8bit" if device == "cuda" else "adamw_torch")
+    optim = pick_optimizer(t.optim, device, cfg.dist.strategy is DistStrategy.fsdp_qlora)
 
     def fit(micro, length, checkpointing, first=t.checkpoint_layers, offload=t.offload_checkpoints):
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,

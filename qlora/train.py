@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, load_checkpoint,
                                step_of)
 from qlora.config import DistStrategy, QLoraConfig, Resume
-from qlora.validation import checkpointing_on, refuse, validate_train
+from qlora.validation import checkpointing_on, pick_optimizer, refuse, validate_train
 from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -70,8 +70,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     device = pick_device()
     dtype = compute_dtype(cfg.quant, device)
     checkpointing = checkpointing_on(t, device)
-    optim = pick_optimizer(t.optim, device)
     fsdp = cfg.dist.strategy is DistStrategy.fsdp_qlora
+    optim = pick_optimizer(t.optim, device, fsdp)
     if fsdp:
         if device != "cuda":
             raise UserError("dist.strategy=fsdp_qlora shards over GPUs; on CPU use dist=single (DDP under torchrun)")
@@ -320,15 +320,6 @@ def fsdp_args(cfg: QLoraConfig) -> dict:
         fsdp_config={"use_orig_params": False, "sync_module_states": True,
                      "cpu_ram_efficient_loading": cfg.dist.cpu_ram_efficient_loading,
                      "backward_prefetch": "backward_pre", "forward_prefetch": False})
-
-
-def pick_optimizer(optim: str, device: str) -> str:
-    """QLoRA's paged 8-bit AdamW on GPU; plain AdamW on CPU (bitsandbytes' paged optimizers need CUDA)."""
-    if optim == "auto":
-        return "paged_adamw_8bit" if device == "cuda" else "adamw_torch"
-    if device == "cpu" and ("paged" in optim or "8bit" in optim):
-        raise UserError(f"train.optim={optim} needs a GPU; use train.optim=adamw_torch (or auto) on CPU")
-    return optim
 
 
 def save_adapter(model, tokenizer, target: Path) -> None:

@@ -114,6 +114,14 @@ def test_fsdp_qlora_recipe_asks_the_trainer_for_peft_aware_full_sharding():
     assert cfg.quant.bnb_4bit_quant_storage.value == cfg.quant.bnb_4bit_compute_dtype.value == "bfloat16"
 
 
+def test_auto_optimizer_is_paged_8bit_on_one_gpu_and_fused_adamw_on_cpu_and_under_fsdp():
+    from qlora.validation import pick_optimizer
+
+    assert pick_optimizer("auto", "cuda") == "paged_adamw_8bit"
+    assert pick_optimizer("auto", "cuda", fsdp=True) == pick_optimizer("auto", "cpu") == "adamw_torch_fused"
+    assert pick_optimizer("adamw_8bit", "cuda", fsdp=False) == "adamw_8bit"
+
+
 def test_unknown_verb_exits_2(capsys):
     assert main(["trian"]) == 2
     assert "unknown verb 'trian'" in capsys.readouterr().err
