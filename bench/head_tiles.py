@@ -23,12 +23,11 @@ VOCAB, HIDDEN = 49152, 576
 OUTPUTS = ("log_probs", "entropy", "is_top1")
 
 
-def head_pass(hidden, weight, targets) -> tuple:
+def head_pass(hidden, weight, targets, function=ChunkedLogProbFunction) -> tuple:
     """Forward and backward through the head; (seconds, loss, entropy sum, top-1 hits, gradient)."""
     h = hidden.clone().requires_grad_()
     t0 = time.perf_counter()
-    logp, entropy, _, _, top1 = ChunkedLogProbFunction.apply(h, weight, None, targets, 1.0, CPU_HEAD_TILE[1], None,
-                                                             1.0, OUTPUTS)
+    logp, entropy, _, _, top1 = function.apply(h, weight, None, targets, 1.0, CPU_HEAD_TILE[1], None, 1.0, OUTPUTS)
     loss = -logp.mean()
     loss.backward()
     return time.perf_counter() - t0, loss.item(), entropy.sum().item(), int(top1.sum()), h.grad

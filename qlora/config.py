@@ -267,6 +267,8 @@ class TrainConfig:
     """CPU: the LM head's loss in 1024 x 8192 tiles instead of 4096 x 32768 (same loss, less memory)."""
     head_tiles_in_place: bool = True
     """CPU: the LM head's loss works each tile in place, not through a dozen temporaries (same loss, faster)."""
+    head_one_pass: bool = True
+    """CPU: the LM head's loss and input gradient in one pass over the vocabulary, not two (same loss, faster)."""
     fused_lora: bool = True
     """CPU: each 4-bit layer and its LoRA as one autograd function (same numbers, faster, less memory; no dropout/DoRA)."""
     compile: Switch = Switch.auto

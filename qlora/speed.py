@@ -15,6 +15,9 @@ unchanged (tests/integration/test_speed.py).
   head kernels makes a dozen tile-sized temporaries per tile (scaling by factors that are 1, masks,
   copies); ours makes one or two and gives the same numbers: the max, exp and sums in the forward
   (top-1 accuracy from each tile's maximum), exp and a scaled subtraction in the backward.
+- The LM head's input gradient formed in its forward pass on CPU (train.head_one_pass; the function
+  is in qlora/one_pass_head.py): two products with the head's weight per tile instead of three, and
+  no tile work in the backward; the same loss, the gradient to float rounding.
 - One autograd function for each 4-bit layer and its LoRA on CPU (train.fused_lora; the function
   is in qlora/fused_lora.py): PEFT's separate nodes, its copy of the base output and the
   temporaries of their backward go; the same products give the same numbers.
@@ -103,12 +106,22 @@ def _forward_tile_in_place(original, tile, tile_stride, targets, running_max, su
         return original(tile, tile_stride, targets, running_max, sum_exp, x_sum_exp, sq_sum_exp, z_sum,
                         max_before_target, target_logit, vocab_start, n_cols, logit_scale, softcap, inv_t,
                         HAS_SOFTCAP, HAS_ENTROPY, HAS_LOG_SUM_SQ_PROBS, HAS_MEAN_LOGITS, HAS_IS_TOP1, BLOCK_SIZE)
+    _fold_tile(tile, targets, running_max, sum_exp, x_sum_exp, max_before_target, target_logit, vocab_start, n_cols,
+               HAS_ENTROPY, HAS_IS_TOP1)
+
+
+def _fold_tile(tile, targets, running_max, sum_exp, x_sum_exp, max_before_target, target_logit, vocab_start: int,
+               n_cols: int, entropy: bool, is_top1: bool):
+    """Folds one fp32 tile of logits into the running statistics, in place; returns the tile's
+    exp(logit - new running max) and the factor by which sums over earlier tiles rescale."""
+    import torch
+
     local = targets - vocab_start
     here = (local >= 0) & (local < n_cols)
     target_logit.copy_(torch.where(here, tile.gather(-1, local.clamp(0, n_cols - 1).unsqueeze(-1)).squeeze(-1),
                                    target_logit))
     tile_max = tile.amax(-1)
-    if HAS_IS_TOP1:
+    if is_top1:
         # a top-1 hit: the target is the first column with the row's largest logit. TRL keeps the max of
         # all columns before the target; the same decision needs less. A tile wholly before the target
         # adds its maximum. The target's own tile adds its maximum only where that first occurs before
@@ -124,9 +137,10 @@ def _forward_tile_in_place(original, tile, tile_stride, targets, running_max, su
     e = torch.exp(shifted)
     tile_sum = e.sum(-1)
     sum_exp.mul_(rescale).add_(tile_sum)
-    if HAS_ENTROPY:  # sum(e * logits) = sum(e * shifted) + max * sum(e)
+    if entropy:  # sum(e * logits) = sum(e * shifted) + max * sum(e)
         x_sum_exp.mul_(rescale).add_(shifted.mul_(e).sum(-1) + new_max * tile_sum)
     running_max.copy_(new_max)
+    return e, rescale
 
 
 def _backward_tile_in_place(original, tile, tile_stride, targets, log_z, entropy, grad_logprobs, grad_entropy,

@@ -60,6 +60,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
     from qlora.fused_lora import fused_lora
+    from qlora.one_pass_head import head_one_pass
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
     from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, head_tiles_in_place, liger_wanted,
                              small_head_tiles, trained_positions_only_on_cpu)
@@ -166,6 +167,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     compiled_layers(trainer.model, compiling) as compiled, \
                     small_head_tiles(t.small_head_tiles and device == "cpu"), \
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
+                    head_one_pass(t.head_one_pass and device == "cpu"), \
                     fused_lora(t.fused_lora and device == "cpu"):
                 trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:

@@ -69,26 +69,34 @@ def test_head_tiles_worked_in_place_give_trl_s_numbers():
 
 
 @pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles", "train.head_tiles_in_place",
-                                   "train.fused_lora", "train.optim",
+                                   "train.head_one_pass", "train.fused_lora", "train.optim",
                                    pytest.param("train.compile", marks=pytest.mark.slow)])
 def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever, monkeypatch):
     # train.optim: auto (PyTorch's fused AdamW on CPU) against the for-loop AdamW
     # the tiny model's ~400-word vocabulary and 4 x 128 batches fit in one real tile: split them here
     monkeypatch.setattr("qlora.speed.CPU_HEAD_TILE", (96, 64))
-    fused = []  # the layers' passes through LoraMatmul4bit
+    fused = []  # the layers' passes through LoraMatmul4bit; the head's backward passes with its one-pass gradient
     if lever == "train.fused_lora":
         from qlora.fused_lora import LoraMatmul4bit
 
         monkeypatch.setattr(LoraMatmul4bit, "apply", partial(lambda apply, *a: fused.append(1) or apply(*a),
                                                              LoraMatmul4bit.apply))
+    if lever == "train.head_one_pass":
+        from qlora.one_pass_head import OnePassLogProb
+
+        monkeypatch.setattr(OnePassLogProb, "backward", staticmethod(partial(
+            lambda backward, ctx, *g: fused.append(ctx.gradient is not None) or backward(ctx, *g),
+            OnePassLogProb.backward)))
     runs, passes = {}, {}
     values = {True: "auto", False: "adamw_torch"} if lever == "train.optim" else {True: "true", False: "false"}
     for on in (True, False):
         cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / f"{on}", **{lever: values[on]}))
         runs[on] = fit(cfg)
-        passes[on], fused[:] = len(fused), []
+        passes[on], fused[:] = sum(fused), []
     if lever == "train.fused_lora":  # each step, every LoRA layer (2 layers x 7), and only with the lever on
         assert passes[True] >= 14 * len(losses(runs[True])) and passes[False] == 0
+    if lever == "train.head_one_pass":  # each step's head backward used the gradient formed in the forward
+        assert passes[True] >= len(losses(runs[True])) and passes[False] == 0
     if lever == "train.optim":
         assert [runs[on].trainer.optimizer.optimizer.defaults["fused"] for on in (True, False)] == [True, None]
     if lever == "train.compile":  # both decoder layers were compiled, and are eager again after training
