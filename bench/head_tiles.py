@@ -33,6 +33,27 @@ def head_pass(hidden, weight, targets, function=ChunkedLogProbFunction) -> tuple
     return time.perf_counter() - t0, loss.item(), entropy.sum().item(), int(top1.sum()), h.grad
 
 
+def interleaved(passes: dict, hidden, weight, targets, reps: int) -> tuple:
+    """Runs each of `passes` (name -> function of hidden, weight, targets giving head_pass's tuple)
+    reps + 1 times, alternating their order; the first round warms up. (seconds by name, last results by name)"""
+    names = list(passes)
+    times, results = {name: [] for name in names}, {}
+    for rep in range(reps + 1):
+        for name in (names if rep % 2 else names[::-1]):
+            seconds, *results[name] = passes[name](hidden, weight, targets)
+            if rep:
+                times[name].append(seconds)
+    return times, results
+
+
+def tiles_in_place(in_place: bool):
+    """head_pass with train.head_tiles_in_place on or off."""
+    def run(hidden, weight, targets):
+        with head_tiles_in_place(in_place):
+            return head_pass(hidden, weight, targets)
+    return run
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="330,1024,2048")
@@ -46,15 +67,9 @@ def main():
     print("|---|---|---|---|---|")
     for n in map(int, a.tokens.split(",")):
         hidden, targets = torch.randn(n, HIDDEN), torch.randint(0, VOCAB, (n,))
-        times = {False: [], True: []}
-        results = {}
         with small_head_tiles(True):
-            for rep in range(a.reps + 1):  # the first round warms up
-                for in_place in ((False, True) if rep % 2 else (True, False)):
-                    with head_tiles_in_place(in_place):
-                        seconds, *results[in_place] = head_pass(hidden, weight, targets)
-                    if rep:
-                        times[in_place].append(seconds)
+            times, results = interleaved({False: tiles_in_place(False), True: tiles_in_place(True)},
+                                         hidden, weight, targets, a.reps)
         (lt, et, tt, gt), (lo, eo, to, go) = results[False], results[True]
         same = abs(lt - lo) < 1e-5 and abs(et - eo) / abs(et) < 1e-5 and tt == to and \
             torch.allclose(gt, go, rtol=1e-5, atol=1e-8)

@@ -9,10 +9,11 @@ frozen), scored as TRL's SFT trainer asks, in qlora's CPU tiles (1024 tokens x 8
 """
 import argparse
 import json
+from functools import partial
 from pathlib import Path
 
 import torch
-from head_tiles import HIDDEN, VOCAB, head_pass
+from head_tiles import HIDDEN, VOCAB, head_pass, interleaved
 from trl.kernels import ChunkedLogProbFunction
 
 from qlora.one_pass_head import OnePassLogProb
@@ -34,14 +35,9 @@ def main():
     print("|---|---|---|---|---|")
     for n in map(int, a.tokens.split(",")):
         hidden, targets = torch.randn(n, HIDDEN), torch.randint(0, VOCAB, (n,))
-        times = {kind: [] for kind in KINDS}
-        results = {}
         with small_head_tiles(True), head_tiles_in_place(True):
-            for rep in range(a.reps + 1):  # the first round warms up
-                for kind in (list(KINDS) if rep % 2 else list(KINDS)[::-1]):
-                    seconds, *results[kind] = head_pass(hidden, weight, targets, KINDS[kind])
-                    if rep:
-                        times[kind].append(seconds)
+            times, results = interleaved({kind: partial(head_pass, function=f) for kind, f in KINDS.items()},
+                                         hidden, weight, targets, a.reps)
         (lt, et, tt, gt), (lo, eo, to, go) = results["two passes"], results["one pass"]
         same = lt == lo and et == eo and tt == to and torch.allclose(gt, go, rtol=1e-5, atol=1e-8)
         ms = {k: 1e3 * min(v) for k, v in times.items()}
