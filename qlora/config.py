@@ -268,7 +268,7 @@ class TrainConfig:
     head_tiles_in_place: bool = True
     """CPU: the LM head's loss works each tile in place, not through a dozen temporaries (same loss, faster)."""
     head_one_pass: bool = True
-    """CPU: the LM head's loss and input gradient in one pass over the vocabulary, not two (same loss, faster)."""
+    """CPU, with head_tiles_in_place: the LM head's loss and input gradient in one pass over the vocabulary, not two."""
     fused_lora: bool = True
     """CPU: each 4-bit layer and its LoRA as one autograd function (same numbers, faster, less memory; no dropout/DoRA)."""
     compile: Switch = Switch.auto

@@ -14,7 +14,8 @@ so the forward can accumulate sum_v exp(z_tv - m_t) W_v tile by tile, beside the
 m_t and sum of exponentials (rescaling what it holds when the maximum grows, as the sum is
 rescaled), and the backward only multiplies by g_t: two products per tile instead of three, and
 no tile work in the backward. The loss, entropy and top-1 outputs are those of the in-place
-tiles (train.head_tiles_in_place); the gradient agrees with TRL's to float rounding.
+tiles (qlora.speed, train.head_tiles_in_place, which this lever needs on); the gradient agrees
+with TRL's to float rounding.
 
 Anything else goes to TRL's own forward and backward: a trained head or bias, 16-bit tensors,
 temperature, soft-capping or scaled logits, outputs other than entropy and top-1, no gradient
@@ -32,9 +33,10 @@ class OnePassLogProb(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, final_logit_softcapping=None,
-                logit_scale=1.0, outputs=("entropy",)):
+                logit_scale=1.0, outputs=None):
         import trl.kernels.chunked_logprob as ck
 
+        outputs = ck.OPTIONAL_OUTPUTS if outputs is None else outputs
         ctx.gradient = None
         one_pass = (ctx.needs_input_grad[0] and not any(ctx.needs_input_grad[1:3]) and bias is None
                     and hidden.device.type == "cpu" and hidden.dtype == weight.dtype == torch.float32

@@ -167,7 +167,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     compiled_layers(trainer.model, compiling) as compiled, \
                     small_head_tiles(t.small_head_tiles and device == "cpu"), \
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
-                    head_one_pass(t.head_one_pass and device == "cpu"), \
+                    head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu"), \
                     fused_lora(t.fused_lora and device == "cpu"):
                 trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
