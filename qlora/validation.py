@@ -129,7 +129,7 @@ def checkpointing_on(t, device: str) -> bool:
 
 def pick_optimizer(optim: str, device: str, fsdp: bool = False) -> str:
     """The optimizer a run on `device` uses. auto: QLoRA's paged 8-bit AdamW on one GPU; PyTorch's fused
-    AdamW on CPU (bitsandbytes' paged optimizers need CUDA; the fused one steps ~4x faster than the
+    AdamW on CPU (bitsandbytes' paged optimizers need CUDA; the fused one steps ~3x faster than the
     for-loop one there) and under FSDP (bitsandbytes optimizers do not shard)."""
     if optim == "auto":
         return "paged_adamw_8bit" if device == "cuda" and not fsdp else "adamw_torch_fused"
