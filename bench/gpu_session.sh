@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Issue 7's GPU checks in one call of a lent GPU machine (the device tool), and what they need there.
+#
+#   bash bench/gpu_session.sh prepare PATH/TO/plain_stack_gpu.py   # here, once: builds gpu_carry/
+#   bash bench/gpu_session.sh run [PART ...]                        # there: writes logs and JSON to $OUT
+#
+# The GPU image has torch, transformers, peft, accelerate, pyarrow and xxhash, but not the packages
+# below, and it reaches no package registry: `prepare` fetches them at the versions CI pins
+# (.ci/constraints.txt), for that machine's Python 3.12, and unpacks them into gpu_carry/site
+# (ignored by git). bitsandbytes keeps only its CUDA 13.0 and CPU libraries, 7 MB of its 43.
+# The shared plain-stack script is copied beside them, since ../shared does not travel.
+#
+# Call the device tool with carry ["gpu_carry"] and the command `bash bench/gpu_session.sh run`.
+# PARTs (each under its own time limit, its output in $OUT/PART.log and PART.json); without any,
+# the first three, which fit one 10-minute call:
+#   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger
+#   tinyllama TinyLlama-1.1B 2048 x 8: the plain stack, the plain stack with Liger, qlora
+#   varied    varied lengths: the plain stack padded and TRL-packed, qlora's data.packing
+#   liger     qlora alone with train.liger_kernels=true on the TinyLlama case (compare with tinyllama)
+#   llama8b   the Llama-3-8B shape, 2048 x 4: the plain stack, with Liger, qlora
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CARRY=gpu_carry
+PACKAGES="bitsandbytes trl datasets dill multiprocess hydra-core omegaconf antlr4-python3-runtime"
+
+pin() {  # NAME==VERSION as CI pins it
+    grep -i "^$1==" .ci/constraints.txt || { echo "$1 is not pinned in .ci/constraints.txt" >&2; exit 2; }
+}
+
+prepare() {
+    local plain=${1:?give the path of shared/bench/plain_stack_gpu.py}
+    rm -rf "$CARRY" && mkdir -p "$CARRY/wheels" "$CARRY/site"
+    local liger
+    liger=$(grep -o 'liger-kernel==[0-9.]*' pyproject.toml)
+    for name in $PACKAGES; do
+        if [ "$name" = antlr4-python3-runtime ]; then  # a source distribution only: built here, pure Python
+            python3 -m pip wheel -q --no-deps -w "$CARRY/wheels" "$(pin "$name")"
+        else
+            python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+                --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+                --platform manylinux2014_x86_64 -d "$CARRY/wheels" "$(pin "$name")"
+        fi
+    done
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d "$CARRY/wheels" "$liger"
+    for wheel in "$CARRY"/wheels/*.whl; do
+        python3 -m zipfile -e "$wheel" "$CARRY/site"
+    done
+    find "$CARRY/site/bitsandbytes" -name 'libbitsandbytes_*' ! -name '*cuda130*' ! -name '*cpu*' -delete
+    rm -rf "$CARRY/wheels"
+    cp "$plain" "$CARRY/plain_stack_gpu.py"
+    du -sh "$CARRY"
+}
+
+part() {  # NAME SECONDS COMMAND...: one check under a time limit, its output in $OUT/NAME.log; goes on after a failure
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name ($(date +%T), at most ${limit} s)"
+    set +e
+    timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]}"
+    set -e
+}
+
+run() {
+    : "${OUT:?run on the device machine, where \$OUT is set}"
+    export PYTHONPATH="$PWD/$CARRY/site:$PWD" PYTHONUNBUFFERED=1
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/gpu.txt" || true
+    python3 -c "import torch, transformers, peft, trl, bitsandbytes; print(torch.__version__, torch.version.cuda,
+transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
+    local plain="$CARRY/plain_stack_gpu.py"
+    local parts=("$@")
+    [ ${#parts[@]} -gt 0 ] || parts=(tests tinyllama varied)
+    for name in "${parts[@]}"; do
+        case $name in
+            tests) part tests 150 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
+            tinyllama) part tinyllama 210 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
+                --out "$OUT/tinyllama.json" ;;
+            varied) part varied 180 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-var \
+                --out "$OUT/varied.json" ;;
+            liger) part liger 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
+                --plain-cases none --set train.liger_kernels=true --out "$OUT/liger.json" ;;
+            llama8b) part llama8b 420 python3 bench/gpu_speed.py --plain "$plain" --only l8b-bf16-ckpt \
+                --out "$OUT/llama8b.json" ;;
+            *) echo "unknown part $name (tests, tinyllama, varied, liger, llama8b)" >&2; exit 2 ;;
+        esac
+    done
+}
+
+case ${1:-} in
+    prepare) shift; prepare "$@" ;;
+    run) shift; run "$@" ;;
+    *) sed -n '2,5p' "$0"; exit 2 ;;
+esac
