@@ -21,6 +21,8 @@ unchanged (tests/integration/test_speed.py).
 - One autograd function for each 4-bit layer and its LoRA on CPU (train.fused_lora; the function
   is in qlora/fused_lora.py): PEFT's separate nodes, its copy of the base output and the
   temporaries of their backward go; the same products give the same numbers.
+- Our own dequantization of 4-bit weights on CPU (train.fast_dequant; qlora/dequant.py): a small C
+  kernel compiled at first use, bit for bit bitsandbytes' weights.
 - Checkpoint the first n layers only (train.checkpoint_layers): transformers offers every n-th
   layer (`every_n_layers`), which leaves nothing between all layers and half of them.
 - Keep attention outputs under checkpointing (train.checkpoint_attention). TRL offers this

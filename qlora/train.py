@@ -59,6 +59,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.evaluate import exact_match, mean_loss
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
+    from qlora.dequant import fast_dequant
     from qlora.fused_lora import fused_lora
     from qlora.one_pass_head import head_one_pass
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
@@ -157,7 +158,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         + ("; all train.max_steps are done: evaluating and saving" if finished else "")
         + ("; compiling the decoder layers first (train.compile: a minute or so)" if compiling else ""))
     stopper.install()
-    compiled = 0
+    compiled, dequant_kernel = 0, False
     try:
         if finished:
             load_checkpoint(trainer, Path(resume_from))
@@ -168,7 +169,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     small_head_tiles(t.small_head_tiles and device == "cpu"), \
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
                     head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu"), \
-                    fused_lora(t.fused_lora and device == "cpu"):
+                    fused_lora(t.fused_lora and device == "cpu"), \
+                    fast_dequant(t.fast_dequant and device == "cpu" and cfg.quant.load_in_4bit) as dequant_kernel:
                 trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
         raise WorkError("out of memory: lower train.per_device_train_batch_size or train.max_length, or set "
@@ -209,7 +211,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
         checkpointed_layers=checkpointed.layers, liger_kernels=liger,
-        compiled_layers=compiled,
+        compiled_layers=compiled, dequant_kernel=dequant_kernel,
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
         best_checkpoint=trainer.state.best_model_checkpoint, best_eval_loss=trainer.state.best_metric,

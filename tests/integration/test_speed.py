@@ -69,7 +69,7 @@ def test_head_tiles_worked_in_place_give_trl_s_numbers():
 
 
 @pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles", "train.head_tiles_in_place",
-                                   "train.head_one_pass", "train.fused_lora", "train.optim",
+                                   "train.head_one_pass", "train.fused_lora", "train.fast_dequant", "train.optim",
                                    pytest.param("train.compile", marks=pytest.mark.slow)])
 def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever, monkeypatch):
     # train.optim: auto (PyTorch's fused AdamW on CPU) against the for-loop AdamW
@@ -81,6 +81,10 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
 
         monkeypatch.setattr(LoraMatmul4bit, "apply", partial(lambda apply, *a: fused.append(1) or apply(*a),
                                                              LoraMatmul4bit.apply))
+    if lever == "train.fast_dequant":
+        from qlora import dequant
+
+        monkeypatch.setattr(dequant, "_run", partial(lambda run, *a: fused.append(1) or run(*a), dequant._run))
     if lever == "train.head_one_pass":
         from qlora.one_pass_head import OnePassLogProb
 
@@ -95,6 +99,9 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
         passes[on], fused[:] = sum(fused), []
     if lever == "train.fused_lora":  # each step, every LoRA layer (2 layers x 7), and only with the lever on
         assert passes[True] >= 14 * len(losses(runs[True])) and passes[False] == 0
+    if lever == "train.fast_dequant":  # each step, every 4-bit layer's forward (and backward), only with the lever on
+        assert passes[True] >= 14 * len(losses(runs[True])) and passes[False] == 0
+        assert (runs[True].report["dequant_kernel"], runs[False].report["dequant_kernel"]) == (True, False)
     if lever == "train.head_one_pass":  # each step's head backward used the gradient formed in the forward
         assert passes[True] >= len(losses(runs[True])) and passes[False] == 0
     if lever == "train.optim":

@@ -1,4 +1,4 @@
-"""A non-editable install must carry conf/, recipes/ and the demo data inside the package."""
+"""A non-editable install must carry conf/, recipes/, the demo data and the dequantization kernel's source inside the package."""
 import subprocess
 import sys
 import zipfile
@@ -17,5 +17,6 @@ def test_wheel_ships_configs_recipes_and_demo_data(tmp_path):
     names = set(zipfile.ZipFile(next(tmp_path.glob("qlora-*.whl"))).namelist())
     expected = {"qlora/conf/train.yaml", "qlora/conf/model/smollm2_135m_instruct.yaml",
                 "qlora/conf/train/gpu.yaml", "qlora/recipes/smollm2_demo.yaml",
-                "qlora/demo/people_train.jsonl", "qlora/demo/people_eval.jsonl", "qlora/cli.py"}
+                "qlora/demo/people_train.jsonl", "qlora/demo/people_eval.jsonl", "qlora/cli.py",
+                "qlora/csrc/dequant_4bit.c"}
     assert expected <= names, expected - names

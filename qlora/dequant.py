@@ -1,0 +1,151 @@
+"""bitsandbytes' 4-bit weights dequantized by a small C kernel of ours on CPU (train.fast_dequant).
+
+On a CPU the base's 4-bit layers are dequantized to fp32 at every forward and backward pass: 9% of
+a SmolLM2 training step's CPU time in a profile, with bitsandbytes' CPU kernel. Ours
+(qlora/csrc/dequant_4bit.c) looks the 16 code values up eight at a time with AVX2 where the CPU has
+it and folds in double quantization's scales, with bitsandbytes' own arithmetic, so the weights are
+bit for bit theirs (tests/unit/test_dequant.py). `python bench/dequant.py`: 2.7x on all of
+SmolLM2's layers on a 2-core AVX2 CPU, a few percent of a training step.
+
+The kernel is compiled for this CPU at first use with the system's C compiler (under a second)
+and kept in the qlora cache (`$QLORA_CACHE/kernels`). Where none can build it, bitsandbytes' code
+runs, and training says why once.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from functools import lru_cache
+from math import prod
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "dequant_4bit.c"
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no fused multiply-add: bnb's roundings
+_lib: Optional[ctypes.CDLL] = None  # the kernel, once kernel() has loaded it
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the kernel is rebuilt on another CPU sharing this cache."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compiles the kernel into target (written aside, then renamed); OpenMP threads where the compiler has them."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        for extra in (["-fopenmp"], []):
+            done = subprocess.run([compiler, *FLAGS, *extra, str(SOURCE), "-o", str(built)],
+                                  capture_output=True, text=True)
+            if done.returncode == 0:
+                os.replace(built, target)
+                return
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise RuntimeError(f"{compiler} failed: {lines[0] if lines else 'no output'}")
+
+
+@lru_cache(maxsize=1)
+def kernel() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
+    """The loaded kernel, built first if this CPU has none in the cache; or None and the reason."""
+    from qlora.models import cache_dir
+
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not compiler:
+        return None, "no C compiler (cc, gcc or clang) on PATH"
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), compiler, *FLAGS, _cpu_identity()]).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"dequant_4bit-{key[:16]}.so"
+    try:
+        if not target.is_file():
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+    except (OSError, RuntimeError) as e:
+        return None, str(e)
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.qlora_dequantize_4bit.argtypes = [p, i64, i64, p, p, p, p, p, i64, ctypes.c_float, p, ctypes.c_int]
+    lib.qlora_dequantize_4bit.restype = None
+    global _lib
+    _lib = lib
+    return lib, None
+
+
+def _handled(A: torch.Tensor, state) -> bool:
+    """Whether the kernel computes exactly what bitsandbytes would for this weight."""
+    absmax = state.absmax
+    tensors = [A, absmax, state.code] + ([state.state2.absmax, state.state2.code] if state.nested else [])
+    return (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+            and state.dtype == torch.float32 and state.quant_type in ("nf4", "fp4") and state.code.numel() == 16
+            and state.code.dtype == torch.float32 and 2 * A.numel() * A.element_size() == prod(state.shape)
+            and (absmax.dtype == torch.uint8 and state.state2.absmax.dtype == torch.float32
+                 and state.state2.code.dtype == torch.float32 if state.nested else absmax.dtype == torch.float32))
+
+
+def _run(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absmax2: Optional[torch.Tensor],
+         code8: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, blocksize2: int,
+         shape: list[int]) -> torch.Tensor:
+    """One call of the kernel (absmax2, code8 and offset: double quantization's, or None)."""
+    out = torch.empty(shape, dtype=torch.float32)
+    nested = absmax2 is not None
+    _lib.qlora_dequantize_4bit(packed.data_ptr(), packed.numel(), blocksize, code.data_ptr(),
+                              None if nested else absmax.data_ptr(), absmax.data_ptr() if nested else None,
+                              code8.data_ptr() if nested else None, absmax2.data_ptr() if nested else None,
+                              blocksize2, float(offset) if nested else 0.0, out.data_ptr(), torch.get_num_threads())
+    return out
+
+
+# the same as an op, so that torch.compile (train.compile) keeps it whole in its graphs; outside them
+# the op's dispatch would cost more than the kernel on small layers (40 us)
+_op = torch.library.custom_op("qlora::dequantize_4bit", _run, mutates_args=())
+_op.register_fake(lambda packed, absmax, code, absmax2, code8, offset, blocksize, blocksize2, shape:
+                  packed.new_empty(shape, dtype=torch.float32))
+
+
+def dequantize_4bit(A: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
+    """The fp32 weight of a 4-bit one, as bitsandbytes.functional.dequantize_4bit gives it; None where
+    the kernel does not apply (not CPU, not fp32, not loaded by kernel()) and bitsandbytes must."""
+    if _lib is None or not _handled(A, quant_state):
+        return None
+    s = quant_state
+    packed = A.view(torch.uint8) if A.dtype != torch.uint8 else A
+    run = _op if torch.compiler.is_compiling() else _run
+    nested = (s.state2.absmax, s.state2.code, s.offset) if s.nested else (None, None, None)
+    out = run(packed.detach(), s.absmax, s.code, *nested, s.blocksize, s.state2.blocksize if s.nested else 1,
+              list(s.shape))
+    return out.t() if A.shape[0] == 1 else out  # bitsandbytes' shim for weights packed as one row
+
+
+@contextmanager
+def fast_dequant(enabled: bool = True):
+    """Within the block, bitsandbytes dequantizes CPU fp32 weights with our kernel (its own code for
+    anything else); yields whether it does. Where the kernel cannot be built, says why."""
+    from qlora.models import say
+    from qlora.speed import _optional_module, _swapped
+
+    functional = _optional_module("bitsandbytes.functional") if enabled else None
+    if functional is not None and kernel()[0] is None:
+        say(f"train.fast_dequant: the dequantization kernel could not be built ({kernel()[1]}); "
+            "bitsandbytes' own dequantization runs")
+        functional = None
+    original = getattr(functional, "dequantize_4bit", None)
+
+    def dequantize(A, quant_state=None, absmax=None, out=None, blocksize=None, quant_type="fp4"):
+        if quant_state is not None and absmax is None and out is None:
+            ours = dequantize_4bit(A, quant_state)
+            if ours is not None:
+                return ours
+        return original(A, quant_state, absmax, out, blocksize, quant_type)
+
+    with _swapped(functional, dequantize_4bit=dequantize):
+        yield functional is not None

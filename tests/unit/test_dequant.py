@@ -1,0 +1,78 @@
+"""train.fast_dequant: our C kernel gives bitsandbytes' fp32 weights bit for bit, takes over
+bitsandbytes' dequantization only within its block and only where it applies, and where it cannot
+be built, training is told why and bitsandbytes' code runs."""
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from qlora import dequant
+from qlora.dequant import dequantize_4bit, fast_dequant, kernel
+
+
+def quantized(shape, quant_type="nf4", nested=True, blocksize=64, seed=0):
+    torch.manual_seed(seed)
+    return bnbf.quantize_4bit(torch.randn(*shape) * 0.02, quant_type=quant_type, compress_statistics=nested,
+                              blocksize=blocksize)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("blocksize", [64, 128])
+@pytest.mark.parametrize("shape", [(192, 576), (7, 40), (3, 10)])  # whole blocks; a short last block
+def test_kernel_gives_bitsandbytes_weights_bit_for_bit(quant_type, nested, blocksize, shape):
+    assert kernel()[0] is not None, kernel()[1]
+    packed, state = quantized(shape, quant_type, nested, blocksize)
+    ours = dequantize_4bit(packed, state)
+    assert ours is not None and ours.shape == shape
+    assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
+
+
+def test_within_the_block_bitsandbytes_dequantizes_through_the_kernel_where_it_applies(monkeypatch):
+    calls, run = [], dequant._run
+    monkeypatch.setattr(dequant, "_run", lambda *a: calls.append(1) or run(*a))
+    packed, state = quantized((64, 96))
+    expected = bnbf.dequantize_4bit(packed, state)
+    with fast_dequant() as on:
+        assert on
+        assert torch.equal(bnbf.dequantize_4bit(packed, state), expected) and len(calls) == 1
+        half = bnbf.quantize_4bit(torch.randn(64, 96).half(), quant_type="nf4")  # a 16-bit compute dtype
+        assert bnbf.dequantize_4bit(*half).dtype == torch.float16 and len(calls) == 1
+    bnbf.dequantize_4bit(packed, state)
+    assert len(calls) == 1  # outside the block: bitsandbytes' code again
+    with fast_dequant(False) as on:
+        bnbf.dequantize_4bit(packed, state)
+        assert not on and len(calls) == 1
+
+
+def test_without_a_compiler_bitsandbytes_dequantizes_and_training_is_told_why(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setattr(dequant, "_lib", None)
+    kernel.cache_clear()
+    try:
+        lib, reason = kernel()
+        assert lib is None and "no-such-cc" in reason
+        packed, state = quantized((64, 96))
+        assert dequantize_4bit(packed, state) is None
+        with fast_dequant() as on:
+            assert not on and bnbf.dequantize_4bit(packed, state).shape == (64, 96)
+        assert "the dequantization kernel could not be built" in capsys.readouterr().err
+        assert not list(tmp_path.glob("kernels/*.so"))
+    finally:
+        kernel.cache_clear()
+        monkeypatch.undo()
+        kernel()
+
+
+@pytest.mark.slow
+def test_compiled_graphs_keep_the_kernel_as_one_op():
+    packed, state = quantized((192, 576))
+    x = torch.randn(5, 576)
+
+    def layer(x):
+        return x @ bnbf.dequantize_4bit(packed, state).t()
+
+    expected = layer(x)
+    with fast_dequant():
+        compiled = torch.compile(layer, fullgraph=True)  # fullgraph: a graph break would fail here
+        assert torch.equal(compiled(x), expected)
