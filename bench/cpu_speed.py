@@ -30,10 +30,11 @@ LORA = dict(r=8, lora_alpha=16)
 # loss (assistant tokens only, as chat fine-tuning should), whose loss curve differs by design
 CASES = ("plain", "qlora", "qlora-compiled", "qlora-assistant")
 # one lever off, for what it contributes (--cases qlora,qlora-trl-head-tiles): TRL's own head tiles;
-# PEFT's own LoRA forward; TRL's two passes over the head
+# PEFT's own LoRA forward; TRL's two passes over the head; bitsandbytes' dequantization
 EXTRA_CASES = {"qlora-trl-head-tiles": ["train.head_tiles_in_place=false"],
                "qlora-peft-lora": ["train.fused_lora=false"],
-               "qlora-two-pass-head": ["train.head_one_pass=false"]}
+               "qlora-two-pass-head": ["train.head_one_pass=false"],
+               "qlora-bnb-dequant": ["train.fast_dequant=false"]}
 
 
 def tiny_model(folder: Path) -> Path:

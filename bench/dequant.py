@@ -1,0 +1,101 @@
+"""train.fast_dequant on CPU: bitsandbytes' CPU dequantization against our kernel on SmolLM2 (210
+4-bit layers, 106M weights, NF4 with double quantization), alternating in one process.
+
+usage: python bench/dequant.py [--rounds 12] [--steps 12] [--out bench/results/dequant.json]
+
+1. The kernel alone: each round dequantizes every layer with each, in alternating order (training
+   does this at every forward and again at every backward); medians per layer shape and for the
+   whole model, and a check that the weights are equal bit for bit.
+2. In training: the decoder stack forward and backward on the demo's first 4 rows (the bench's
+   batch), with train.fused_lora as training runs it, each pass with and without the kernel,
+   alternating (as bench/fused_lora.py; the LM head is left out). This machine's speed drifts more
+   between processes than the lever changes a whole step, hence the one process.
+The first two rounds or passes of each kind are warm-up.
+"""
+import argparse
+import json
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import bitsandbytes.functional as bnbf
+import torch
+from smollm2_cpu import lora_model
+
+from qlora.data import collate_packed
+from qlora.dequant import dequantize_4bit, fast_dequant, kernel
+from qlora.fused_lora import fused_lora
+
+
+def decoder_passes(tokenizer, rows, model, steps: int) -> dict:
+    """Seconds of the decoder's forward and backward on 4 rows, with (True) and without our kernel."""
+    decoder = model.get_base_model().model
+    batch = collate_packed(rows[:4], pad_id=tokenizer.pad_token_id)
+    seconds = {True: [], False: []}
+    for step in range(steps):
+        for ours in ((False, True) if step % 2 else (True, False)):
+            start = time.perf_counter()
+            with fused_lora(), fast_dequant(ours):
+                hidden = decoder(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                 use_cache=False).last_hidden_state
+                hidden.square().mean().backward()
+            seconds[ours].append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return dict(tokens=int((batch["input_ids"] != tokenizer.pad_token_id).sum()),
+                **{k: seconds[v][2:] for k, v in (("qlora", True), ("bitsandbytes", False))})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--out", default="bench/results/dequant.json")
+    a = ap.parse_args()
+    lib, problem = kernel()
+    if lib is None:
+        raise SystemExit(f"the kernel could not be built: {problem}")
+    tokenizer, rows, model = lora_model()
+    weights = list({id(m.weight): m.weight for m in model.modules()  # PEFT's layers show their base's weight too
+                    if hasattr(getattr(m, "weight", None), "quant_state")}.values())
+    kinds = {"bitsandbytes": lambda w: bnbf.dequantize_4bit(w, w.quant_state),
+             "qlora": lambda w: dequantize_4bit(w, w.quant_state)}
+    total = {k: [] for k in kinds}
+    by_shape = {k: defaultdict(list) for k in kinds}
+    for r in range(a.rounds):
+        for kind in (list(kinds) if r % 2 else list(kinds)[::-1]):
+            began = time.perf_counter()
+            for w in weights:
+                t = time.perf_counter()
+                kinds[kind](w)
+                if r >= 2:
+                    by_shape[kind][tuple(w.quant_state.shape)].append(time.perf_counter() - t)
+            if r >= 2:
+                total[kind].append(time.perf_counter() - began)
+    equal = all(torch.equal(kinds["qlora"](w), kinds["bitsandbytes"](w)) for w in weights)
+    n = sum(w.quant_state.shape.numel() for w in weights)
+    ms = {k: statistics.median(v) * 1e3 for k, v in total.items()}
+    print(f"{len(weights)} layers, {n / 1e6:.0f}M weights, {torch.get_num_threads()} threads; bit for bit equal: {equal}")
+    print(f"{'shape':>12} {'bitsandbytes us':>16} {'qlora us':>9} {'speedup':>8}")
+    shapes = {}
+    for shape in sorted(by_shape["qlora"]):
+        b, q = (statistics.median(by_shape[k][shape]) * 1e6 for k in kinds)
+        shapes["x".join(map(str, shape))] = {"bitsandbytes_us": round(b, 1), "qlora_us": round(q, 1)}
+        print(f"{'x'.join(map(str, shape)):>12} {b:16.0f} {q:9.0f} {b / q:7.2f}x")
+    print(f"{'whole model':>12} {ms['bitsandbytes']:13.1f} ms {ms['qlora']:6.1f} ms {ms['bitsandbytes'] / ms['qlora']:7.2f}x")
+    passes = decoder_passes(tokenizer, rows, model, a.steps)
+    b, q = (statistics.median(passes[k]) for k in ("bitsandbytes", "qlora"))
+    pairs = [x / y for x, y in zip(passes["bitsandbytes"], passes["qlora"])]
+    print(f"decoder forward and backward, {passes['tokens']} tokens: bitsandbytes {b:.3f} s, qlora {q:.3f} s, "
+          f"{b / q:.2f}x (pairs {min(pairs):.2f}-{max(pairs):.2f}x)")
+    results = dict(layers=len(weights), weights=n, threads=torch.get_num_threads(), rounds=a.rounds, equal=equal,
+                   whole_model_ms={k: round(v, 2) for k, v in ms.items()},
+                   speedup=round(ms["bitsandbytes"] / ms["qlora"], 2), shapes=shapes,
+                   decoder=dict(tokens=passes["tokens"], bitsandbytes_seconds=round(b, 4), qlora_seconds=round(q, 4),
+                                speedup=round(b / q, 3), pair_speedups=[round(x, 3) for x in pairs]))
+    Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
