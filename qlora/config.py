@@ -272,7 +272,7 @@ class TrainConfig:
     fused_lora: bool = True
     """CPU: each 4-bit layer and its LoRA as one autograd function (same numbers, faster, less memory; no dropout/DoRA)."""
     fast_dequant: bool = True
-    """CPU: dequantize 4-bit weights with qlora's C kernel, bit for bit bitsandbytes' and ~3x faster (built at first use)."""
+    """CPU: dequantize 4-bit weights with our C kernel, bit for bit bitsandbytes' and ~2.5x faster (built at first use)."""
     compile: Switch = Switch.auto
     """torch.compile each decoder layer: auto = on CPU for runs of 200+ steps (a minute to compile, then ~1.2x)."""
     liger_kernels: bool = False
