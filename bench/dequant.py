@@ -1,7 +1,7 @@
 """train.fast_dequant on CPU: bitsandbytes' CPU dequantization against our kernel on SmolLM2 (210
 4-bit layers, 106M weights, NF4 with double quantization), alternating in one process.
 
-usage: python bench/dequant.py [--rounds 12] [--steps 12] [--out bench/results/dequant.json]
+usage: python bench/dequant.py [--rounds 12] [--steps 12] [--tokens 24] [--out bench/results/dequant.json]
 
 1. The kernel alone: each round dequantizes every layer with each, in alternating order (training
    does this at every forward and again at every backward); medians per layer shape and for the
@@ -10,6 +10,8 @@ usage: python bench/dequant.py [--rounds 12] [--steps 12] [--out bench/results/d
    batch), with train.fused_lora as training runs it, each pass with and without the kernel,
    alternating (as bench/fused_lora.py; the LM head is left out). This machine's speed drifts more
    between processes than the lever changes a whole step, hence the one process.
+3. Generation (gen.fast_dequant): greedy new tokens per second at batch 1 with the LoRA layers
+   attached, bitsandbytes' matmul against ours, alternating, and whether the tokens are the same.
 The first two rounds or passes of each kind are warm-up.
 """
 import argparse
@@ -24,7 +26,7 @@ import torch
 from smollm2_cpu import lora_model
 
 from qlora.data import collate_packed
-from qlora.dequant import dequantize_4bit, fast_dequant, kernel
+from qlora.dequant import dequantize_4bit, fast_dequant, kernel, use_for_inference
 from qlora.fused_lora import fused_lora
 
 
@@ -46,10 +48,31 @@ def decoder_passes(tokenizer, rows, model, steps: int) -> dict:
                 **{k: seconds[v][2:] for k, v in (("qlora", True), ("bitsandbytes", False))})
 
 
+def generation(tokenizer, model, n_tokens: int, rounds: int = 4) -> dict:
+    """Greedy tokens per second of the model with bitsandbytes' matmul (False) and ours (True), alternating."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short story about a robot."}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    rates, outputs = {"bitsandbytes": [], "qlora": []}, {}
+    model.eval()
+    for r in range(rounds):
+        for ours in ((False, True) if r % 2 else (True, False)):
+            use_for_inference(ours)
+            began = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(**ids, max_new_tokens=n_tokens, min_new_tokens=n_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+            rates["qlora" if ours else "bitsandbytes"].append(n_tokens / (time.perf_counter() - began))
+            outputs[ours] = out
+    use_for_inference(False)
+    return dict(rates, same_tokens=torch.equal(outputs[True], outputs[False]))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--tokens", type=int, default=24)
     ap.add_argument("--out", default="bench/results/dequant.json")
     a = ap.parse_args()
     lib, problem = kernel()
@@ -88,11 +111,18 @@ def main():
     pairs = [x / y for x, y in zip(passes["bitsandbytes"], passes["qlora"])]
     print(f"decoder forward and backward, {passes['tokens']} tokens: bitsandbytes {b:.3f} s, qlora {q:.3f} s, "
           f"{b / q:.2f}x (pairs {min(pairs):.2f}-{max(pairs):.2f}x)")
+    rates = generation(tokenizer, model, a.tokens)
+    g = {k: statistics.median(v) for k, v in rates.items() if k != "same_tokens"}
+    print(f"generation, {a.tokens} new tokens: bitsandbytes {g['bitsandbytes']:.2f} tokens/s, qlora {g['qlora']:.2f} "
+          f"({g['qlora'] / g['bitsandbytes']:.2f}x); the same tokens: {rates['same_tokens']}")
     results = dict(layers=len(weights), weights=n, threads=torch.get_num_threads(), rounds=a.rounds, equal=equal,
                    whole_model_ms={k: round(v, 2) for k, v in ms.items()},
                    speedup=round(ms["bitsandbytes"] / ms["qlora"], 2), shapes=shapes,
                    decoder=dict(tokens=passes["tokens"], bitsandbytes_seconds=round(b, 4), qlora_seconds=round(q, 4),
-                                speedup=round(b / q, 3), pair_speedups=[round(x, 3) for x in pairs]))
+                                speedup=round(b / q, 3), pair_speedups=[round(x, 3) for x in pairs]),
+                   generation=dict(new_tokens=a.tokens, tokens_per_second={k: round(v, 2) for k, v in g.items()},
+                                   speedup=round(g["qlora"] / g["bitsandbytes"], 2), same_tokens=rates["same_tokens"],
+                                   runs={k: [round(x, 2) for x in rates[k]] for k in g}))
     Path(a.out).write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {a.out}")
 

@@ -74,6 +74,10 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True) -> Loaded:
             raise UserError(f"adapter={cfg.adapter} does not fit the base model {model_cfg.name_or_path}: "
                             f"{detail}") from None
     model.eval()
+    if device == "cpu" and quant.load_in_4bit:
+        from qlora.dequant import use_for_inference
+
+        use_for_inference(cfg.gen.fast_dequant)
     return Loaded(model, tokenizer, bool(cfg.adapter), cfg.adapter or model_cfg.name_or_path, device)
 
 

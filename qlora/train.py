@@ -59,7 +59,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.evaluate import exact_match, mean_loss
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model, say)
-    from qlora.dequant import fast_dequant
+    from qlora.dequant import fast_dequant, use_for_inference
     from qlora.fused_lora import fused_lora
     from qlora.one_pass_head import head_one_pass
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
@@ -118,6 +118,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         say(f"model.chat_template={cfg.model.chat_template} added tokens: embeddings resized to {len(tokenizer)}; "
             f"training {', '.join(cfg.lora.modules_to_save)} in full (lora.modules_to_save)")
     model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
+    if device == "cpu" and cfg.quant.load_in_4bit:  # the evaluation after training, as `qlora eval` runs it
+        use_for_inference(t.fast_dequant, "train.fast_dequant")
     load_seconds = time.perf_counter() - t_load
 
     if is_main():  # under torchrun, rank 0 alone writes

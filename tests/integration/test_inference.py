@@ -81,3 +81,29 @@ def test_chat_through_stdin(tiny_run):
     assert "cannot set 'bogus=1'" in out and "/compare" in out and "(conversation cleared)" in out
     assert "never answered" not in out
     assert "Traceback" not in done.stderr
+
+
+def test_gen_fast_dequant_generates_and_evaluates_as_bitsandbytes_does(tiny_run, tiny_data, capsys, monkeypatch):
+    """gen.fast_dequant: generation and evaluation multiply by our kernel's weights (every 4-bit layer,
+    each token), for bitsandbytes' own answer and loss; false puts bitsandbytes' matmul back."""
+    import bitsandbytes
+
+    from qlora import dequant
+
+    run, _ = tiny_run
+    calls, kernel_run = [], dequant._run
+    monkeypatch.setattr(dequant, "_run", lambda *a: calls.append(1) or kernel_run(*a))
+    dequant.use_for_inference(False)  # as before any load in this process
+    original = bitsandbytes.matmul_4bit
+    outputs = {}
+    for on in ("false", "true"):
+        args = [f"adapter={run.run_dir}", f"gen.fast_dequant={on}"]
+        assert main(["generate", *args, "prompt=Maria is 34 and lives in Lisbon.", "gen.max_new_tokens=6"]) == 0
+        assert main(["eval", *args, f"data.path={tiny_data[1]}", "train.max_length=128"]) == 0
+        outputs[on] = capsys.readouterr().out
+        assert (bitsandbytes.matmul_4bit is original) == (on == "false")
+        assert bool(calls) == (on == "true")
+    assert len(calls) >= 14 * 6  # 2 layers x 7 projections, for each of the 6 new tokens at least
+    assert outputs["true"] == outputs["false"]
+    dequant.use_for_inference(False)
+    assert bitsandbytes.matmul_4bit is original

@@ -48,6 +48,7 @@ def test_without_a_compiler_bitsandbytes_dequantizes_and_training_is_told_why(mo
     monkeypatch.setenv("QLORA_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
     monkeypatch.setattr(dequant, "_lib", None)
+    monkeypatch.setattr(dequant, "_told", False)
     kernel.cache_clear()
     try:
         lib, reason = kernel()
