@@ -18,3 +18,15 @@ def lora_model():
     model = attach_lora(load_base_model(path, cfg.model, cfg.quant, "cpu", torch.float32), cfg.lora, False)
     model.train()
     return tokenizer, rows, model
+
+
+def decoder_pass(model, batch) -> float:
+    """Seconds of one forward and backward through the decoder stack (the LM head left out), with a
+    loss on its last hidden states: what the CPU benches of the layers' levers time."""
+    import time
+
+    start = time.perf_counter()
+    hidden = model.get_base_model().model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                                          use_cache=False).last_hidden_state
+    hidden.square().mean().backward()
+    return time.perf_counter() - start

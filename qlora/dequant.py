@@ -68,11 +68,12 @@ def _available(key: str) -> bool:
     global _told
     from qlora.models import say
 
-    if kernel()[0] is None and not _told:
-        say(f"{key}: the dequantization kernel could not be built ({kernel()[1]}); bitsandbytes' own "
+    lib, problem = kernel()
+    if lib is None and not _told:
+        say(f"{key}: the dequantization kernel could not be built ({problem}); bitsandbytes' own "
             "dequantization runs")
         _told = True
-    return kernel()[0] is not None
+    return lib is not None
 
 
 @lru_cache(maxsize=1)
