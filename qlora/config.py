@@ -274,7 +274,7 @@ class TrainConfig:
     fast_dequant: bool = True
     """CPU: dequantize 4-bit weights with our C kernel, bit for bit bitsandbytes' and ~2.5x faster (built at first use)."""
     compile: Switch = Switch.auto
-    """torch.compile each decoder layer: auto = on CPU for runs of 200+ steps (a minute to compile, then ~1.2x)."""
+    """torch.compile the decoder layers: auto = on CPU for runs of 200+ steps (7-30 s to compile, then 1.04-1.2x)."""
     liger_kernels: bool = False
     """GPU: Liger's Triton kernels for RMSNorm, SwiGLU and RoPE (pip install 'qlora[liger]'); same loss."""
     nan_policy: NanPolicy = NanPolicy.stop
