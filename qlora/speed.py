@@ -301,9 +301,14 @@ def compiled_layers(model, enabled: bool = True):
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
     try:
-        with torch._dynamo.config.patch(specialize_float=True), \
-                functorch_config.patch(autograd_cache_allow_custom_autograd_functions=True):
+        with _patched(torch._dynamo.config, specialize_float=True), \
+                _patched(functorch_config, autograd_cache_allow_custom_autograd_functions=True):
             yield len(layers)
     finally:
         for layer in layers:
             del layer.forward  # the instance attribute: the class's forward again
+
+
+def _patched(config, **values):
+    """torch's config.patch of the values this torch version has (another may lack or rename a key)."""
+    return config.patch(**{k: v for k, v in values.items() if hasattr(config, k)})
