@@ -111,7 +111,7 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
         assert passes[True] >= len(losses(runs[True])) and passes[False] == 0
     if lever == "train.optim":
         assert [runs[on].trainer.optimizer.optimizer.defaults["fused"] for on in (True, False)] == [True, None]
-    if lever == "train.compile":  # the second decoder layer was compiled (the first stays eager), and is eager again after
+    if lever == "train.compile":  # layer 2 of 2 was compiled (the first stays eager), and is eager again after
         assert (runs[True].report["compiled_layers"], runs[False].report["compiled_layers"]) == (1, 0)
         layers = decoder_layers(runs[True].trainer.model)
         assert len(layers) == 2 and not any("forward" in vars(m) for m in layers)
