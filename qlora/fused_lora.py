@@ -9,9 +9,12 @@ backward at 332 tokens, 48% at 1024.
 
 Here the forward is y = x W^T, then y += s (x A^T) B^T in place; the backward forms the LoRA path's
 input gradient in place on the base's: dx = g W, dx += (s g B) A. The products are the ones PEFT
-computes, in the same order, so the numbers are PEFT's (to one rounding where s is not a power of
-two). The weight W is dequantized from 4 bits in the forward and again in the backward, as
-bitsandbytes does; nothing of it is kept between them.
+computes, but those of rank r that PEFT lays out as (tokens x r), x A^T, g B and g^T h, are
+computed as their transposes, (r x tokens): MKL runs these 1.2x (x A^T) to 4x (g^T h) faster on
+SmolLM2's shapes, and the LoRA products of a forward and backward through its decoder take 20%
+less time. Their sums may round otherwise, so the numbers are PEFT's to float rounding (1e-7). The
+weight W is dequantized from 4 bits in the forward and again in the backward, as bitsandbytes
+does; nothing of it is kept between them.
 
 The layer falls back to PEFT's own forward for anything else: no gradient (evaluation,
 generation), a GPU, 16-bit tensors, dropout, DoRA or other LoRA variants, more than one active
@@ -34,7 +37,7 @@ class LoraMatmul4bit(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         w = bnbf.dequantize_4bit(weight, weight.quant_state).to(x.dtype)
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-        h = torch.mm(x2, lora_A.t())
+        h = torch.mm(lora_A, x2.t()).t()  # x A^T as (A x^T)^T: MKL's faster layout (above)
         y.addmm_(h, lora_B.t(), alpha=scaling)
         ctx.save_for_backward(x2, h, lora_A, lora_B)
         ctx.scaling, ctx.weight = scaling, weight
@@ -47,9 +50,9 @@ class LoraMatmul4bit(torch.autograd.Function):
         x2, h, lora_A, lora_B = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
         needs_x, needs_A, needs_B = ctx.needs_input_grad[:3]
-        grad_h = torch.mm(g, lora_B).mul_(ctx.scaling)
+        grad_h = torch.mm(lora_B.t(), g.t()).t().mul_(ctx.scaling)  # g B, as (B^T g^T)^T
         grad_A = torch.mm(grad_h.t(), x2) if needs_A else None
-        grad_B = torch.mm(g.t(), h).mul_(ctx.scaling) if needs_B else None
+        grad_B = torch.mm(h.t(), g).t().mul_(ctx.scaling) if needs_B else None  # g^T h, as (h^T g)^T
         grad_x = None
         if needs_x:
             w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(g.dtype)

@@ -60,9 +60,8 @@ def test_fused_layer_gives_peft_s_output_and_gradients(bias, lora_alpha):
     assert used
     for name, a, b in zip(("output", "input grad", "A grad", "B grad"), ours, theirs):
         assert a.shape == b.shape, name
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
-    if lora_alpha == 16:  # the same products in the same order, and an exact scaling: the same bits
-        assert all(torch.equal(a, b) for a, b in zip(ours, theirs))
+        # the same products, the rank-r ones transposed: float rounding apart, PEFT's numbers
+        assert (a - b).abs().max() <= 2e-6 * b.abs().max(), name
 
 
 def test_a_frozen_input_gives_the_same_lora_gradients():
