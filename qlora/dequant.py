@@ -135,15 +135,37 @@ _op.register_fake(lambda packed, absmax, code, absmax2, code8, offset, blocksize
 def dequantize_4bit(A: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
     """The fp32 weight of a 4-bit one, as bitsandbytes.functional.dequantize_4bit gives it; None where
     the kernel does not apply (not CPU, not fp32, not loaded by kernel()) and bitsandbytes must."""
-    if _lib is None or not _handled(A, quant_state):
+    if _lib is None:
         return None
-    s = quant_state
+    if torch.compiler.is_compiling():  # traced once into the graph: no cache (nor data_ptr) there
+        args, one_row = _arguments(A, quant_state)
+        return None if args is None else _shaped(_op(*args), one_row)
+    # eager: the checks and bitsandbytes' tensor wrapper cost more than the kernel on small layers
+    # (a decoder pass of SmolLM2 1.07-1.10x without them), so they are done once per weight and
+    # layout (bitsandbytes passes the weight and its transpose); new data or scales redo them
+    cache = quant_state.__dict__.setdefault("_qlora_kernel_arguments", {})
+    key = (A.data_ptr(), A.shape[0] == 1)
+    cached = cache.get(key)
+    if cached is None or cached[0] is not quant_state.absmax:
+        for stale in [k for k, v in cache.items() if v[0] is not quant_state.absmax]:
+            del cache[stale]  # they hold the old weights (moved to another device, say)
+        cached = cache[key] = (quant_state.absmax, *_arguments(A, quant_state))
+    return None if cached[1] is None else _shaped(_run(*cached[1]), cached[2])
+
+
+def _arguments(A: torch.Tensor, s) -> Tuple[Optional[tuple], bool]:
+    """_run's arguments for this weight (None where the kernel does not compute what bitsandbytes
+    would), and whether the weight is packed as one row."""
+    if not _handled(A, s):
+        return None, False
     packed = A.view(torch.uint8) if A.dtype != torch.uint8 else A
-    run = _op if torch.compiler.is_compiling() else _run
     nested = (s.state2.absmax, s.state2.code, s.offset) if s.nested else (None, None, None)
-    out = run(packed.detach(), s.absmax, s.code, *nested, s.blocksize, s.state2.blocksize if s.nested else 1,
-              list(s.shape))
-    return out.t() if A.shape[0] == 1 else out  # bitsandbytes' shim for weights packed as one row
+    return (packed.detach(), s.absmax, s.code, *nested, s.blocksize, s.state2.blocksize if s.nested else 1,
+            list(s.shape)), A.shape[0] == 1
+
+
+def _shaped(out: torch.Tensor, one_row: bool) -> torch.Tensor:
+    return out.t() if one_row else out  # bitsandbytes' shim for weights packed as one row
 
 
 @contextmanager

@@ -27,6 +27,21 @@ def test_kernel_gives_bitsandbytes_weights_bit_for_bit(quant_type, nested, block
     assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
 
 
+
+def test_the_checks_run_once_per_weight_and_again_for_new_scales_or_data(monkeypatch):
+    checks, handled = [], dequant._handled
+    monkeypatch.setattr(dequant, "_handled", lambda *a: checks.append(1) or handled(*a))
+    packed, state = quantized((64, 96), nested=False)
+    first = dequantize_4bit(packed, state)
+    assert torch.equal(dequantize_4bit(packed, state), first) and len(checks) == 1
+    state.absmax = state.absmax * 2  # new scales: the weights follow
+    assert torch.equal(dequantize_4bit(packed, state), 2 * first) and len(checks) == 2
+    other, _ = quantized((64, 96), nested=False, seed=1)  # new packed data under the same scales
+    assert torch.equal(dequantize_4bit(other, state), bnbf.dequantize_4bit(other, state)) and len(checks) == 3
+    row = other.t()  # the same data as one row, as bitsandbytes' matmul passes it: its own layout
+    assert torch.equal(dequantize_4bit(row, state), bnbf.dequantize_4bit(row, state)) and len(checks) == 4
+    assert dequantize_4bit(other, state).shape == (64, 96) and len(checks) == 4
+
 def test_within_the_block_bitsandbytes_dequantizes_through_the_kernel_where_it_applies(monkeypatch):
     calls, run = [], dequant._run
     monkeypatch.setattr(dequant, "_run", lambda *a: calls.append(1) or run(*a))
