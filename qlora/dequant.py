@@ -4,13 +4,13 @@ On a CPU the base's 4-bit layers are dequantized to fp32 at every forward and ba
 a SmolLM2 training step's CPU time in a profile, with bitsandbytes' CPU kernel. Ours
 (qlora/csrc/dequant_4bit.c) looks the 16 code values up eight at a time with AVX2 where the CPU has
 it and folds in double quantization's scales, with bitsandbytes' own arithmetic, so the weights are
-bit for bit theirs (tests/unit/test_dequant.py). `python bench/dequant.py`: 2.7x on all of
-SmolLM2's layers on a 2-core AVX2 CPU, a few percent of a training step.
+bit for bit theirs (tests/unit/test_dequant.py). `python bench/dequant.py`: 2.5-3.4x on all of
+SmolLM2's layers on a 2-core AVX2 CPU, 1.09x its decoder's forward and backward.
 
 Training takes it within `fast_dequant()`. Generation and evaluation (no gradient) go through
 bitsandbytes' 4-bit matmul, whose CPU code dequantizes with its own kernel and then multiplies;
 `use_for_inference()` routes those calls through ours for the rest of the process (gen.fast_dequant):
-the same product of the same weights, so the same tokens, 1.3-1.7x faster on SmolLM2.
+the same product of the same weights, so the same tokens, about 1.5x faster on SmolLM2.
 
 The kernel is compiled for this CPU at first use with the system's C compiler (under a second)
 and kept in the qlora cache (`$QLORA_CACHE/kernels`). Where none can build it, bitsandbytes' code
