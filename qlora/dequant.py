@@ -140,9 +140,9 @@ def dequantize_4bit(A: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
     if torch.compiler.is_compiling():  # traced once into the graph: no cache (nor data_ptr) there
         args, one_row = _arguments(A, quant_state)
         return None if args is None else _shaped(_op(*args), one_row)
-    # eager: the checks and bitsandbytes' tensor wrapper cost more than the kernel on small layers
-    # (a decoder pass of SmolLM2 1.07-1.10x without them), so they are done once per weight and
-    # layout (bitsandbytes passes the weight and its transpose); new data or scales redo them
+    # eager: the checks, read through bitsandbytes' tensor subclass, cost about as much as the kernel
+    # (a decoder pass of SmolLM2 is 1.07-1.10x faster without them), so they are done once per
+    # weight and layout (bitsandbytes passes the weight and its transpose); new data or scales redo them
     cache = quant_state.__dict__.setdefault("_qlora_kernel_arguments", {})
     key = (A.data_ptr(), A.shape[0] == 1)
     cached = cache.get(key)

@@ -27,7 +27,6 @@ def test_kernel_gives_bitsandbytes_weights_bit_for_bit(quant_type, nested, block
     assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
 
 
-
 def test_the_checks_run_once_per_weight_and_again_for_new_scales_or_data(monkeypatch):
     checks, handled = [], dequant._handled
     monkeypatch.setattr(dequant, "_handled", lambda *a: checks.append(1) or handled(*a))
@@ -41,6 +40,7 @@ def test_the_checks_run_once_per_weight_and_again_for_new_scales_or_data(monkeyp
     row = other.t()  # the same data as one row, as bitsandbytes' matmul passes it: its own layout
     assert torch.equal(dequantize_4bit(row, state), bnbf.dequantize_4bit(row, state)) and len(checks) == 4
     assert dequantize_4bit(other, state).shape == (64, 96) and len(checks) == 4
+
 
 def test_within_the_block_bitsandbytes_dequantizes_through_the_kernel_where_it_applies(monkeypatch):
     calls, run = [], dequant._run
