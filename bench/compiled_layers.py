@@ -6,7 +6,9 @@ interleaved on the same batches (eager then compiled, then the other way round) 
 usage: python bench/compiled_layers.py [--batch 4] [--steps 8] [--out bench/results/compiled_layers.json]
 
 The step is SmolLM2-135M's forward and backward on 4-bit weights with LoRA r=8 (every token
-trained, as bench/cpu_speed.py's same-loss case); the first compiled step's time is the compilation.
+trained, as bench/cpu_speed.py's same-loss case), with training's other CPU levers on in both arms
+(train.fused_lora, train.fast_dequant), so that the speed-up is what compiling adds to them; the
+first compiled step's time is the compilation.
 """
 import argparse
 import json
@@ -16,6 +18,8 @@ from pathlib import Path
 from smollm2_cpu import lora_model
 
 from qlora.data import collate_packed
+from qlora.dequant import fast_dequant
+from qlora.fused_lora import fused_lora
 from qlora.speed import compiled_layers
 
 
@@ -29,7 +33,7 @@ def main():
 
     def step(k: int, compiled: bool):
         batch = collate_packed(rows[a.batch * k:a.batch * (k + 1)], pad_id=tok.pad_token_id)
-        with compiled_layers(model, compiled):
+        with compiled_layers(model, compiled), fused_lora(), fast_dequant():
             t = time.perf_counter()
             out = model(**batch, use_cache=False)
             out.loss.backward()
