@@ -20,7 +20,8 @@ unchanged (tests/integration/test_speed.py).
   no tile work in the backward; the same loss, the gradient to float rounding.
 - One autograd function for each 4-bit layer and its LoRA on CPU (train.fused_lora; the function
   is in qlora/fused_lora.py): PEFT's separate nodes, its copy of the base output and the
-  temporaries of their backward go; the same products give the same numbers.
+  temporaries of their backward go; the same products (the rank-r ones in MKL's faster layout)
+  give the same numbers to float rounding.
 - Our own dequantization of 4-bit weights on CPU (train.fast_dequant; qlora/dequant.py): a small C
   kernel compiled at first use, bit for bit bitsandbytes' weights.
 - torch.compile of the decoder layers at a lower price (train.compile): one graph for all layers but
