@@ -270,7 +270,7 @@ class TrainConfig:
     head_one_pass: bool = True
     """CPU, with head_tiles_in_place: the LM head's loss and input gradient in one pass over the vocabulary, not two."""
     fused_lora: bool = True
-    """CPU: each 4-bit layer and its LoRA as one autograd function (same numbers, faster, less memory; no dropout/DoRA)."""
+    """CPU: each 4-bit layer and its LoRA as one autograd function (same numbers to float rounding, faster, less memory; no dropout/DoRA)."""
     fast_dequant: bool = True
     """CPU: dequantize 4-bit weights with our C kernel, bit for bit bitsandbytes' and ~2.5x faster (built at first use)."""
     compile: Switch = Switch.auto
@@ -316,7 +316,7 @@ class GenConfig:
     show_speed: bool = True
     """chat: print tokens and tokens/s after each answer."""
     fast_dequant: bool = True
-    """CPU: 4-bit layers multiply by weights from our dequantization kernel (the same tokens, ~1.4x faster)."""
+    """CPU: 4-bit layers multiply by weights from our dequantization kernel (the same tokens, ~1.5x faster)."""
 
 
 @dataclass
