@@ -143,14 +143,15 @@ def dequantize_4bit(A: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
     # eager: the checks, read through bitsandbytes' tensor subclass, cost about as much as the kernel
     # (a decoder pass of SmolLM2 is 1.07-1.10x faster without them), so they are done once per
     # weight and layout (bitsandbytes passes the weight and its transpose); new data or scales redo them
-    cache = quant_state.__dict__.setdefault("_qlora_kernel_arguments", {})
+    scales, cache = quant_state.__dict__.get("_qlora_kernel_arguments", (None, None))
+    if scales is not quant_state.absmax:  # new scales (or a move to another device): start afresh
+        cache = {}
+        quant_state._qlora_kernel_arguments = (quant_state.absmax, cache)
     key = (A.data_ptr(), A.shape[0] == 1)
-    cached = cache.get(key)
-    if cached is None or cached[0] is not quant_state.absmax:
-        for stale in [k for k, v in cache.items() if v[0] is not quant_state.absmax]:
-            del cache[stale]  # they hold the old weights (moved to another device, say)
-        cached = cache[key] = (quant_state.absmax, *_arguments(A, quant_state))
-    return None if cached[1] is None else _shaped(_run(*cached[1]), cached[2])
+    if key not in cache:
+        cache[key] = _arguments(A, quant_state)
+    args, one_row = cache[key]
+    return None if args is None else _shaped(_run(*args), one_row)
 
 
 def _arguments(A: torch.Tensor, s) -> Tuple[Optional[tuple], bool]:
