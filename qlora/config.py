@@ -209,6 +209,8 @@ class DataConfig:
     """Trained tokens: assistant (every assistant turn + end-of-turn), completion (the last one / the completion), all."""
     packing: bool = False
     """Pack several examples per row of train.max_length, each attending only to itself (positions restart)."""
+    padding_free: Switch = Switch.auto
+    """Lay each micro-batch's examples end to end in one row, no padding, each attending to itself: auto = on CPU without compile or packing."""
     on_bad_row: OnBadRow = OnBadRow.fail
     """A malformed row: fail (stop with file:line) or drop (count by reason, see max_bad_fraction)."""
     max_bad_fraction: float = 0.01

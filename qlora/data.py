@@ -280,7 +280,8 @@ def collate_packed(rows: List[Dict[str, list]], pad_id: int, one_row: bool = Fal
     For sdpa and eager attention, rows stay rows, padded to the longest with pad_id (positions restart
     at the padding too): the block-diagonal mask costs rows x length^2, not (rows x length)^2 as one
     long row would. one_row=True lays the rows end to end instead: flash-attention reads restarts
-    only in a batch of one row, and its variable-length kernel needs no mask. Padding is never a
+    only in a batch of one row, and its variable-length kernel needs no mask; data.padding_free does
+    so with single examples, attended one by one (qlora/padding_free.py). Padding is never a
     label, and a pad_id distinct from EOS (models.load_tokenizer) keeps the token count exact."""
     import torch
 

@@ -24,6 +24,8 @@ unchanged (tests/integration/test_speed.py).
   give the same numbers to float rounding.
 - Our own dequantization of 4-bit weights on CPU (train.fast_dequant; qlora/dequant.py): a small C
   kernel compiled at first use, bit for bit bitsandbytes' weights.
+- Padding-free micro-batches on CPU (data.padding_free; qlora/padding_free.py): a micro-batch's
+  examples end to end in one row, attended example by example, so that no padding is computed.
 - torch.compile of the decoder layers at a lower price (train.compile): one graph for all layers but
   the first, LoRA's scaling a constant and AOTAutograd's cache allowed for our LoRA function, so
   that the first step compiles in 7 s with a filled cache, not 34 (compiled_layers says why).
@@ -243,14 +245,17 @@ def compile_problem(device: str) -> Optional[str]:
     return None
 
 
-def compile_wanted(setting, device: str, steps: int) -> bool:
-    """train.compile resolved for this run: true, or auto on CPU runs of COMPILE_MIN_STEPS or more.
+def compile_wanted(setting, device: str, steps: int, padding_free=None) -> bool:
+    """train.compile resolved for this run: true, or auto on CPU runs of COMPILE_MIN_STEPS or more,
+    unless data.padding_free=true (its per-example attention, in Python, made the compiled layers
+    recompile at every step: 12.8 against 122.5 tokens/s on SmolLM2; validation refuses both true).
     Where torch.compile cannot build kernels, auto says why and trains without it; true stops."""
     from qlora.config import Switch
     from qlora.errors import UserError
     from qlora.models import say
 
-    if setting is Switch.false or (setting is Switch.auto and (device != "cpu" or steps < COMPILE_MIN_STEPS)):
+    if setting is Switch.false or (setting is Switch.auto and (device != "cpu" or steps < COMPILE_MIN_STEPS
+                                                               or padding_free is Switch.true)):
         return False
     problem = compile_problem(device)
     if problem and setting is Switch.true:

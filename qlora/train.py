@@ -62,6 +62,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.dequant import fast_dequant, use_for_inference
     from qlora.fused_lora import fused_lora
     from qlora.one_pass_head import head_one_pass
+    from qlora.padding_free import padding_free_wanted, segment_attention_for
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
     from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, head_tiles_in_place, liger_wanted,
                              small_head_tiles, trained_positions_only_on_cpu)
@@ -106,7 +107,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     # a run killed after its final checkpoint only has its wrap-up to do: transformers' Trainer, resumed
     # there, would train one step past max_steps (it checks for the end only after a step)
     finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
-    compiling = not finished and compile_wanted(t.compile, device, steps)
+    compiling = not finished and compile_wanted(t.compile, device, steps, cfg.data.padding_free)
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")
@@ -118,6 +119,10 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         say(f"model.chat_template={cfg.model.chat_template} added tokens: embeddings resized to {len(tokenizer)}; "
             f"training {', '.join(cfg.lora.modules_to_save)} in full (lora.modules_to_save)")
     model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
+    one_row = padding_free_wanted(cfg.data.padding_free, device, compiling, cfg.data.packing,
+                                  model.config._attn_implementation)
+    if one_row:
+        say("data.padding_free: each micro-batch's examples end to end in one row, no padding")
     if device == "cpu" and cfg.quant.load_in_4bit:  # the evaluation after training, as `qlora eval` runs it
         use_for_inference(t.fast_dequant, "train.fast_dequant")
     load_seconds = time.perf_counter() - t_load
@@ -144,7 +149,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
             model=model, args=args, processing_class=tokenizer,
             callbacks=[logger, stopper, guard] + ([checkpointed] if checkpointing else []),
             data_collator=partial(collate_packed, pad_id=tokenizer.pad_token_id,
-                                  one_row="flash" in cfg.model.attn_implementation.value) if cfg.data.packing else None,
+                                  one_row=one_row or "flash" in cfg.model.attn_implementation.value)
+            if cfg.data.packing or one_row else None,
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
     if not fsdp:  # FSDP flattens one dtype per shard: there LoRA stays in the compute dtype
@@ -172,6 +178,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
                     head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu"), \
                     fused_lora(t.fused_lora and device == "cpu"), \
+                    segment_attention_for(trainer.model, one_row), \
                     fast_dequant(t.fast_dequant and device == "cpu" and cfg.quant.load_in_4bit) as dequant_kernel:
                 trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:

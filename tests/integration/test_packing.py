@@ -18,14 +18,20 @@ def segments(positions):
 
 
 @pytest.mark.parametrize("one_row", [False, True], ids=["rows", "one-row"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "segments"])
 def test_each_example_in_a_packed_batch_has_the_loss_it_has_alone(tiny_model, attn, one_row):
-    """Rows of unequal width, padded (sdpa, eager), or laid end to end as flash-attention wants (that
-    layout is checked here under sdpa and eager, which read it the same way)."""
+    """Rows of unequal width, padded (sdpa, eager), or laid end to end as flash-attention and
+    data.padding_free want (that layout is checked here under sdpa and eager, which read it the same
+    way). "segments" is data.padding_free's attention, example by example in one row (in padded rows,
+    transformers' SDPA with its mask): the GQA model here checks its grouped heads too."""
     from transformers import AutoModelForCausalLM
 
+    from qlora.padding_free import segment_attention_for
+
     tok = make_tokenizer()
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation=attn, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, attn_implementation="sdpa" if attn == "segments" else attn,
+                                                 dtype=torch.float32).eval()
+    model.forward = segment_attention_for(model, attn == "segments")(model.forward)
     rows = [tokenize_example(tok, r["messages"], LossOn.all, 128) for r in people_rows(7)]
     for r in rows:
         r.pop("length")
@@ -85,3 +91,36 @@ def test_a_packed_run_trains_the_same_adapter_as_an_unpacked_one(tiny_model, tmp
         diff = (adapters[True][name] - unpacked).abs().max().item()
         assert diff < 1e-4, (name, diff)
     assert any((t.abs() > 0).any() for k, t in adapters[True].items() if "lora_B" in k)
+
+
+def test_a_padding_free_run_trains_the_same_adapter_and_losses_as_a_padded_one(tiny_model, tmp_path):
+    """data.padding_free: the same examples in each micro-batch, laid end to end in one row instead of
+    padded rows, attended example by example: the same losses and update up to float rounding, and
+    the same count of trained-through tokens (padding is not counted either way)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from qlora.cli import compose
+    from qlora.padding_free import NAME
+    from qlora.train import fit
+
+    data = (write_jsonl(tmp_path / "t.jsonl", people_rows(12, seed=5)),
+            write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
+    adapters, tokens, losses = {}, {}, {}
+    for free in ("false", "true"):
+        out = tmp_path / f"free-{free}"
+        run = fit(compose("train", tiny_overrides(tiny_model, data, out, **{
+            "train.max_steps": 3, "train.save_steps": 2, "data.padding_free": free})))
+        adapters[free] = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
+        tokens[free] = run.report["train_tokens"]
+        lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[free] = [r["loss"] for r in lines if "loss" in r]
+        saved = "".join(f.read_text() for f in run.run_dir.rglob("*.json"))
+        assert NAME not in saved and run.trainer.model.config._attn_implementation == "sdpa", "restored after training"
+    assert tokens["true"] == tokens["false"] > 0
+    assert len(losses["true"]) == 3 and losses["true"] == pytest.approx(losses["false"], rel=1e-5)
+    for name, padded in adapters["false"].items():
+        diff = (adapters["true"][name] - padded).abs().max().item()
+        assert diff < 1e-5, (name, diff)
+    assert any((t.abs() > 0).any() for k, t in adapters["true"].items() if "lora_B" in k)

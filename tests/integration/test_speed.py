@@ -171,11 +171,15 @@ class AttentionCalls:
         self.mode.__exit__(*exc)
 
 
+PADDED = {"data.padding_free": "false"}  # one attention call per layer and pass (not one per example)
+
+
 @pytest.fixture(scope="module")
 def fully_checkpointed(tiny_model, tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("ckpt") / "full"
     with AttentionCalls() as calls:
-        run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, out, **{"train.gradient_checkpointing": "true"})))
+        run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, out, **PADDED,
+                                                  **{"train.gradient_checkpointing": "true"})))
     return run, calls.count
 
 
@@ -187,7 +191,7 @@ def fully_checkpointed(tiny_model, tiny_data, tmp_path_factory):
 def test_checkpointing_levers_train_as_full_checkpointing(fully_checkpointed, tiny_model, tiny_data, tmp_path,
                                                           lever, checkpointed, recomputed):
     full, full_calls = fully_checkpointed
-    extra = {"train.gradient_checkpointing": "true", **lever}
+    extra = {"train.gradient_checkpointing": "true", **PADDED, **lever}
     with AttentionCalls() as calls:
         run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path, **extra)))
     assert [m.gradient_checkpointing for m in decoder_layers(run.trainer.model)] == checkpointed

@@ -1,0 +1,98 @@
+"""Padding-free micro-batches (data.padding_free): a micro-batch's examples laid end to end in one
+row, positions restarting at each, so that no token is padding.
+
+A padded micro-batch makes every row as long as its longest example, and the padding goes through
+every layer before the loss drops it. In one row nothing is padding, and attention must stay within
+each example. Flash-attention reads the restarts from the positions (its variable-length kernel).
+For SDPA, transformers would build a block-diagonal mask over the whole row, attention then costing
+(examples x length)^2 rather than examples x length^2 (0.90x of the padded batch's speed on the
+demo's decoder pass); so for the time of training the model attends through "qlora_segments", which
+runs SDPA over each example's span with its causal flag (1.03x faster than the padded batch there,
+where padding is 3% of the tokens; more where lengths vary). Anything else reaching it, such as
+a padded batch, a cached step, or sliding-window attention longer than an example, goes to
+transformers' SDPA with the mask it builds for SDPA.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import List, Optional, Tuple
+
+import torch
+
+NAME = "qlora_segments"  # the attention implementation registered with transformers
+_last: Tuple[Optional[torch.Tensor], Optional[List[Tuple[int, int]]]] = (None, None)  # (position_ids, spans)
+
+
+def padding_free_wanted(setting, device: str, compiling: bool, packing: bool, attn: str) -> bool:
+    """data.padding_free resolved for this run (attn: the model's attention implementation). auto = on
+    CPU with SDPA, unless train.compile traces the layers (the spans are Python) or data.packing has
+    filled the rows already (bench/packing.py: packed rows 1.40x the padded batches' speed, the same
+    rows end to end 1.28x, their many short examples each a small SDPA call). true is correct with any
+    attention: flash-attention reads the restarts, and eager attention gets transformers' mask."""
+    from qlora.config import Switch
+
+    if setting is not Switch.auto:
+        return setting is Switch.true
+    return device == "cpu" and attn == "sdpa" and not compiling and not packing
+
+
+def spans(position_ids: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
+    """(start, end) of each example in one row whose positions restart at 0; None for a single example
+    (or a row that does not start at position 0, such as a cached generation step)."""
+    global _last
+    if _last[0] is position_ids:  # every layer of one forward pass gets the same tensor
+        return _last[1]
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    found = None
+    if len(starts) > 1 and starts[0] == 0:
+        ends = starts[1:] + [position_ids.shape[-1]]
+        found = list(zip(starts, ends))
+    _last = (position_ids, found)
+    return found
+
+
+def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' attention interface: SDPA over each example of a one-row micro-batch; output
+    (batch, length, heads, head_dim) as transformers' SDPA gives it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    found = None
+    if (query.shape[0] == 1 and position_ids is not None and query.shape[2] == key.shape[2] == position_ids.shape[-1]
+            and getattr(module, "is_causal", True) and kwargs.get("softcap") is None):
+        found = spans(position_ids)
+        window = kwargs.get("sliding_window")
+        if found and window and max(b - a for a, b in found) > window:
+            found = None
+    if not found:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    gqa = key.shape[1] != query.shape[1]
+    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], dropout_p=dropout, is_causal=True, scale=scaling,
+        enable_gqa=gqa) for a, b in found], dim=2)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> None:
+    """Makes NAME an attention implementation of transformers, with SDPA's masks."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(NAME, segment_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+@contextmanager
+def segment_attention_for(model, enabled: bool = True):
+    """Within the block, a model that attends through SDPA attends through segment_attention."""
+    config = getattr(model, "config", None)
+    if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    register()
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
