@@ -120,9 +120,9 @@ def one_case(case: str, model_path: str, data: str, steps: int) -> None:
     with tempfile.TemporaryDirectory() as out:
         if case == "qlora-assistant":
             r = qlora(model_path, data, steps, out, loss_on="assistant")
-        elif case in ("qlora-compiled", "qlora-compiled-padding-free"):
+        elif case in ("qlora-compiled", "qlora-compiled-padded"):
             r = qlora(model_path, data, steps, out, compile=True,
-                      extra=["data.padding_free=true"] if case.endswith("padding-free") else ())
+                      extra=["data.padding_free=false"] if case.endswith("padded") else ())
         elif case in EXTRA_CASES:
             r = qlora(model_path, data, steps, out, extra=EXTRA_CASES[case])
         else:
@@ -145,7 +145,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,tiny")
     ap.add_argument("--cases", default=",".join(CASES), help="the first is the ratios' baseline; besides "
-                    f"{', '.join(CASES)}: {', '.join(EXTRA_CASES)}, qlora-compiled-padding-free")
+                    f"{', '.join(CASES)}: {', '.join(EXTRA_CASES)}, qlora-compiled-padded")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="bench/results/cpu_speed.json")

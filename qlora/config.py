@@ -210,7 +210,7 @@ class DataConfig:
     packing: bool = False
     """Pack several examples per row of train.max_length, each attending only to itself (positions restart)."""
     padding_free: Switch = Switch.auto
-    """Lay each micro-batch's examples end to end in one row, no padding, each attending to itself: auto = on CPU without compile or packing."""
+    """Lay each micro-batch's examples end to end in one row, no padding, each attending to itself: auto = on CPU, without packing (compiled: with 10%+ padding)."""
     on_bad_row: OnBadRow = OnBadRow.fail
     """A malformed row: fail (stop with file:line) or drop (count by reason, see max_bad_fraction)."""
     max_bad_fraction: float = 0.01

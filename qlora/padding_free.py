@@ -14,26 +14,40 @@ transformers' SDPA with the mask it builds for SDPA.
 """
 from __future__ import annotations
 
+import random
 from contextlib import contextmanager
 from typing import List, Optional, Tuple
 
 import torch
 
 NAME = "qlora_segments"  # the attention implementation registered with transformers
+COMPILED_MIN_PADDING = 0.10  # train.compile and data.padding_free=auto: the padding share worth a split graph
 _last: Tuple[Optional[torch.Tensor], Optional[List[Tuple[int, int]]]] = (None, None)  # (position_ids, spans)
 
 
-def padding_free_wanted(setting, device: str, compiling: bool, packing: bool, attn: str) -> bool:
-    """data.padding_free resolved for this run (attn: the model's attention implementation). auto = on
-    CPU with SDPA, unless train.compile traces the layers (the spans are Python) or data.packing has
-    filled the rows already (bench/packing.py: packed rows 1.40x the padded batches' speed, the same
-    rows end to end 1.28x, their many short examples each a small SDPA call). true is correct with any
-    attention: flash-attention reads the restarts, and eager attention gets transformers' mask."""
+def padding_free_wanted(setting, device: str, packing: bool, attn: str, compiling: bool, padding: float) -> bool:
+    """data.padding_free resolved for this run (attn: the model's attention implementation; padding:
+    padding_share of its micro-batches). auto = on CPU with SDPA, unless data.packing has filled the
+    rows already (bench/packing.py: packed rows 1.40x the padded batches' speed, the same rows end to
+    end 1.28x, their many short examples each a small SDPA call), and under train.compile only where
+    padding is at least COMPILED_MIN_PADDING of the tokens (its attention splits the compiled graphs:
+    0.96x with 3% padding). true is correct with any attention: flash-attention reads the restarts,
+    and eager attention gets transformers' mask."""
     from qlora.config import Switch
 
     if setting is not Switch.auto:
         return setting is Switch.true
-    return device == "cpu" and attn == "sdpa" and not compiling and not packing
+    return device == "cpu" and attn == "sdpa" and not packing and (not compiling or padding >= COMPILED_MIN_PADDING)
+
+
+def padding_share(lengths: List[int], batch: int, draws: int = 256) -> float:
+    """The share of padding in micro-batches of `batch` examples drawn at random from these lengths."""
+    rng = random.Random(0)
+    padded = real = 0
+    for _ in range(draws if len(lengths) > batch else 1):
+        drawn = rng.sample(lengths, batch) if len(lengths) > batch else lengths
+        padded, real = padded + len(drawn) * max(drawn), real + sum(drawn)
+    return 1 - real / padded if padded else 0.0
 
 
 def spans(position_ids: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
@@ -51,9 +65,12 @@ def spans(position_ids: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
     return found
 
 
+@torch.compiler.disable
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention interface: SDPA over each example of a one-row micro-batch; output
-    (batch, length, heads, head_dim) as transformers' SDPA gives it."""
+    (batch, length, heads, head_dim) as transformers' SDPA gives it. train.compile's graphs stop
+    around it (traced, its Python spans made the compiled layers recompile at every step: 12.8
+    against 122.5 tokens/s on SmolLM2)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")

@@ -245,17 +245,14 @@ def compile_problem(device: str) -> Optional[str]:
     return None
 
 
-def compile_wanted(setting, device: str, steps: int, padding_free=None) -> bool:
-    """train.compile resolved for this run: true, or auto on CPU runs of COMPILE_MIN_STEPS or more,
-    unless data.padding_free=true (its per-example attention, in Python, made the compiled layers
-    recompile at every step: 12.8 against 122.5 tokens/s on SmolLM2; validation refuses both true).
+def compile_wanted(setting, device: str, steps: int) -> bool:
+    """train.compile resolved for this run: true, or auto on CPU runs of COMPILE_MIN_STEPS or more.
     Where torch.compile cannot build kernels, auto says why and trains without it; true stops."""
     from qlora.config import Switch
     from qlora.errors import UserError
     from qlora.models import say
 
-    if setting is Switch.false or (setting is Switch.auto and (device != "cpu" or steps < COMPILE_MIN_STEPS
-                                                               or padding_free is Switch.true)):
+    if setting is Switch.false or (setting is Switch.auto and (device != "cpu" or steps < COMPILE_MIN_STEPS)):
         return False
     problem = compile_problem(device)
     if problem and setting is Switch.true:

@@ -62,7 +62,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.dequant import fast_dequant, use_for_inference
     from qlora.fused_lora import fused_lora
     from qlora.one_pass_head import head_one_pass
-    from qlora.padding_free import padding_free_wanted, segment_attention_for
+    from qlora.padding_free import padding_free_wanted, padding_share, segment_attention_for
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
     from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, head_tiles_in_place, liger_wanted,
                              small_head_tiles, trained_positions_only_on_cpu)
@@ -107,7 +107,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     # a run killed after its final checkpoint only has its wrap-up to do: transformers' Trainer, resumed
     # there, would train one step past max_steps (it checks for the end only after a step)
     finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
-    compiling = not finished and compile_wanted(t.compile, device, steps, cfg.data.padding_free)
+    compiling = not finished and compile_wanted(t.compile, device, steps)
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
         f"compute {str(dtype).replace('torch.', '')})")
@@ -119,10 +119,12 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         say(f"model.chat_template={cfg.model.chat_template} added tokens: embeddings resized to {len(tokenizer)}; "
             f"training {', '.join(cfg.lora.modules_to_save)} in full (lora.modules_to_save)")
     model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
-    one_row = padding_free_wanted(cfg.data.padding_free, device, compiling, cfg.data.packing,
-                                  model.config._attn_implementation)
+    padding = padding_share([len(r["input_ids"]) for r in train_rows], t.per_device_train_batch_size)
+    one_row = padding_free_wanted(cfg.data.padding_free, device, cfg.data.packing, model.config._attn_implementation,
+                                  compiling, padding)
     if one_row:
-        say("data.padding_free: each micro-batch's examples end to end in one row, no padding")
+        say(f"data.padding_free: each micro-batch's examples end to end in one row ({padding:.0%} of a padded "
+            "micro-batch would be padding)")
     if device == "cpu" and cfg.quant.load_in_4bit:  # the evaluation after training, as `qlora eval` runs it
         use_for_inference(t.fast_dequant, "train.fast_dequant")
     load_seconds = time.perf_counter() - t_load

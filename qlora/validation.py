@@ -64,9 +64,6 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     bad = [r for r in t.report_to if r not in TRACKERS]
     if bad:
         p.append(f"train.report_to: unknown tracker {bad[0]!r}; choose from {', '.join(sorted(TRACKERS))}")
-    if d.padding_free is Switch.true and t.compile is Switch.true:
-        p.append("data.padding_free=true with train.compile=true: the compiled layers would recompile at every "
-                 "step (10x slower); set one of them to auto")
     if not 0 <= d.eval_fraction < 1:
         p.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
     if not 0 <= d.max_bad_fraction < 1:

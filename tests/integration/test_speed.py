@@ -68,6 +68,9 @@ def test_head_tiles_worked_in_place_give_trl_s_numbers():
         assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+PADDED = {"data.padding_free": "false"}  # one attention call per layer and pass, one compiled graph
+
+
 @pytest.mark.parametrize("lever", ["train.score_trained_only", "train.small_head_tiles", "train.head_tiles_in_place",
                                    "train.head_one_pass", "train.fused_lora", "train.fast_dequant", "train.optim",
                                    pytest.param("train.compile", marks=pytest.mark.slow)])
@@ -98,8 +101,10 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
         counters.clear()
     runs, passes = {}, {}
     values = {True: "auto", False: "adamw_torch"} if lever == "train.optim" else {True: "true", False: "false"}
+    # train.compile: one graph with padded micro-batches (data.padding_free's own test is below)
+    extra = PADDED if lever == "train.compile" else {}
     for on in (True, False):
-        cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / f"{on}", **{lever: values[on]}))
+        cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / f"{on}", **extra, **{lever: values[on]}))
         runs[on] = fit(cfg)
         passes[on], fused[:] = sum(fused), []
     if lever == "train.fused_lora":  # each step, every LoRA layer (2 layers x 7), and only with the lever on
@@ -123,6 +128,28 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
     assert metrics(runs[True], "mean_token_accuracy") == metrics(runs[False], "mean_token_accuracy")
     a = load_file(str(runs[True].run_dir / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(runs[False].run_dir / "adapter" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_padding_free_micro_batches_as_eager_ones(tiny_model, tiny_data, tmp_path):
+    """data.padding_free's attention stays outside the compiled graphs: the same losses and adapter as
+    eager layers, and the graphs are compiled in the first steps, not again at every step (as they
+    were when its Python was traced)."""
+    from torch._dynamo.utils import counters
+
+    compile_problem("cpu")
+    counters.clear()
+    runs, graphs = {}, 0
+    for on in ("true", "false"):
+        runs[on] = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / on, **{
+            "train.compile": on, "train.max_steps": 8, "data.padding_free": "true"})))
+        graphs = graphs or counters["stats"]["unique_graphs"]
+    assert runs["true"].report["compiled_layers"] == 1
+    assert 0 < graphs <= 4, graphs  # the layer's two halves around the attention, each again for new lengths
+    assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), abs=1e-5)
+    a = load_file(str(runs["true"].run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(runs["false"].run_dir / "adapter" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
@@ -169,9 +196,6 @@ class AttentionCalls:
 
     def __exit__(self, *exc):
         self.mode.__exit__(*exc)
-
-
-PADDED = {"data.padding_free": "false"}  # one attention call per layer and pass (not one per example)
 
 
 @pytest.fixture(scope="module")

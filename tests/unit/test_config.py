@@ -91,7 +91,6 @@ BAD = [
     (["train.checkpoint_layers=0"], "train.checkpoint_layers=0: must be >= 1"),
     (["train.gradient_checkpointing=false", "train.checkpoint_attention=true"],
      "train.checkpoint_attention=true shapes gradient checkpointing, which train.gradient_checkpointing=false"),
-    (["data.padding_free=true", "train.compile=true"], "data.padding_free=true with train.compile=true"),
 ]
 
 
