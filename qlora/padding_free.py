@@ -42,6 +42,8 @@ def padding_free_wanted(setting, device: str, packing: bool, attn: str, compilin
 
 def padding_share(lengths: List[int], batch: int, draws: int = 256) -> float:
     """The share of padding in micro-batches of `batch` examples drawn at random from these lengths."""
+    if not lengths:
+        return 0.0
     rng = random.Random(0)
     padded = real = 0
     for _ in range(draws if len(lengths) > batch else 1):

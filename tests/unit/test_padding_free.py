@@ -18,7 +18,7 @@ def test_auto_is_on_for_cpu_training_with_sdpa_unless_packed_or_compiled_with_li
 
 
 def test_padding_share_is_the_padding_of_random_micro_batches():
-    assert padding_share([10] * 20, 4) == 0.0
+    assert padding_share([10] * 20, 4) == padding_share([], 4) == 0.0
     assert padding_share([10, 30], 4) == pytest.approx(1 / 3)  # fewer rows than a batch: one batch of all
     assert 0.15 < padding_share([10, 30] * 50, 2) < 0.25  # half the pairs mixed (20 of 60 padding): 1/5 in all
 
