@@ -93,7 +93,7 @@ def test_a_packed_run_trains_the_same_adapter_as_an_unpacked_one(tiny_model, tmp
     assert any((t.abs() > 0).any() for k, t in adapters[True].items() if "lora_B" in k)
 
 
-def test_a_padding_free_run_trains_the_same_adapter_and_losses_as_a_padded_one(tiny_model, tmp_path):
+def test_a_padding_free_run_trains_the_same_adapter_and_losses_as_a_padded_one(tiny_model, tmp_path, capsys):
     """data.padding_free: the same examples in each micro-batch, laid end to end in one row instead of
     padded rows, attended example by example: the same losses and update up to float rounding, and
     the same count of trained-through tokens (padding is not counted either way)."""
@@ -116,6 +116,9 @@ def test_a_padding_free_run_trains_the_same_adapter_and_losses_as_a_padded_one(t
         tokens[free] = run.report["train_tokens"]
         lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[free] = [r["loss"] for r in lines if "loss" in r]
+        said = capsys.readouterr().err
+        assert ("data.padding_free: each micro-batch's examples end to end" in said) == (free == "true")
+        assert "(0% of a padded" not in said, "these rows' lengths vary: padded micro-batches hold padding"
         saved = "".join(f.read_text() for f in run.run_dir.rglob("*.json"))
         assert NAME not in saved and run.trainer.model.config._attn_implementation == "sdpa", "restored after training"
     assert tokens["true"] == tokens["false"] > 0
