@@ -42,14 +42,10 @@ def padding_free_wanted(setting, device: str, packing: bool, attn: str, compilin
 
 def padding_share(lengths: List[int], batch: int, draws: int = 256) -> float:
     """The share of padding in micro-batches of `batch` examples drawn at random from these lengths."""
-    if not lengths:
-        return 0.0
     rng = random.Random(0)
-    padded = real = 0
-    for _ in range(draws if len(lengths) > batch else 1):
-        drawn = rng.sample(lengths, batch) if len(lengths) > batch else lengths
-        padded, real = padded + len(drawn) * max(drawn), real + sum(drawn)
-    return 1 - real / padded if padded else 0.0
+    batches = [lengths] if len(lengths) <= batch else [rng.sample(lengths, batch) for _ in range(draws)]
+    padded = sum(len(b) * max(b, default=0) for b in batches)
+    return 1 - sum(map(sum, batches)) / padded if padded else 0.0
 
 
 def spans(position_ids: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
