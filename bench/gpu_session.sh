@@ -13,8 +13,9 @@
 # Call the device tool with carry ["gpu_carry"] and the command `bash bench/gpu_session.sh run`.
 # PARTs (each under its own time limit, its output in $OUT/PART.log and PART.json); without any,
 # the first three, which fit one 10-minute call:
-#   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger
+#   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger, fused LoRA
 #   tinyllama TinyLlama-1.1B 2048 x 8: the plain stack, the plain stack with Liger, qlora
+#   fused     qlora alone with train.fused_lora=true on the TinyLlama case (compare with tinyllama)
 #   varied    varied lengths: the plain stack padded and TRL-packed, qlora's data.packing
 #   liger     qlora alone with train.liger_kernels=true on the TinyLlama case (compare with tinyllama)
 #   llama8b   the Llama-3-8B shape, 2048 x 4: the plain stack, with Liger, qlora
@@ -69,19 +70,21 @@ run() {
 transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
     local plain="$CARRY/plain_stack_gpu.py"
     local parts=("$@")
-    [ ${#parts[@]} -gt 0 ] || parts=(tests tinyllama varied)
+    [ ${#parts[@]} -gt 0 ] || parts=(tests tinyllama fused)
     for name in "${parts[@]}"; do
         case $name in
-            tests) part tests 150 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
+            tests) part tests 180 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
             tinyllama) part tinyllama 210 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
                 --out "$OUT/tinyllama.json" ;;
             varied) part varied 180 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-var \
                 --out "$OUT/varied.json" ;;
+            fused) part fused 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
+                --plain-cases none --set train.fused_lora=true --out "$OUT/fused.json" ;;
             liger) part liger 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
                 --plain-cases none --set train.liger_kernels=true --out "$OUT/liger.json" ;;
             llama8b) part llama8b 420 python3 bench/gpu_speed.py --plain "$plain" --only l8b-bf16-ckpt \
                 --out "$OUT/llama8b.json" ;;
-            *) echo "unknown part $name (tests, tinyllama, varied, liger, llama8b)" >&2; exit 2 ;;
+            *) echo "unknown part $name (tests, tinyllama, fused, varied, liger, llama8b)" >&2; exit 2 ;;
         esac
     done
 }

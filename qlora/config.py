@@ -271,8 +271,8 @@ class TrainConfig:
     """CPU: the LM head's loss works each tile in place, not through a dozen temporaries (same loss, faster)."""
     head_one_pass: bool = True
     """CPU, with head_tiles_in_place: the LM head's loss and input gradient in one pass over the vocabulary, not two."""
-    fused_lora: bool = True
-    """CPU: each 4-bit layer and its LoRA as one autograd function (same numbers to float rounding, faster, less memory; no dropout/DoRA)."""
+    fused_lora: Switch = Switch.auto
+    """Each 4-bit layer and its LoRA as one autograd function (same numbers to float rounding; no dropout/DoRA): auto = on CPU, where it is measured faster; true = on GPUs too."""
     fast_dequant: bool = True
     """CPU: dequantize 4-bit weights with our C kernel, bit for bit bitsandbytes' and ~2.5x faster (built at first use)."""
     compile: Switch = Switch.auto

@@ -16,9 +16,18 @@ less time. Their sums may round otherwise, so the numbers are PEFT's to float ro
 weight W is dequantized from 4 bits in the forward and again in the backward, as bitsandbytes
 does; nothing of it is kept between them.
 
+On a GPU (`train.fused_lora=true`; `auto` leaves GPUs to PEFT until it is measured there) the same
+function runs in the 16-bit compute dtype: the base product is bitsandbytes' own (`matmul_4bit`,
+which picks its fused kernel or dequantization and cuBLAS by shape), LoRA's weights are cast to the
+compute dtype as autocast would, and their gradients come back in fp32. What it saves there is
+memory traffic: PEFT's copy of the base output, its scaling of the LoRA output and the sum each
+pass over a (tokens x outputs) tensor, and the backward's scaling and sum of input gradients pass
+over others; here the LoRA products add into the base's results within the GEMMs.
+
 The layer falls back to PEFT's own forward for anything else: no gradient (evaluation,
-generation), a GPU, 16-bit tensors, dropout, DoRA or other LoRA variants, more than one active
-adapter, a trained bias, extra arguments.
+generation), 16-bit tensors on CPU, an input in another dtype than the layer computes in (or than
+autocast's), dropout, DoRA or other LoRA variants, more than one active adapter, a trained bias,
+extra arguments, and on GPUs a graph being compiled.
 """
 from __future__ import annotations
 
@@ -28,41 +37,51 @@ import torch
 
 
 class LoraMatmul4bit(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T with W held in 4 bits; gradients for x, A and B."""
+    """y = x W^T + b + s (x A^T) B^T with W held in 4 bits, in x's dtype; gradients for x, A and B."""
 
     @staticmethod
     def forward(ctx, x, lora_A, lora_B, scaling, weight, bias):
-        import bitsandbytes.functional as bnbf
-
         x2 = x.reshape(-1, x.shape[-1])
-        w = bnbf.dequantize_4bit(weight, weight.quant_state).to(x.dtype)
-        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
-        h = torch.mm(lora_A, x2.t()).t()  # x A^T as (A x^T)^T: MKL's faster layout (above)
-        y.addmm_(h, lora_B.t(), alpha=scaling)
-        ctx.save_for_backward(x2, h, lora_A, lora_B)
-        ctx.scaling, ctx.weight = scaling, weight
+        A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # fp32 LoRA in 16-bit compute: autocast's cast
+        y = _base_product(x2, weight, bias)
+        h = torch.mm(A, x2.t()).t()  # x A^T as (A x^T)^T: MKL's faster layout (above)
+        y.addmm_(h, B.t(), alpha=scaling)
+        ctx.save_for_backward(x2, h, A, B)
+        ctx.scaling, ctx.weight, ctx.lora_dtype = scaling, weight, lora_A.dtype
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad):
         import bitsandbytes.functional as bnbf
 
-        x2, h, lora_A, lora_B = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
+        x2, h, A, B = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
         needs_x, needs_A, needs_B = ctx.needs_input_grad[:3]
-        grad_h = torch.mm(lora_B.t(), g.t()).t().mul_(ctx.scaling)  # g B, as (B^T g^T)^T
-        grad_A = torch.mm(grad_h.t(), x2) if needs_A else None
-        grad_B = torch.mm(h.t(), g).t().mul_(ctx.scaling) if needs_B else None  # g^T h, as (h^T g)^T
+        grad_h = torch.mm(B.t(), g.t()).t().mul_(ctx.scaling)  # g B, as (B^T g^T)^T
+        grad_A = torch.mm(grad_h.t(), x2).to(ctx.lora_dtype) if needs_A else None
+        grad_B = torch.mm(h.t(), g).t().mul_(ctx.scaling).to(ctx.lora_dtype) if needs_B else None  # g^T h, as (h^T g)^T
         grad_x = None
         if needs_x:
             w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(g.dtype)
-            grad_x = torch.mm(g, w).addmm_(grad_h, lora_A).view(*grad.shape[:-1], x2.shape[-1])
+            grad_x = torch.mm(g, w).addmm_(grad_h, A).view(*grad.shape[:-1], x2.shape[-1])
         return grad_x, grad_A, grad_B, None, None, None
+
+
+def _base_product(x2, weight, bias):
+    """x W^T + b for a 2-D input, as bitsandbytes computes it without gradient (our own
+    dequantization kernel on CPU within fast_dequant, whose patch reaches dequantize_4bit only)."""
+    import bitsandbytes
+    import bitsandbytes.functional as bnbf
+
+    if x2.device.type != "cpu":
+        return bitsandbytes.matmul_4bit(x2, weight, quant_state=weight.quant_state, bias=bias)
+    w = bnbf.dequantize_4bit(weight, weight.quant_state).to(x2.dtype)
+    return torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
 
 
 def _fused_arguments(layer, x):
     """LoraMatmul4bit's arguments for this layer and input, or None where PEFT's forward must run."""
-    if not torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32:
+    if not torch.is_grad_enabled() or not _computes_in(layer, x):
         return None
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
@@ -76,9 +95,21 @@ def _fused_arguments(layer, x):
              and lora_A.bias is None and lora_B.bias is None
              and lora_A.weight.dtype == lora_B.weight.dtype == torch.float32
              and getattr(weight, "quant_state", None) is not None
-             and getattr(base, "compute_dtype", None) in (None, torch.float32)
-             and (bias is None or (bias.dtype == torch.float32 and not bias.requires_grad)))
+             and getattr(base, "compute_dtype", None) in (None, x.dtype)
+             and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad)))
     return (x, lora_A.weight, lora_B.weight, layer.scaling[name], weight, bias) if plain else None
+
+
+def _computes_in(layer, x) -> bool:
+    """Whether x's dtype is the one PEFT's forward would compute this layer in: fp32 on CPU (16-bit
+    matmuls there are slower, and PEFT's path stays); on GPUs the compute dtype, also autocast's."""
+    if x.device.type == "cpu":
+        return x.dtype == torch.float32
+    if torch.compiler.is_compiling():  # bitsandbytes' product traced on GPUs: not tried, PEFT's path
+        return False
+    autocast = torch.is_autocast_enabled(x.device.type)
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and (
+        not autocast or torch.get_autocast_dtype(x.device.type) == x.dtype)
 
 
 def _forward(original, layer, x, *args, **kwargs):

@@ -185,7 +185,7 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
     from qlora.config import DistStrategy
-    from qlora.validation import checkpointing_on, pick_optimizer, refuse, validate_train
+    from qlora.validation import checkpointing_on, fused_lora_on, pick_optimizer, refuse, validate_train
 
     refuse(validate_train(cfg))
     gpu = cfg.gpu
@@ -204,7 +204,7 @@ def plan_cli(cfg) -> int:
                         model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
                         small_head_tiles=t.small_head_tiles, checkpoint_layers=first,
                         checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload,
-                        fused_lora=t.fused_lora and cfg.quant.load_in_4bit and cfg.lora.lora_dropout == 0
+                        fused_lora=fused_lora_on(t, device) and cfg.quant.load_in_4bit and cfg.lora.lora_dropout == 0
                         and not cfg.lora.use_dora)
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)

@@ -18,10 +18,10 @@ unchanged (tests/integration/test_speed.py).
 - The LM head's input gradient formed in its forward pass on CPU (train.head_one_pass; the function
   is in qlora/one_pass_head.py): two products with the head's weight per tile instead of three, and
   no tile work in the backward; the same loss, the gradient to float rounding.
-- One autograd function for each 4-bit layer and its LoRA on CPU (train.fused_lora; the function
-  is in qlora/fused_lora.py): PEFT's separate nodes, its copy of the base output and the
+- One autograd function for each 4-bit layer and its LoRA (train.fused_lora, on CPU under auto; the
+  function is in qlora/fused_lora.py): PEFT's separate nodes, its copy of the base output and the
   temporaries of their backward go; the same products (the rank-r ones in MKL's faster layout)
-  give the same numbers to float rounding.
+  give the same numbers to float rounding. On GPUs (true) in the 16-bit compute dtype.
 - Our own dequantization of 4-bit weights on CPU (train.fast_dequant; qlora/dequant.py): a small C
   kernel compiled at first use, bit for bit bitsandbytes' weights.
 - Padding-free micro-batches on CPU (data.padding_free; qlora/padding_free.py): a micro-batch's

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, load_checkpoint,
                                step_of)
 from qlora.config import DistStrategy, QLoraConfig, Resume
-from qlora.validation import checkpointing_on, pick_optimizer, refuse, validate_train
+from qlora.validation import checkpointing_on, fused_lora_on, pick_optimizer, refuse, validate_train
 from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -86,6 +86,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     t_load = time.perf_counter()
     path = resolve_model(cfg.model.name_or_path)
     liger = liger_wanted(t.liger_kernels, device, path)
+    fused = fused_lora_on(t, device)
     train_ex, eval_ex, stats = split_examples(cfg.data, t.seed)
     tokenizer = load_tokenizer(path, cfg.model, chat=any(ex.messages for ex in train_ex + eval_ex))
     kept: list = []
@@ -179,7 +180,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     small_head_tiles(t.small_head_tiles and device == "cpu"), \
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
                     head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu"), \
-                    fused_lora(t.fused_lora and device == "cpu"), \
+                    fused_lora(fused), \
                     segment_attention_for(trainer.model, one_row), \
                     fast_dequant(t.fast_dequant and device == "cpu" and cfg.quant.load_in_4bit) as dequant_kernel:
                 trainer.train(resume_from_checkpoint=resume_from)
@@ -221,7 +222,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         peak_memory_gb=round(peak_memory_gb(device), 3),
         device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
-        checkpointed_layers=checkpointed.layers, liger_kernels=liger,
+        checkpointed_layers=checkpointed.layers, liger_kernels=liger, fused_lora=fused,
         compiled_layers=compiled, dequant_kernel=dequant_kernel,
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,

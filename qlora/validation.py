@@ -127,6 +127,11 @@ def checkpointing_on(t, device: str) -> bool:
     return on
 
 
+def fused_lora_on(t, device: str) -> bool:
+    """Whether train.fused_lora applies on `device`: auto is on for CPU only, where it has been measured."""
+    return t.fused_lora is Switch.true or (t.fused_lora is Switch.auto and device == "cpu")
+
+
 def pick_optimizer(optim: str, device: str, fsdp: bool = False) -> str:
     """The optimizer a run on `device` uses. auto: QLoRA's paged 8-bit AdamW on one GPU; PyTorch's fused
     AdamW on CPU (bitsandbytes' paged optimizers need CUDA; the fused one steps ~3x faster than the

@@ -70,3 +70,31 @@ def test_liger_kernels_train_as_the_model_s_own_layers_on_gpu(tiny_model, tiny_d
     norms = {type(m).__name__: m._get_name() for m in runs[True].trainer.model.modules() if "RMSNorm" in type(m).__name__}
     assert norms and set(norms.values()) == {"LigerRMSNorm"}, norms
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_fused_lora_trains_as_peft_s_layers_on_gpu(tiny_model, tiny_data, tmp_path, dtype, monkeypatch):
+    """train.fused_lora=true on a GPU (auto leaves GPUs to PEFT until measured there): every 4-bit LoRA
+    layer, in the 16-bit compute dtype under autocast and checkpointing, goes through LoraMatmul4bit,
+    for PEFT's losses within bf16/fp16 rounding. Not yet run on a GPU."""
+    from functools import partial
+
+    from qlora.fused_lora import LoraMatmul4bit
+
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    calls = []
+    monkeypatch.setattr(LoraMatmul4bit, "apply", partial(lambda apply, *a: calls.append(a[0].dtype) or apply(*a),
+                                                         LoraMatmul4bit.apply))
+    losses = {}
+    for on in (True, False):
+        run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / str(on), **{
+            "train.fused_lora": str(on).lower(), "quant.bnb_4bit_compute_dtype": dtype})))
+        assert run.report["fused_lora"] is on
+        lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[on] = [r["loss"] for r in lines if "loss" in r]
+        if on:  # 2 layers x 7 LoRA layers, forward and checkpointed recompute, every step; in the compute dtype
+            assert len(calls) >= 2 * 14 * len(losses[on]) and set(calls) == {getattr(torch, dtype)}
+            calls.clear()
+    assert not calls
+    assert losses[True] == pytest.approx(losses[False], rel=2e-2)

@@ -15,14 +15,14 @@ class One(torch.nn.Module):
         return self.proj(x)
 
 
-def lora_layer(n_in=96, n_out=160, bias=False, r=8, lora_alpha=16, dropout=0.0, seed=0):
-    """A PEFT LoRA layer over a bitsandbytes NF4 layer (double quant, fp32 compute), LoRA B not zero."""
+def lora_layer(n_in=96, n_out=160, bias=False, r=8, lora_alpha=16, dropout=0.0, seed=0, dtype=torch.float32):
+    """A PEFT LoRA layer over a bitsandbytes NF4 layer (double quant, `dtype` compute), LoRA B not zero."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     dense = One(n_in, n_out, bias)
-    q = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=torch.float32, quant_type="nf4",
+    q = bnb.nn.Linear4bit(n_in, n_out, bias=bias, compute_dtype=dtype, quant_type="nf4",
                           compress_statistics=True)
     q.weight = bnb.nn.Params4bit(dense.proj.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                  compress_statistics=True)
@@ -121,3 +121,43 @@ def test_the_swap_ends_with_the_block_even_on_error():
         assert Linear4bit.forward is not original
         raise RuntimeError("stop")
     assert Linear4bit.forward is original
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_compute_gives_peft_s_numbers_under_autocast(dtype):
+    """The GPU path's arithmetic (train.fused_lora=true there), run on CPU: 16-bit input, fp32 LoRA
+    weights cast as autocast casts them, gradients for them in fp32; PEFT's numbers to 16-bit rounding."""
+    from qlora.fused_lora import LoraMatmul4bit
+
+    model, layer = lora_layer(dtype=dtype)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x, grad = torch.randn(3, 7, 96).to(dtype), torch.randn(3, 7, 160).to(dtype)
+    results = {}
+    for ours in (False, True):
+        xi = x.clone().requires_grad_(True)
+        A.grad = B.grad = None
+        with torch.autocast("cpu", dtype=dtype):
+            y = LoraMatmul4bit.apply(xi, A, B, layer.scaling["default"], layer.get_base_layer().weight, None) \
+                if ours else model(xi)
+        y.backward(grad)
+        results[ours] = [y.detach(), xi.grad, A.grad, B.grad]
+    assert [t.dtype for t in results[True]] == [dtype, dtype, torch.float32, torch.float32]
+    for name, a, b in zip(("output", "input grad", "A grad", "B grad"), results[True], results[False]):
+        assert a.dtype == b.dtype and a.shape == b.shape, name
+        # one rounding of the summed products where PEFT rounds each: apart by a few 16-bit ulps
+        assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max(), name
+
+
+def test_which_inputs_it_computes():
+    """fp32 on CPU only; on GPUs the 16-bit compute dtypes and fp32 (not under another dtype's autocast)."""
+    from types import SimpleNamespace
+
+    from qlora.fused_lora import _computes_in
+
+    def x(device, dtype):
+        return SimpleNamespace(device=torch.device(device), dtype=dtype)
+
+    assert _computes_in(None, x("cpu", torch.float32))
+    assert not _computes_in(None, x("cpu", torch.bfloat16)) and not _computes_in(None, x("cpu", torch.float16))
+    assert all(_computes_in(None, x("cuda", d)) for d in (torch.bfloat16, torch.float16, torch.float32))
+    assert not _computes_in(None, x("cuda", torch.float64))
