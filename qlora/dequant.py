@@ -36,6 +36,7 @@ import torch
 SOURCE = Path(__file__).parent / "csrc" / "dequant_4bit.c"
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]  # no fused multiply-add: bnb's roundings
 _lib: Optional[ctypes.CDLL] = None  # the kernel, once kernel() has loaded it
+_in_use = False  # within fast_dequant(), with the kernel loaded: weight_and_rows() may run
 _told = False  # why the kernel could not be built has been said
 
 
@@ -116,7 +117,12 @@ def _run(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absmax2
          code8: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, blocksize2: int,
          shape: list[int]) -> torch.Tensor:
     """One call of the kernel (absmax2, code8 and offset: double quantization's, or None)."""
-    out = torch.empty(shape, dtype=torch.float32)
+    return _fill(torch.empty(shape, dtype=torch.float32), packed, absmax, code, absmax2, code8, offset, blocksize,
+                 blocksize2)
+
+
+def _fill(out, packed, absmax, code, absmax2, code8, offset, blocksize, blocksize2, *shape) -> torch.Tensor:
+    """The kernel's weights written to the start of `out` (contiguous fp32, room for them); returns out."""
     nested = absmax2 is not None
     _lib.qlora_dequantize_4bit(packed.data_ptr(), packed.numel(), blocksize, code.data_ptr(),
                               None if nested else absmax.data_ptr(), absmax.data_ptr() if nested else None,
@@ -140,9 +146,30 @@ def dequantize_4bit(A: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
     if torch.compiler.is_compiling():  # traced once into the graph: no cache (nor data_ptr) there
         args, one_row = _arguments(A, quant_state)
         return None if args is None else _shaped(_op(*args), one_row)
-    # eager: the checks, read through bitsandbytes' tensor subclass, cost about as much as the kernel
-    # (a decoder pass of SmolLM2 is 1.07-1.10x faster without them), so they are done once per
-    # weight and layout (bitsandbytes passes the weight and its transpose); new data or scales redo them
+    args, one_row = _cached_arguments(A, quant_state)
+    return None if args is None else _shaped(_run(*args), one_row)
+
+
+def weight_and_rows(A: torch.Tensor, quant_state, rows: torch.Tensor) -> Optional[torch.Tensor]:
+    """The fp32 weight of a 4-bit one (N x K) with `rows` (r x K, fp32) below it, one (N + r) x K
+    tensor, the weight dequantized straight into place (train.fused_lora's one product for the base
+    and LoRA A); None outside fast_dequant(), in a graph being compiled, or where the kernel does not apply."""
+    if not _in_use or torch.compiler.is_compiling():
+        return None
+    args, one_row = _cached_arguments(A, quant_state)
+    if args is None or one_row or rows.dtype != torch.float32 or rows.shape[-1] != args[-1][-1]:
+        return None
+    n, k = args[-1]
+    out = torch.empty(n + rows.shape[0], k, dtype=torch.float32)
+    out[n:].copy_(rows)
+    return _fill(out, *args)
+
+
+def _cached_arguments(A: torch.Tensor, quant_state) -> Tuple[Optional[tuple], bool]:
+    """_arguments(), worked out once per weight and layout. In eager runs the checks, read through
+    bitsandbytes' tensor subclass, cost about as much as the kernel (a decoder pass of SmolLM2 is
+    1.07-1.10x faster without them); bitsandbytes passes the weight and its transpose; new data or
+    scales redo them."""
     scales, cache = quant_state.__dict__.get("_qlora_kernel_arguments", (None, None))
     if scales is not quant_state.absmax:  # new scales (or a move to another device): start afresh
         cache = {}
@@ -150,8 +177,7 @@ def dequantize_4bit(A: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
     key = (A.data_ptr(), A.shape[0] == 1)
     if key not in cache:
         cache[key] = _arguments(A, quant_state)
-    args, one_row = cache[key]
-    return None if args is None else _shaped(_run(*args), one_row)
+    return cache[key]
 
 
 def _arguments(A: torch.Tensor, s) -> Tuple[Optional[tuple], bool]:
@@ -187,8 +213,13 @@ def fast_dequant(enabled: bool = True):
                 return ours
         return original(A, quant_state, absmax, out, blocksize, quant_type)
 
+    global _in_use
     with _swapped(functional, dequantize_4bit=dequantize):
-        yield functional is not None
+        _in_use, before = functional is not None, _in_use
+        try:
+            yield functional is not None
+        finally:
+            _in_use = before
 
 
 def _matmul_4bit(original, A, B, quant_state, out=None, bias=None):

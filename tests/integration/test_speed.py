@@ -87,7 +87,7 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
     if lever == "train.fast_dequant":
         from qlora import dequant
 
-        monkeypatch.setattr(dequant, "_run", partial(lambda run, *a: fused.append(1) or run(*a), dequant._run))
+        monkeypatch.setattr(dequant, "_fill", partial(lambda fill, *a: fused.append(1) or fill(*a), dequant._fill))
     if lever == "train.head_one_pass":
         from qlora.one_pass_head import OnePassLogProb
 

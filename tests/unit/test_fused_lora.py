@@ -1,8 +1,11 @@
 """train.fused_lora: a PEFT 4-bit LoRA layer trained through LoraMatmul4bit gives PEFT's numbers, and
 every case it does not compute goes to PEFT's own forward."""
+from functools import partial
+
 import pytest
 import torch
 
+from qlora.dequant import fast_dequant
 from qlora.fused_lora import fused_lora
 
 
@@ -37,27 +40,34 @@ def lora_layer(n_in=96, n_out=160, bias=False, r=8, lora_alpha=16, dropout=0.0, 
     return model, layer
 
 
-def run(model, layer, x, grad, fused):
-    """Output and gradients (input, LoRA A, LoRA B), and whether LoraMatmul4bit made the output."""
+def run(model, layer, x, grad, fused, kernel=False):
+    """Output and gradients (input, LoRA A, LoRA B), and whether LoraMatmul4bit made the output;
+    kernel: within fast_dequant (then the base and LoRA A are one product)."""
     x = x.clone().requires_grad_(True)
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     for p in params:
         p.grad = None
-    with fused_lora(fused):
+    with fused_lora(fused), fast_dequant(kernel):
         y = model(x)
     y.backward(grad)
     return [y.detach(), x.grad] + [p.grad for p in params], type(y.grad_fn).__name__.startswith("LoraMatmul4bit")
 
 
+@pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("lora_alpha", [16, 12])  # scaling 2 (exact) and 1.5
-def test_fused_layer_gives_peft_s_output_and_gradients(bias, lora_alpha):
+def test_fused_layer_gives_peft_s_output_and_gradients(bias, lora_alpha, kernel, monkeypatch):
+    from qlora import dequant
+
+    joint = []  # the base and LoRA A as one product, with our dequantization kernel
+    monkeypatch.setattr(dequant, "weight_and_rows", partial(
+        lambda f, *a: joint.append(f(*a)) or joint[-1], dequant.weight_and_rows))
     model, layer = lora_layer(bias=bias, lora_alpha=lora_alpha)
     x, grad = torch.randn(3, 7, 96), torch.randn(3, 7, 160)
     theirs, used = run(model, layer, x, grad, fused=False)
     assert not used
-    ours, used = run(model, layer, x, grad, fused=True)
-    assert used
+    ours, used = run(model, layer, x, grad, fused=True, kernel=kernel)
+    assert used and len(joint) == 1 and (joint[0] is not None) == kernel
     for name, a, b in zip(("output", "input grad", "A grad", "B grad"), ours, theirs):
         assert a.shape == b.shape, name
         # the same products, the rank-r ones transposed: float rounding apart, PEFT's numbers
@@ -161,3 +171,19 @@ def test_which_inputs_it_computes():
     assert not _computes_in(None, x("cpu", torch.bfloat16)) and not _computes_in(None, x("cpu", torch.float16))
     assert all(_computes_in(None, x("cuda", d)) for d in (torch.bfloat16, torch.float16, torch.float32))
     assert not _computes_in(None, x("cuda", torch.float64))
+
+
+def test_the_output_takes_in_place_ops():
+    """The output (a slice of the joint product, reshaped) is no view to autograd: a model that adds
+    to a layer's output in place trains, with the gradients of the same sum made out of place."""
+    model, layer = lora_layer()
+    x = torch.randn(2, 5, 96)
+    grads = {}
+    for in_place in (True, False):
+        xi = x.clone().requires_grad_(True)
+        with fused_lora(True), fast_dequant(True):
+            y = model(xi)
+            y = y.add_(1.0) if in_place else y + 1.0
+        y.square().sum().backward()
+        grads[in_place] = xi.grad
+    torch.testing.assert_close(grads[True], grads[False])
