@@ -1,4 +1,4 @@
-"""A 4-bit layer and its LoRA as one autograd function, for CPU training (train.fused_lora).
+"""A 4-bit layer and its LoRA as one autograd function (train.fused_lora: CPU training, GPUs on request).
 
 PEFT computes a LoRA layer as `base(x).clone() + lora_B(lora_A(x)) * scaling`: bitsandbytes'
 4-bit matmul, a copy of its output, two small matmuls, a scaling and a sum, each a separate
@@ -14,7 +14,10 @@ computed as their transposes, (r x tokens): MKL runs these 1.2x (x A^T) to 4x (g
 SmolLM2's shapes, and the LoRA products of a forward and backward through its decoder take 20%
 less time. Their sums may round otherwise, so the numbers are PEFT's to float rounding (1e-7). The
 weight W is dequantized from 4 bits in the forward and again in the backward, as bitsandbytes
-does; nothing of it is kept between them.
+does; nothing of it is kept between them. With our dequantization kernel (train.fast_dequant) the
+forward's x W^T and x A^T are one product, x [W; A]^T, the kernel writing W straight above A's r
+rows: the rank-r product alone runs at a fraction of the base's FLOP rate, and the joint one
+made a decoder pass of SmolLM2 about 1.03x faster (bench/fused_lora.py --joint).
 
 On a GPU (`train.fused_lora=true`; `auto` leaves GPUs to PEFT until it is measured there) the same
 function runs in the 16-bit compute dtype: the base product is bitsandbytes' own (`matmul_4bit`,
@@ -70,9 +73,7 @@ class LoraMatmul4bit(torch.autograd.Function):
 
 def _products(x2, weight, bias, A):
     """x W^T + b and x A^T for a 2-D input; the base product as bitsandbytes computes it without
-    gradient. On CPU within fast_dequant, both in one product of x and [W; A] (our kernel writes W
-    straight above A's rows): MKL multiplies by A's r rows alone several times slower per FLOP than
-    by W's, and the joint product took a decoder pass of SmolLM2 1.03-1.06x faster."""
+    gradient, or on CPU within fast_dequant both as one product of x and [W; A] (above)."""
     import bitsandbytes
     import bitsandbytes.functional as bnbf
 
@@ -94,7 +95,7 @@ def _products(x2, weight, bias, A):
 
 def _fused_arguments(layer, x):
     """LoraMatmul4bit's arguments for this layer and input, or None where PEFT's forward must run."""
-    if not torch.is_grad_enabled() or not _computes_in(layer, x):
+    if not torch.is_grad_enabled() or not _computes_in(x):
         return None
     if layer.disable_adapters or layer.merged or len(layer.active_adapters) != 1:
         return None
@@ -113,7 +114,7 @@ def _fused_arguments(layer, x):
     return (x, lora_A.weight, lora_B.weight, layer.scaling[name], weight, bias) if plain else None
 
 
-def _computes_in(layer, x) -> bool:
+def _computes_in(x) -> bool:
     """Whether x's dtype is the one PEFT's forward would compute this layer in: fp32 on CPU (16-bit
     matmuls there are slower, and PEFT's path stays); on GPUs the compute dtype, also autocast's."""
     if x.device.type == "cpu":

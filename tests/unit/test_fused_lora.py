@@ -167,10 +167,10 @@ def test_which_inputs_it_computes():
     def x(device, dtype):
         return SimpleNamespace(device=torch.device(device), dtype=dtype)
 
-    assert _computes_in(None, x("cpu", torch.float32))
-    assert not _computes_in(None, x("cpu", torch.bfloat16)) and not _computes_in(None, x("cpu", torch.float16))
-    assert all(_computes_in(None, x("cuda", d)) for d in (torch.bfloat16, torch.float16, torch.float32))
-    assert not _computes_in(None, x("cuda", torch.float64))
+    assert _computes_in(x("cpu", torch.float32))
+    assert not _computes_in(x("cpu", torch.bfloat16)) and not _computes_in(x("cpu", torch.float16))
+    assert all(_computes_in(x("cuda", d)) for d in (torch.bfloat16, torch.float16, torch.float32))
+    assert not _computes_in(x("cuda", torch.float64))
 
 
 def test_the_output_takes_in_place_ops():
