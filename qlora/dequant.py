@@ -121,7 +121,7 @@ def _run(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absmax2
                  blocksize2)
 
 
-def _fill(out, packed, absmax, code, absmax2, code8, offset, blocksize, blocksize2, *shape) -> torch.Tensor:
+def _fill(out, packed, absmax, code, absmax2, code8, offset, blocksize, blocksize2) -> torch.Tensor:
     """The kernel's weights written to the start of `out` (contiguous fp32, room for them); returns out."""
     nested = absmax2 is not None
     _lib.qlora_dequantize_4bit(packed.data_ptr(), packed.numel(), blocksize, code.data_ptr(),
@@ -162,7 +162,7 @@ def weight_and_rows(A: torch.Tensor, quant_state, rows: torch.Tensor) -> Optiona
     n, k = args[-1]
     out = torch.empty(n + rows.shape[0], k, dtype=torch.float32)
     out[n:].copy_(rows)
-    return _fill(out, *args)
+    return _fill(out, *args[:-1])  # all of _run's arguments but the shape
 
 
 def _cached_arguments(A: torch.Tensor, quant_state) -> Tuple[Optional[tuple], bool]:

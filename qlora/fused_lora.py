@@ -79,17 +79,17 @@ def _products(x2, weight, bias, A):
 
     from qlora.dequant import weight_and_rows
 
-    if x2.device.type != "cpu":
+    if x2.device.type == "cpu":
+        both = weight_and_rows(weight, weight.quant_state, A)
+        if both is not None:
+            n = both.shape[0] - A.shape[0]
+            yh = torch.mm(x2, both.t())
+            y = yh[:, :n]
+            return y if bias is None else y.add_(bias), yh[:, n:].t().contiguous().t()
+        w = bnbf.dequantize_4bit(weight, weight.quant_state).to(x2.dtype)  # our kernel's within fast_dequant
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+    else:
         y = bitsandbytes.matmul_4bit(x2, weight, quant_state=weight.quant_state, bias=bias)
-        return y, torch.mm(A, x2.t()).t()
-    both = weight_and_rows(weight, weight.quant_state, A)
-    if both is not None:
-        n = both.shape[0] - A.shape[0]
-        yh = torch.mm(x2, both.t())
-        y = yh[:, :n]
-        return y if bias is None else y.add_(bias), yh[:, n:].t().contiguous().t()
-    w = bnbf.dequantize_4bit(weight, weight.quant_state).to(x2.dtype)  # our kernel's within fast_dequant
-    y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     return y, torch.mm(A, x2.t()).t()  # x A^T as (A x^T)^T: MKL's faster layout (above)
 
 
