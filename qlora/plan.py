@@ -42,7 +42,7 @@ GPUS: Dict[str, float] = {"T4": 14.7, "A10G": 22.0, "L4": 22.0, "A100-40": 39.0,
 BF16 = {"T4": False, "A10G": True, "L4": True, "A100-40": True, "A100-80": True, "H100": True}
 CPU_PROCESS_GB = 0.46  # RSS of Python with torch, transformers, peft, trl, bitsandbytes and datasets imported (measured)
 # fp32 rows of the vocabulary a token adds to CPU peak RSS, by (train.fused_lora, train.small_head_tiles) (measured)
-CPU_HEAD_ROWS = {(True, True): 2.5, (True, False): 3.7, (False, True): 6.9, (False, False): 11.0}
+CPU_HEAD_ROWS = {(True, True): 1.4, (True, False): 2.9, (False, True): 6.9, (False, False): 11.0}
 
 
 @dataclass
@@ -144,9 +144,11 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         "activations": act / GiB,
         # TRL's chunked head: on GPUs its fused Triton kernel never holds the logits, only fp32 copies
         # of the hidden states it scores (and their gradient). On CPU, measured peak RSS grows by about
-        # 2.5 (tokens x vocab) fp32 arrays beyond the other parts with train.small_head_tiles, 3.7
+        # 1.4 (tokens x vocab) fp32 arrays beyond the other parts with train.small_head_tiles, 2.9
         # without: the head's temporaries in its torch fallback, and memory glibc keeps from them
-        # (6.9 and 11 without train.fused_lora: PEFT's temporaries leave glibc holding more)
+        # (6.9 and 11 without train.fused_lora: PEFT's temporaries leave glibc holding more). One
+        # coefficient for runs with and without checkpointing: those with fit 0.8-1.5 on SmolLM2 8 x 256,
+        # those without 1.8-2.6; it is within 10% of the highest run of each (bench/README.md)
         "logits": (CPU_HEAD_ROWS[fused_lora, small_head_tiles] * tokens * s.vocab * 4 if device == "cpu"
                    else 2 * tokens * s.hidden * 4) / GiB,
     }
