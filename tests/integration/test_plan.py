@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from qlora.cli import main
 from qlora.plan import GPUS, KNOWN, estimate, model_file_gb, model_shape
@@ -114,3 +115,63 @@ def test_estimate_is_within_15_percent_of_the_measured_peak_on_cpu(tmp_path, bat
                  device="cpu", model_file_gb=model_file_gb(folder))
     print(f"batch {batch} x {length}, checkpointing {ckpt}: measured {peaks} GiB, estimated {e.total:.3f}")
     assert abs(e.total - measured) <= 0.15 * measured
+
+
+def _saved_floats_per_token(layer, rotary, hidden, fused):
+    """Floats a token adds to what one decoder layer's forward saves for its backward: the difference
+    between two lengths, so that weights and other per-layer constants cancel. RoPE's cos and sin are
+    left out: the model makes them once a forward for all its layers."""
+    from contextlib import ExitStack
+
+    from qlora.dequant import fast_dequant
+    from qlora.fused_lora import fused_lora
+
+    def saved(batch, length):
+        x = torch.randn(batch, length, hidden, requires_grad=True)
+        positions = torch.arange(length)[None].expand(batch, length)
+        cos, sin = rotary(x, positions)
+        shared = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in shared:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with ExitStack() as stack:
+            if fused:
+                stack.enter_context(fused_lora(True))
+                stack.enter_context(fast_dequant(True))
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                layer(x, position_embeddings=(cos, sin), attention_mask=None, position_ids=positions)
+        return sum(storages.values())
+
+    return (saved(4, 256) - saved(4, 128)) / (4 * 128) / 4
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_the_activation_count_is_what_a_layer_saves_for_backward(tmp_path, fused):
+    """Without checkpointing, activations are most of a step's memory: the planner's count of what each
+    decoder layer keeps a token is checked against what autograd holds, on SmolLM2's layer shape (one
+    random layer), through PEFT's LoRA layers and train.fused_lora's. RSS runs cannot check it as
+    closely: glibc's reuse of freed memory moves their peaks by more."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora.adapters import attach_lora
+    from qlora.config import LoraConfig, ModelConfig, QuantConfig
+    from qlora.models import load_base_model
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=576, intermediate_size=1536, num_hidden_layers=1,
+                                 num_attention_heads=9, num_key_value_heads=3)).save_pretrained(tmp_path)
+    model = load_base_model(str(tmp_path), ModelConfig(name_or_path=str(tmp_path)), QuantConfig(), "cpu",
+                            torch.float32)
+    model = attach_lora(model, LoraConfig(r=16), False)
+    shape, _ = model_shape(str(tmp_path))
+    decoder = model.base_model.model.model
+    measured = _saved_floats_per_token(decoder.layers[0], decoder.rotary_emb, shape.hidden, fused)
+    tokens = 4 * 128
+    planned = estimate(shape, r=16, batch=4, max_length=128, checkpointing=False, optim="adamw_torch",
+                       device="cpu").parts["activations"] * 2**30 / tokens / 4
+    print(f"fused {fused}: measured {measured:.0f} floats a token, planned {planned:.0f}")
+    assert abs(planned - measured) <= 0.03 * measured
