@@ -85,6 +85,7 @@ def _products(x2, weight, bias, A):
             n = both.shape[0] - A.shape[0]
             yh = torch.mm(x2, both.t())
             y = yh[:, :n]
+            # x A^T laid out as the route below leaves it, (r x tokens) in memory, for the backward
             return y if bias is None else y.add_(bias), yh[:, n:].t().contiguous().t()
         w = bnbf.dequantize_4bit(weight, weight.quant_state).to(x2.dtype)  # our kernel's within fast_dequant
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
