@@ -19,6 +19,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from plots import checkpointing_plot
+
 from qlora.plan import estimate, model_file_gb, model_shape
 
 CASES = {
@@ -96,8 +98,9 @@ def main():
         print(f"{case:28} {warm:13.1f} {warm / base:14.2f} {peak:9.2f} {plan:8.2f} {plan / peak - 1:+6.0%}   "
               f"{' '.join(f'{x:.4f}' for x in rs[0]['losses'])}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(dict(batch=a.batch, length=a.length, steps=a.steps, reps=a.reps,
-                                           summary=summary, runs=results), indent=2) + "\n")
+    result = dict(batch=a.batch, length=a.length, steps=a.steps, reps=a.reps, summary=summary, runs=results)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    checkpointing_plot(result, Path(a.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from plots import speed_plot
+
 LORA = dict(r=8, lora_alpha=16)
 # plain: the baseline; qlora: the same loss as the baseline (every token); qlora-compiled: the same
 # with train.compile=true (which auto leaves off for runs this short); qlora-assistant: qlora's default
@@ -198,8 +200,9 @@ def main():
                   f"{r['peak_rss_gb']:8.2f} {ratio:6.2f} {warm:8.1f} {warm / warm_base:6.2f}   "
                   f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(dict(steps=a.steps, reps=a.reps, baseline=baseline, summary=summary,
-                                           runs=results), indent=2) + "\n")
+    result = dict(steps=a.steps, reps=a.reps, baseline=baseline, summary=summary, runs=results)
+    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
+    speed_plot(result, Path(a.out).with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from plots import gpu_plot
+
 WARM, MEAS = 4, 12
 # ours: (plain cases to compare with, shape, seq, batch, packing)
 CASES = {
@@ -173,6 +175,10 @@ def main():
             print(f"{case:14} {r['side']:22} {r['tok_s']:>9} {r['peak_gib']:>9} {ratio:>15.2f}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(rows, indent=2) + "\n")
+    try:
+        gpu_plot(rows, Path(a.out).with_suffix(".png"))
+    except ImportError as e:  # a GPU machine without matplotlib: the JSON is what counts
+        print(f"no plot: {e}")
 
 
 if __name__ == "__main__":
