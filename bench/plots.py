@@ -29,6 +29,17 @@ def _save(fig, path: Path) -> None:
     print(f"wrote {path}")
 
 
+def _bars(ax, values, labels, notes, color, xlabel: str) -> None:
+    """Horizontal bars, first at the top, each with a note at its end (a ratio)."""
+    ax.barh(range(len(values)), values, color=color)
+    ax.set_yticks(range(len(values)), labels)
+    ax.invert_yaxis()
+    for i, (v, note) in enumerate(zip(values, notes)):
+        ax.text(v, i, note, va="center")
+    ax.set_xlim(0, max(values) * 1.2)
+    ax.set_xlabel(xlabel)
+
+
 def speed_plot(result: dict, path: Path) -> None:
     """bench/cpu_speed.py: per model, each case's warm tokens/s with its ratio to the baseline, and the
     loss curves of the cases that train the baseline's loss (those whose first loss is the baseline's:
@@ -40,14 +51,9 @@ def speed_plot(result: dict, path: Path) -> None:
                              gridspec_kw={"width_ratios": [3, 2]}, dpi=100)
     for (bars, curves), model in zip(axes, models):
         rows = [r for r in summary if r["model"] == model]
-        speeds = [r["warm_tokens_per_second"] for r in rows]
-        bars.barh(range(len(rows)), speeds, color=[BASE if r["case"] == baseline else OURS for r in rows])
-        bars.set_yticks(range(len(rows)), [r["case"] for r in rows])
-        bars.invert_yaxis()
-        for i, r in enumerate(rows):
-            bars.text(speeds[i], i, f" {r['warm_ratio']:.2f}x", va="center")
-        bars.set_xlim(0, max(speeds) * 1.15)
-        bars.set_xlabel(f"warm tokens/s, best of {result['reps']}")
+        _bars(bars, [r["warm_tokens_per_second"] for r in rows], [r["case"] for r in rows],
+              [f" {r['warm_ratio']:.2f}x" for r in rows], [BASE if r["case"] == baseline else OURS for r in rows],
+              f"warm tokens/s, best of {result['reps']}")
         bars.set_title(f"{model}: against the {baseline} case")
         first = next(r["losses"][0] for r in rows if r["case"] == baseline)
         for r in rows:
@@ -81,14 +87,8 @@ def gpu_plot(rows: list, path: Path) -> None:
             memory.append(r["peak_gib"])
             notes.append((f" {r['tok_s'] / base['tok_s']:.2f}x", f" {r['peak_gib'] / base['peak_gib']:.2f}x")
                          if ours and base else ("", ""))
-    for ax, values, which, unit in ((axes[0], speed, 0, "tokens/s"), (axes[1], memory, 1, "peak GiB")):
-        ax.barh(range(len(values)), values, color=colors)
-        ax.set_yticks(range(len(values)), labels if which == 0 else [""] * len(values))
-        ax.invert_yaxis()
-        for i, v in enumerate(values):
-            ax.text(v, i, notes[i][which], va="center")
-        ax.set_xlim(0, max(values) * 1.2)
-        ax.set_xlabel(unit)
+    _bars(axes[0], speed, labels, [n[0] for n in notes], colors, "tokens/s")
+    _bars(axes[1], memory, [""] * len(labels), [n[1] for n in notes], colors, "peak GiB")
     device = next((r.get("device") or r.get("gpu") for r in measured if r.get("device") or r.get("gpu")), "GPU")
     axes[0].set_title(f"{device}: speed (qlora against the case's first plain side)")
     axes[1].set_title("peak CUDA memory")
@@ -111,13 +111,9 @@ def checkpointing_plot(result: dict, path: Path) -> None:
     mem.set_xlabel("GiB")
     mem.set_title(f"checkpointing, {result['batch']} x {result['length']} tokens: memory")
     mem.legend(fontsize=8, loc="lower right")
-    speed.barh(y, [r["warm_tokens_per_second"] for r in rows], color=OURS)
-    for i, r in enumerate(rows):
-        speed.text(r["warm_tokens_per_second"], i, f" {r['speedup']:.2f}x", va="center")
-    speed.set_yticks(y, [""] * len(rows))
-    speed.invert_yaxis()
-    speed.set_xlim(0, max(r["warm_tokens_per_second"] for r in rows) * 1.2)
-    speed.set_xlabel(f"warm tokens/s, best of {result['reps']} (x: against every layer)")
+    _bars(speed, [r["warm_tokens_per_second"] for r in rows], [""] * len(rows),
+          [f" {r['speedup']:.2f}x" for r in rows], OURS,
+          f"warm tokens/s, best of {result['reps']} (x: against every layer)")
     speed.set_title("speed")
     _save(fig, path)
 

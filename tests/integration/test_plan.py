@@ -121,8 +121,6 @@ def _saved_floats_per_token(layer, rotary, hidden, fused):
     """Floats a token adds to what one decoder layer's forward saves for its backward: the difference
     between two lengths, so that weights and other per-layer constants cancel. RoPE's cos and sin are
     left out: the model makes them once a forward for all its layers."""
-    from contextlib import ExitStack
-
     from qlora.dequant import fast_dequant
     from qlora.fused_lora import fused_lora
 
@@ -138,12 +136,8 @@ def _saved_floats_per_token(layer, rotary, hidden, fused):
                 storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        with ExitStack() as stack:
-            if fused:
-                stack.enter_context(fused_lora(True))
-                stack.enter_context(fast_dequant(True))
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                layer(x, position_embeddings=(cos, sin), attention_mask=None, position_ids=positions)
+        with fused_lora(fused), fast_dequant(fused), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x, position_embeddings=(cos, sin), attention_mask=None, position_ids=positions)
         return sum(storages.values())
 
     return (saved(4, 256) - saved(4, 128)) / (4 * 128) / 4
