@@ -15,6 +15,7 @@
 # the first three, which fit one 10-minute call:
 #   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger, fused LoRA
 #   tinyllama TinyLlama-1.1B 2048 x 8: the plain stack, the plain stack with Liger, qlora
+#   profile   the same case under torch's profiler, two steps of each side: where qlora's step differs
 #   fused     qlora alone with train.fused_lora=true on the TinyLlama case (compare with tinyllama)
 #   varied    varied lengths: the plain stack padded and TRL-packed, qlora's data.packing
 #   liger     qlora alone with train.liger_kernels=true on the TinyLlama case (compare with tinyllama)
@@ -70,12 +71,14 @@ run() {
 transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
     local plain="$CARRY/plain_stack_gpu.py"
     local parts=("$@")
-    [ ${#parts[@]} -gt 0 ] || parts=(tests tinyllama fused)
+    [ ${#parts[@]} -gt 0 ] || parts=(tests tinyllama profile)
     for name in "${parts[@]}"; do
         case $name in
             tests) part tests 180 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
             tinyllama) part tinyllama 210 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
                 --out "$OUT/tinyllama.json" ;;
+            profile) part profile 180 python3 bench/gpu_profile.py --plain "$plain" --case tl-bf16-ckpt \
+                --out "$OUT/profile.json" ;;
             varied) part varied 180 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-var \
                 --out "$OUT/varied.json" ;;
             fused) part fused 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
@@ -84,7 +87,7 @@ transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__vers
                 --plain-cases none --set train.liger_kernels=true --out "$OUT/liger.json" ;;
             llama8b) part llama8b 420 python3 bench/gpu_speed.py --plain "$plain" --only l8b-bf16-ckpt \
                 --out "$OUT/llama8b.json" ;;
-            *) echo "unknown part $name (tests, tinyllama, fused, varied, liger, llama8b)" >&2; exit 2 ;;
+            *) echo "unknown part $name (tests, tinyllama, profile, fused, varied, liger, llama8b)" >&2; exit 2 ;;
         esac
     done
 }
