@@ -13,7 +13,8 @@
 # Call the device tool with carry ["gpu_carry"] and the command `bash bench/gpu_session.sh run`.
 # PARTs (each under its own time limit, its output in $OUT/PART.log and PART.json); without any,
 # the first three, which fit one 10-minute call:
-#   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger, fused LoRA
+#   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger, fused LoRA,
+#             packed and padding-free rows
 #   tinyllama TinyLlama-1.1B 2048 x 8: the plain stack, the plain stack with Liger, qlora
 #   profile   the same case under torch's profiler, two steps of each side: where qlora's step differs
 #   fused     qlora alone with train.fused_lora=true on the TinyLlama case (compare with tinyllama)
