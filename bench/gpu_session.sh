@@ -12,7 +12,7 @@
 #
 # Call the device tool with carry ["gpu_carry"] and the command `bash bench/gpu_session.sh run`.
 # PARTs (each under its own time limit, its output in $OUT/PART.log and PART.json); without any,
-# the first three, which fit one 10-minute call:
+# the first three, which fit one 10-minute call (about 400 s expected; their limits add up to 630):
 #   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger, fused LoRA,
 #             packed and padding-free rows
 #   tinyllama TinyLlama-1.1B 2048 x 8: the plain stack, the plain stack with Liger, qlora
@@ -75,7 +75,7 @@ transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__vers
     [ ${#parts[@]} -gt 0 ] || parts=(tests tinyllama profile)
     for name in "${parts[@]}"; do
         case $name in
-            tests) part tests 180 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
+            tests) part tests 240 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
             tinyllama) part tinyllama 210 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
                 --out "$OUT/tinyllama.json" ;;
             profile) part profile 180 python3 bench/gpu_profile.py --plain "$plain" --case tl-bf16-ckpt \
