@@ -12,7 +12,7 @@
 #
 # Call the device tool with carry ["gpu_carry"] and the command `bash bench/gpu_session.sh run`.
 # PARTs (each under its own time limit, its output in $OUT/PART.log and PART.json); without any,
-# the first three, which fit one 10-minute call (about 400 s expected; their limits add up to 630):
+# the first three, for one 10-minute call (their limits add up to 630 s; each should end well inside its own):
 #   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger, fused LoRA,
 #             packed and padding-free rows
 #   tinyllama TinyLlama-1.1B 2048 x 8: the plain stack, the plain stack with Liger, qlora
