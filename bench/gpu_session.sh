@@ -20,6 +20,8 @@
 #   fused     qlora alone with train.fused_lora=true on the TinyLlama case (compare with tinyllama)
 #   varied    varied lengths: the plain stack padded and TRL-packed, qlora's data.packing
 #   liger     qlora alone with train.liger_kernels=true on the TinyLlama case (compare with tinyllama)
+#   offload   qlora alone with train.offload_checkpoints=true on it (the checkpointed inputs in host memory)
+#   attention qlora alone with train.checkpoint_attention=true on it (attention outputs kept, not recomputed)
 #   llama8b   the Llama-3-8B shape, 2048 x 4: the plain stack, with Liger, qlora
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -86,9 +88,13 @@ transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__vers
                 --plain-cases none --set train.fused_lora=true --out "$OUT/fused.json" ;;
             liger) part liger 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
                 --plain-cases none --set train.liger_kernels=true --out "$OUT/liger.json" ;;
+            offload) part offload 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
+                --plain-cases none --set train.offload_checkpoints=true --out "$OUT/offload.json" ;;
+            attention) part attention 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
+                --plain-cases none --set train.checkpoint_attention=true --out "$OUT/attention.json" ;;
             llama8b) part llama8b 420 python3 bench/gpu_speed.py --plain "$plain" --only l8b-bf16-ckpt \
                 --out "$OUT/llama8b.json" ;;
-            *) echo "unknown part $name (tests, tinyllama, profile, fused, varied, liger, llama8b)" >&2; exit 2 ;;
+            *) echo "unknown part $name (tests, tinyllama, profile, fused, varied, liger, offload, attention, llama8b)" >&2; exit 2 ;;
         esac
     done
 }
