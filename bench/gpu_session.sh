@@ -19,6 +19,8 @@
 #   profile   the same case under torch's profiler, two steps of each side: where qlora's step differs
 #   fused     qlora alone with train.fused_lora=true on the TinyLlama case (compare with tinyllama)
 #   varied    varied lengths: the plain stack padded and TRL-packed, qlora's data.packing
+#   varied-free  qlora alone on varied lengths with data.padding_free=true as well: the packed rows of
+#             a micro-batch end to end in one row, attention example by example (compare with varied)
 #   liger     qlora alone with train.liger_kernels=true on the TinyLlama case (compare with tinyllama)
 #   offload   qlora alone with train.offload_checkpoints=true on it (the checkpointed inputs in host memory)
 #   attention qlora alone with train.checkpoint_attention=true on it (attention outputs kept, not recomputed)
@@ -84,6 +86,8 @@ transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__vers
                 --out "$OUT/profile.json" ;;
             varied) part varied 180 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-var \
                 --out "$OUT/varied.json" ;;
+            varied-free) part varied-free 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-var \
+                --plain-cases none --set data.padding_free=true --out "$OUT/varied-free.json" ;;
             fused) part fused 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
                 --plain-cases none --set train.fused_lora=true --out "$OUT/fused.json" ;;
             liger) part liger 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
@@ -94,7 +98,7 @@ transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__vers
                 --plain-cases none --set train.checkpoint_attention=true --out "$OUT/attention.json" ;;
             llama8b) part llama8b 420 python3 bench/gpu_speed.py --plain "$plain" --only l8b-bf16-ckpt \
                 --out "$OUT/llama8b.json" ;;
-            *) echo "unknown part $name (tests, tinyllama, profile, fused, varied, liger, offload, attention, llama8b)" >&2; exit 2 ;;
+            *) echo "unknown part $name (tests, tinyllama, profile, fused, varied, varied-free, liger, offload, attention, llama8b)" >&2; exit 2 ;;
         esac
     done
 }
