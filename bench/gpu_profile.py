@@ -11,7 +11,8 @@ model and token ids) and is profiled from the start of step 6 to the end of step
 after the shared script's 4 warm-up steps. The profiler slows both sides, so the tokens/s to
 quote stay gpu_speed.py's; this tells where a gap between them comes from: the time of each
 profiled step, how much of it the GPU was busy (kernel time over wall time: a step that waits on
-the host shows as idle GPU time), and the ops and kernels that take more time on one side.
+the host shows as idle GPU time), and the ops and kernels that take more time on one side (with the memory each op leaves allocated,
+in the JSON).
 """
 import argparse
 import json
@@ -44,7 +45,9 @@ def profile_steps(first: int, steps: int, store: dict) -> None:
     def on_step_begin(self, args, state, control, **kw):
         if state.global_step + 1 == first:  # global_step counts the finished steps
             sync()
-            store["profiler"] = profile(activities=activities)
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            store["profiler"] = profile(activities=activities, profile_memory=True)
             store["profiler"].__enter__()
             store["start"] = time.perf_counter()
         return begin(self, args, state, control, **kw)
@@ -56,6 +59,7 @@ def profile_steps(first: int, steps: int, store: dict) -> None:
             prof = store.pop("profiler")
             prof.__exit__(None, None, None)
             store["table"] = summary(prof, steps, seconds)
+            store["table"]["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
         return end(self, args, state, control, **kw)
 
     CallbackHandler.on_step_begin, CallbackHandler.on_step_end = on_step_begin, on_step_end
@@ -71,7 +75,10 @@ def summary(prof, steps: int, seconds: float, top: int = 60) -> dict:
                 host_ms=round(sum(e.self_cpu_time_total for e in events) / 1e3 / steps, 2),
                 ops=[dict(name=e.key[:120], calls=round(e.count / steps, 1),
                           device_ms=round(e.self_device_time_total / 1e3 / steps, 3),
-                          host_ms=round(e.self_cpu_time_total / 1e3 / steps, 3)) for e in rows[:top]])
+                          host_ms=round(e.self_cpu_time_total / 1e3 / steps, 3),
+                          # memory the op allocated less what it freed, per step (MiB): what it leaves held
+                          device_mib=round(e.self_device_memory_usage / 2**20 / steps, 1),
+                          host_mib=round(e.self_cpu_memory_usage / 2**20 / steps, 1)) for e in rows[:top]])
 
 
 def child(a) -> None:
@@ -107,7 +114,8 @@ def compare(sides: dict, top: int = 30) -> None:
             print(f"{name}: ERROR {s['error']}")
         else:
             print(f"{name:6} step {s['step_ms']:9.1f} ms, device busy {s['device_busy_ms']:9.1f} ms "
-                  f"({100 * s['device_busy_share']:.0f}%), host ops {s['host_ms']:9.1f} ms")
+                  f"({100 * s['device_busy_share']:.0f}%), host ops {s['host_ms']:9.1f} ms, "
+                  f"peak {s['peak_gib']} GiB")
     per = {k: {o["name"]: o for o in s["ops"]} for k, s in sides.items() if "error" not in s}
     key = "device_ms" if any(s.get("device_busy_ms") for s in sides.values()) else "host_ms"
     names = sorted({n for ops in per.values() for n in ops},
