@@ -16,13 +16,12 @@ in the JSON).
 """
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from gpu_speed import CASES, load_plain, ours, tiny_model
+from gpu_speed import CASES, load_plain, ours, run, tiny_model
 
 FIRST = 6  # the first profiled step: after the 4 warm-up steps and one more
 
@@ -97,14 +96,6 @@ def child(a) -> None:
     print("PROFILE " + json.dumps(store.get("table", {"error": "the profiled steps were not reached"})), flush=True)
 
 
-def run(cmd) -> dict:
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("PROFILE ")]
-    if not lines:
-        return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    return json.loads(lines[-1][8:])
-
-
 def compare(sides: dict, top: int = 30) -> None:
     """Prints each side's step, then the ops and kernels with the most time per step on either side:
     by device time on a GPU (where the ops' own rows hold host time and their kernels device time),
@@ -145,11 +136,11 @@ def main():
     me = [sys.executable, __file__, "--child", "--steps", str(a.steps), "--case", a.case,
           *(f"--set={x}" for x in a.set)]
     if a.tiny:
-        sides = {"qlora": run(me + ["--tiny", "--side", "qlora"])}
+        sides = {"qlora": run(me + ["--tiny", "--side", "qlora"], "PROFILE ")}
     elif not a.plain:
         raise SystemExit("give --plain PATH/TO/plain_stack_gpu.py (shared/bench), or --tiny")
     else:
-        sides = {side: run(me + ["--plain", a.plain, "--side", side]) for side in ("plain", "qlora")}
+        sides = {side: run(me + ["--plain", a.plain, "--side", side], "PROFILE ") for side in ("plain", "qlora")}
     compare(sides)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(dict(case=a.case, steps=a.steps, first_step=FIRST, overrides=a.set,

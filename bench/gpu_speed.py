@@ -126,12 +126,13 @@ def child(a) -> None:
         print("RESULT " + json.dumps(ours(path, vocab, seq, batch, packing, Path(tmp), "cpu", a.set)), flush=True)
 
 
-def run(cmd) -> dict:
+def run(cmd, tag: str = "RESULT ") -> dict:
+    """The JSON a child process printed last after `tag`, or its last line of errors."""
     p = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith(tag)]
     if not lines:
         return {"error": (p.stderr.strip().splitlines() or ["?"])[-1][:300]}
-    return json.loads(lines[-1][7:])
+    return json.loads(lines[-1][len(tag):])
 
 
 def main():
