@@ -11,8 +11,8 @@ model and token ids) and is profiled from the start of step 6 to the end of step
 after the shared script's 4 warm-up steps. The profiler slows both sides, so the tokens/s to
 quote stay gpu_speed.py's; this tells where a gap between them comes from: the time of each
 profiled step, how much of it the GPU was busy (kernel time over wall time: a step that waits on
-the host shows as idle GPU time), and the ops and kernels that take more time on one side (with the memory each op leaves allocated,
-in the JSON).
+the host shows as idle GPU time), the peak memory, and the ops and kernels that take more time on
+one side (in the JSON also the memory each op leaves allocated).
 """
 import argparse
 import json
@@ -65,10 +65,13 @@ def profile_steps(first: int, steps: int, store: dict) -> None:
 
 
 def summary(prof, steps: int, seconds: float, top: int = 60) -> dict:
-    """Per profiled step: wall time, kernel time, and the ops and kernels by self time (ms)."""
+    """Per profiled step: wall time, kernel time, and the ops and kernels with the most self time
+    (ms), on the device (kernels) or the host (ops)."""
     events = prof.key_averages()
     device = sum(e.self_device_time_total for e in events) / 1e3 / steps
-    rows = sorted(events, key=lambda e: (e.self_device_time_total, e.self_cpu_time_total), reverse=True)
+    by_device = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:top]
+    by_host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    rows = by_device + [e for e in by_host if e not in by_device]
     return dict(step_ms=round(seconds * 1e3 / steps, 2), device_busy_ms=round(device, 2),
                 device_busy_share=round(device / (seconds * 1e3 / steps), 3),
                 host_ms=round(sum(e.self_cpu_time_total for e in events) / 1e3 / steps, 2),
@@ -77,7 +80,7 @@ def summary(prof, steps: int, seconds: float, top: int = 60) -> dict:
                           host_ms=round(e.self_cpu_time_total / 1e3 / steps, 3),
                           # memory the op allocated less what it freed, per step (MiB): what it leaves held
                           device_mib=round(e.self_device_memory_usage / 2**20 / steps, 1),
-                          host_mib=round(e.self_cpu_memory_usage / 2**20 / steps, 1)) for e in rows[:top]])
+                          host_mib=round(e.self_cpu_memory_usage / 2**20 / steps, 1)) for e in rows])
 
 
 def child(a) -> None:
