@@ -15,12 +15,14 @@
 # the first three, for one 10-minute call (their limits add up to 630 s; each should end well inside its own):
 #   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger, fused LoRA,
 #             packed and padding-free rows
+#   varied-free  varied lengths: the plain stack TRL-packed, qlora with data.padding_free=true as well
+#             as data.packing: a micro-batch's packed rows end to end in one row, attention example
+#             by example (flash SDPA over each), where TRL's packing attends over the whole row
+#   profile   the TinyLlama case below under torch's profiler, two steps of each side: where qlora's step
+#             differs from the plain stack's
 #   tinyllama TinyLlama-1.1B 2048 x 8: the plain stack, the plain stack with Liger, qlora
-#   profile   the same case under torch's profiler, two steps of each side: where qlora's step differs
-#   fused     qlora alone with train.fused_lora=true on the TinyLlama case (compare with tinyllama)
 #   varied    varied lengths: the plain stack padded and TRL-packed, qlora's data.packing
-#   varied-free  qlora alone on varied lengths with data.padding_free=true as well: the packed rows of
-#             a micro-batch end to end in one row, attention example by example (compare with varied)
+#   fused     qlora alone with train.fused_lora=true on the TinyLlama case (compare with tinyllama)
 #   liger     qlora alone with train.liger_kernels=true on the TinyLlama case (compare with tinyllama)
 #   offload   qlora alone with train.offload_checkpoints=true on it (the checkpointed inputs in host memory)
 #   attention qlora alone with train.checkpoint_attention=true on it (attention outputs kept, not recomputed)
@@ -76,7 +78,7 @@ run() {
 transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__version__)" | tee -a "$OUT/gpu.txt"
     local plain="$CARRY/plain_stack_gpu.py"
     local parts=("$@")
-    [ ${#parts[@]} -gt 0 ] || parts=(tests tinyllama profile)
+    [ ${#parts[@]} -gt 0 ] || parts=(tests varied-free profile)
     for name in "${parts[@]}"; do
         case $name in
             tests) part tests 240 python3 -m pytest tests/gpu -q -p no:cacheprovider ;;
@@ -86,8 +88,8 @@ transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__vers
                 --out "$OUT/profile.json" ;;
             varied) part varied 180 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-var \
                 --out "$OUT/varied.json" ;;
-            varied-free) part varied-free 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-var \
-                --plain-cases none --set data.padding_free=true --out "$OUT/varied-free.json" ;;
+            varied-free) part varied-free 180 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-var \
+                --plain-cases tl-bf16-var-packed --set data.padding_free=true --out "$OUT/varied-free.json" ;;
             fused) part fused 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
                 --plain-cases none --set train.fused_lora=true --out "$OUT/fused.json" ;;
             liger) part liger 150 python3 bench/gpu_speed.py --plain "$plain" --only tl-bf16-ckpt \
