@@ -8,7 +8,7 @@ import torch
 
 from qlora.cli import compose
 from qlora.train import fit
-from tests.conftest import tiny_overrides
+from tests.conftest import people_rows, tiny_overrides, write_jsonl
 
 pytestmark = pytest.mark.gpu
 
@@ -100,14 +100,13 @@ def test_fused_lora_trains_as_peft_s_layers_on_gpu(tiny_model, tiny_data, tmp_pa
     assert losses[True] == pytest.approx(losses[False], rel=2e-2)
 
 
-@pytest.mark.parametrize("layout", [{"data.packing": "true"}, {"data.padding_free": "true"}], ids=["packed", "padding-free"])
+@pytest.mark.parametrize("layout", [{"data.packing": "true"}, {"data.padding_free": "true"}],
+                         ids=["packed", "padding-free"])
 def test_packed_and_padding_free_runs_train_as_padded_ones_on_gpu(tiny_model, tmp_path, layout):
     """Per-row packing (transformers' SDPA with its per-row mask on a GPU) and padding-free rows
     (our example-by-example SDPA; auto leaves GPUs padded): every step sees all 8 examples, so the
     losses are the padded run's within bf16/fp16 rounding, and the trained tokens the same. Not yet
     run on a GPU."""
-    from tests.conftest import people_rows, write_jsonl
-
     data = (write_jsonl(tmp_path / "t.jsonl", people_rows(8, seed=3)), write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
     losses, tokens = {}, {}
     for name, extra in (("padded", {}), ("layout", layout)):
