@@ -107,7 +107,8 @@ def test_packed_and_padding_free_runs_train_as_padded_ones_on_gpu(tiny_model, tm
     (our example-by-example SDPA; auto leaves GPUs padded): every step sees all 8 examples, so the
     losses are the padded run's within bf16/fp16 rounding, and the trained tokens the same. Not yet
     run on a GPU."""
-    data = (write_jsonl(tmp_path / "t.jsonl", people_rows(8, seed=3)), write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
+    data = (write_jsonl(tmp_path / "t.jsonl", people_rows(8, seed=3)),
+            write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
     losses, tokens = {}, {}
     for name, extra in (("padded", {}), ("layout", layout)):
         run = fit(compose("train", tiny_overrides(tiny_model, data, tmp_path / name, **{
