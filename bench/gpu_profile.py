@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from gpu_speed import CASES, load_plain, ours, run, tiny_model
+from gpu_speed import CASES, load_plain, ours_case, run
 
 FIRST = 6  # the first profiled step: after the 4 warm-up steps and one more
 
@@ -89,13 +89,8 @@ def child(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if a.side == "plain":
             load_plain(a.plain).run_case(a.case)
-        elif a.tiny:
-            ours(str(tiny_model(Path(tmp) / "m")), 1000, 64, 2, False, Path(tmp), "cpu", a.set)
         else:
-            plain = load_plain(a.plain)
-            _, shape, seq, batch, packing = CASES[a.case]
-            ours(plain.make_model(shape), plain.SHAPES[shape]["vocab_size"], seq, batch, packing, Path(tmp),
-                 "cpu", a.set)
+            ours_case(a.case, a.plain, a.tiny, Path(tmp), a.set)
     print("PROFILE " + json.dumps(store.get("table", {"error": "the profiled steps were not reached"})), flush=True)
 
 

@@ -115,15 +115,19 @@ def tiny_model(folder: Path) -> Path:
     return folder
 
 
+def ours_case(case: str, plain_path: str, tiny: bool, folder: Path, extra: list) -> dict:
+    """qlora's side of a case: on the shared script's model of its shape, or (tiny) on a tiny model,
+    packed for the case "var"."""
+    if tiny:
+        return ours(str(tiny_model(folder / "m")), 1000, 64, 2, case == "var", folder, "cpu", extra)
+    plain = load_plain(plain_path)
+    _, shape, seq, batch, packing = CASES[case]
+    return ours(plain.make_model(shape), plain.SHAPES[shape]["vocab_size"], seq, batch, packing, folder, "cpu", extra)
+
+
 def child(a) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        if a.tiny:
-            path, vocab, seq, batch, packing = str(tiny_model(Path(tmp) / "m")), 1000, 64, 2, a.case == "var"
-        else:
-            plain = load_plain(a.plain)
-            _, shape, seq, batch, packing = CASES[a.case]
-            path, vocab = plain.make_model(shape), plain.SHAPES[shape]["vocab_size"]
-        print("RESULT " + json.dumps(ours(path, vocab, seq, batch, packing, Path(tmp), "cpu", a.set)), flush=True)
+        print("RESULT " + json.dumps(ours_case(a.case, a.plain, a.tiny, Path(tmp), a.set)), flush=True)
 
 
 def run(cmd, tag: str = "RESULT ") -> dict:
