@@ -16,8 +16,9 @@
 #   tests     tests/gpu: fp16 and bf16 runs, compile, the checkpointing levers, Liger, fused LoRA,
 #             packed and padding-free rows
 #   varied-free  varied lengths: the plain stack TRL-packed, qlora with data.padding_free=true as well
-#             as data.packing: a micro-batch's packed rows end to end in one row, attention example
-#             by example (flash SDPA over each), where TRL's packing attends over the whole row
+#             as data.packing: a micro-batch's packed rows end to end in one row, attention through
+#             torch's varlen flash kernel (one call a layer; the log says if it fell back to SDPA
+#             example by example), where TRL's packing attends over the whole row through a mask
 #   profile   the TinyLlama case below under torch's profiler, two steps of each side: where qlora's step
 #             differs from the plain stack's
 #   tinyllama TinyLlama-1.1B 2048 x 8: the plain stack, the plain stack with Liger, qlora

@@ -11,11 +11,23 @@ runs SDPA over each example's span with its causal flag (1.03x faster than the p
 where padding is 3% of the tokens; more where lengths vary). Anything else reaching it, such as
 a padded batch, a cached step, or sliding-window attention longer than an example, goes to
 transformers' SDPA with the mask it builds for SDPA.
+
+On a GPU, in fp16 or bf16, the row goes instead through torch's variable-length flash attention
+(`torch.nn.attention.varlen`): one kernel per layer for all the examples, where the loop above
+launches one per example (some 80 per layer on the GPU bench's varied lengths: ~16k tokens a
+micro-batch, median length ~200). Its arguments changed between torch releases (2.10 took
+`is_causal`; later ones `window_size`, `scale` and `enable_gqa`), so they are read from its
+signature, and a tiny forward and backward checked against the loop at first use decides whether
+it runs on this GPU, dtype and head shape (it needs flash attention: not on a T4). Unmeasured on a
+GPU so far: tests/gpu holds it to the loop's numbers.
 """
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import random
 from contextlib import contextmanager
+from functools import lru_cache
 from typing import List, Optional, Tuple
 
 import torch
@@ -23,6 +35,8 @@ import torch
 NAME = "qlora_segments"  # the attention implementation registered with transformers
 COMPILED_MIN_PADDING = 0.10  # train.compile and data.padding_free=auto: the padding share worth a split graph
 _last: Tuple[Optional[torch.Tensor], Optional[List[Tuple[int, int]]]] = (None, None)  # (position_ids, spans)
+_cu: Tuple[Optional[list], Optional[torch.Tensor]] = (None, None)  # (spans, their varlen cu_seq tensor)
+_told: set = set()  # what varlen_ready has said: None (it runs) or why it cannot
 
 
 def padding_free_wanted(setting, device: str, packing: bool, attn: str, compiling: bool, padding: float) -> bool:
@@ -65,8 +79,9 @@ def spans(position_ids: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
 
 @torch.compiler.disable
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers' attention interface: SDPA over each example of a one-row micro-batch; output
-    (batch, length, heads, head_dim) as transformers' SDPA gives it. train.compile's graphs stop
+    """transformers' attention interface: SDPA over each example of a one-row micro-batch (on a GPU
+    varlen_attention over all of them, where it runs); output (batch, length, heads, head_dim) as
+    transformers' SDPA gives it. train.compile's graphs stop
     around it (traced, its Python spans made the compiled layers recompile at every step: 12.8
     against 122.5 tokens/s on SmolLM2)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -82,6 +97,8 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
     if not found:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
+    if query.device.type == "cuda" and not dropout and varlen_ready(query, key):
+        return varlen_attention(query, key, value, found, scaling).unsqueeze(0), None
     gqa = key.shape[1] != query.shape[1]
     # split, not sliced: the spans cover the row, and split's backward is one cat of the gradients, where
     # each slice's makes a zeroed tensor of the whole row (a decoder pass of SmolLM2 1.01-1.03x, the same numbers)
@@ -90,6 +107,87 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
         for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))], dim=2)
     return out.transpose(1, 2).contiguous(), None
+
+
+def varlen_attention(query, key, value, found: List[Tuple[int, int]], scaling=None) -> torch.Tensor:
+    """Causal attention within each (start, end) of found for one row, query/key/value as transformers
+    gives them, (1, heads, length, head_dim), through torch's varlen_attn with the arguments its
+    version takes; output (length, heads, head_dim)."""
+    from torch.nn.attention.varlen import varlen_attn
+
+    q, k, v = (t[0].transpose(0, 1).contiguous() for t in (query, key, value))
+    takes = _varlen_parameters()
+    kwargs = {"window_size": (-1, 0)} if "window_size" in takes else {"is_causal": True}
+    if "scale" in takes:
+        kwargs["scale"] = scaling
+    elif scaling is not None and abs(scaling * q.shape[-1] ** 0.5 - 1) > 1e-6:  # its fixed scale, 1/sqrt(dim)
+        q = q * (scaling * q.shape[-1] ** 0.5)
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in takes:
+            kwargs["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    cu = _cumulative(found, q.device)
+    longest = max(b - a for a, b in found)
+    return varlen_attn(q, k, v, cu, cu, longest, longest, **kwargs)
+
+
+@lru_cache(maxsize=1)
+def _varlen_parameters() -> frozenset:
+    from torch.nn.attention.varlen import varlen_attn
+
+    return frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def _cumulative(found: List[Tuple[int, int]], device) -> torch.Tensor:
+    """The spans' ends from 0 (varlen_attn's cu_seq), int32 on the device: made once per forward pass."""
+    global _cu
+    if _cu[0] is not found or _cu[1].device != device:
+        _cu = (found, torch.tensor([0] + [b for _, b in found], dtype=torch.int32, device=device))
+    return _cu[1]
+
+
+def varlen_ready(query, key) -> bool:
+    """Whether varlen_attention runs for attention of this device, dtype and head shape: checked once
+    against the example-by-example loop; the run says which of the two attends, once."""
+    problem = varlen_problem(str(query.device), query.dtype, query.shape[1], key.shape[1], query.shape[-1])
+    if problem not in _told:
+        from qlora.models import say
+
+        say("data.padding_free: attention through torch's variable-length flash attention, one call a layer"
+            if problem is None else f"data.padding_free: torch's variable-length flash attention cannot run "
+            f"here ({problem}); each example goes through SDPA in turn")
+        _told.add(problem)
+    return problem is None
+
+
+@lru_cache(maxsize=None)
+def varlen_problem(device: str, dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> Optional[str]:
+    """Why varlen_attention cannot stand in for the loop here, or None: it must exist, and run a forward
+    and backward over two examples to the loop's output and gradients. Checked apart from the training
+    step it is first called in (its autocast, no_grad of an evaluation, checkpointing's hooks)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"flash attention computes in fp16 or bf16, not {str(dtype).replace('torch.', '')}"
+    if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # torch 2.10 and later
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    found, sizes, scale = [(0, 5), (5, 12)], [5, 7], 0.7 / head_dim ** 0.5
+    g = torch.Generator(device=device).manual_seed(0)
+    shapes = ((1, heads, 12, head_dim), (1, kv_heads, 12, head_dim), (1, kv_heads, 12, head_dim))
+    with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False), \
+            torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        inputs = [torch.randn(s, device=device, dtype=dtype, generator=g).requires_grad_() for s in shapes]
+        try:
+            ours = varlen_attention(*inputs, found, scale)
+            ours_grads = torch.autograd.grad(ours.float().square().sum(), inputs)
+        except Exception as e:  # the kernel refuses this GPU, dtype or head size: the loop runs instead
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+        loop = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
+            for q, k, v in zip(*(t.split(sizes, 2) for t in inputs))], dim=2)[0].transpose(0, 1)
+        loop_grads = torch.autograd.grad(loop.float().square().sum(), inputs)
+    worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1)).item()
+                for a, b in zip((ours, *ours_grads), (loop, *loop_grads)))
+    return None if worst < 0.05 else f"its results differ from SDPA's by up to {worst:.1%}"
 
 
 def register() -> None:

@@ -104,7 +104,8 @@ def test_fused_lora_trains_as_peft_s_layers_on_gpu(tiny_model, tiny_data, tmp_pa
                          ids=["packed", "padding-free"])
 def test_packed_and_padding_free_runs_train_as_padded_ones_on_gpu(tiny_model, tmp_path, layout):
     """Per-row packing (transformers' SDPA with its per-row mask on a GPU) and padding-free rows
-    (our example-by-example SDPA; auto leaves GPUs padded): every step sees all 8 examples, so the
+    (torch's varlen attention, or SDPA example by example where it cannot run; auto leaves GPUs
+    padded): every step sees all 8 examples, so the
     losses are the padded run's within bf16/fp16 rounding, and the trained tokens the same. Not yet
     run on a GPU."""
     data = (write_jsonl(tmp_path / "t.jsonl", people_rows(8, seed=3)),
@@ -118,3 +119,36 @@ def test_packed_and_padding_free_runs_train_as_padded_ones_on_gpu(tiny_model, tm
         tokens[name] = run.report["train_tokens"]
     assert tokens["layout"] == tokens["padded"] > 0
     assert len(losses["layout"]) == 3 and losses["layout"] == pytest.approx(losses["padded"], rel=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_padding_free_attention_is_one_varlen_kernel_with_the_loop_s_numbers_on_gpu(dtype, monkeypatch):
+    """A one-row micro-batch on a GPU attends through torch's varlen_attn, one call for all its
+    examples (TinyLlama's heads: 32 query, 4 key-value, 64 wide), with the output and gradients of
+    SDPA example by example. Flash attention needs an Ampere GPU or newer; elsewhere the loop runs."""
+    import torch.nn.attention.varlen as varlen
+    from types import SimpleNamespace
+
+    from qlora.padding_free import segment_attention, varlen_problem
+
+    if torch.cuda.get_device_capability()[0] < 8 or (dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported()):
+        pytest.skip("flash attention in this dtype needs a newer GPU")
+    assert varlen_problem(str(torch.device("cuda", torch.cuda.current_device())), dtype, 32, 4, 64) is None
+    calls = []
+    real = varlen.varlen_attn
+    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    lengths = [200, 17, 1024, 331, 1]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    inputs = [torch.randn(1, h, sum(lengths), 64, device="cuda", dtype=dtype, generator=g).requires_grad_()
+              for h in (32, 4, 4)]
+    ours, _ = segment_attention(SimpleNamespace(is_causal=True), *inputs, None, scaling=0.125, position_ids=positions)
+    assert len(calls) == 1 and ours.shape == (1, sum(lengths), 32, 64)
+    loop = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, scale=0.125, enable_gqa=True)
+        for q, k, v in zip(*(t.split(lengths, 2) for t in inputs))], dim=2).transpose(1, 2)
+    upstream = torch.randn(ours.shape, device="cuda", dtype=dtype, generator=g)
+    tolerance = 1e-2 if dtype == torch.float16 else 3e-2  # of the largest value: the loop's own rounding in bf16
+    for a, b in zip((ours, *torch.autograd.grad(ours, inputs, upstream)),
+                    (loop, *torch.autograd.grad(loop, inputs, upstream))):
+        assert (a.float() - b.float()).abs().max() <= tolerance * b.float().abs().max()

@@ -1,4 +1,6 @@
 """data.padding_free: when it applies, and how a one-row micro-batch is cut into its examples."""
+import functools
+
 import pytest
 import torch
 
@@ -29,3 +31,99 @@ def test_spans_are_the_examples_of_a_row_whose_positions_restart():
     assert spans(row) is spans(row), "worked out once per forward pass, not once per layer"
     assert spans(torch.tensor([[0, 1, 2, 3]])) is None  # one example: plain causal attention
     assert spans(torch.tensor([[7, 8, 0, 1]])) is None  # not the start of a row (a cached step)
+
+
+def _causal_per_span(query, key, value, cu, scale, gqa):
+    """What varlen_attn computes, (tokens, heads, dim) in and out, by SDPA example by example (on CPU)."""
+    ends = cu.tolist()
+    outs = [torch.nn.functional.scaled_dot_product_attention(
+        *(t[a:b].transpose(0, 1) for t in (query, key, value)), is_causal=True, scale=scale, enable_gqa=gqa)
+        for a, b in zip(ends, ends[1:])]
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def varlen_now(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+               window_size=(-1, -1), enable_gqa=False):
+    """torch 2.13's signature: causal as window_size=(-1, 0); scale and GQA as arguments."""
+    assert window_size == (-1, 0) and cu_seq_q is cu_seq_k and cu_seq_q.dtype == torch.int32
+    assert max_q == max_k == int(cu_seq_q.diff().max())
+    assert enable_gqa == (key.shape[1] != query.shape[1])
+    return _causal_per_span(query, key, value, cu_seq_q, scale, enable_gqa)
+
+
+def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    """torch 2.10's: is_causal; the scale fixed at 1/sqrt(head_dim); as many key heads as query heads."""
+    assert is_causal and key.shape[1] == query.shape[1]
+    return _causal_per_span(query, key, value, cu_seq_q, None, False)
+
+
+@pytest.fixture
+def varlen(monkeypatch):
+    """Sets torch.nn.attention.varlen.varlen_attn to a CPU stand-in for the time of a test."""
+    import torch.nn.attention.varlen as module
+
+    from qlora import padding_free
+
+    def use(fake):
+        monkeypatch.setattr(module, "varlen_attn", fake)
+        padding_free._varlen_parameters.cache_clear()
+        padding_free.varlen_problem.cache_clear()
+    yield use
+    padding_free._varlen_parameters.cache_clear()
+    padding_free.varlen_problem.cache_clear()
+
+
+@pytest.mark.parametrize("fake", [varlen_now, varlen_2_10], ids=["torch-2.13", "torch-2.10"])
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_varlen_attention_is_the_example_by_example_loop_whatever_varlen_attn_takes(varlen, fake, kv_heads):
+    """On a GPU a one-row micro-batch attends through torch's varlen_attn (one kernel for all
+    examples), whose arguments changed between torch releases: ours are read from its signature.
+    Here stand-ins with each signature, computing what the kernel does, check that we call it with
+    the spans, causal flag, scale and key heads that give the loop's numbers."""
+    from qlora.padding_free import varlen_attention, varlen_problem
+
+    varlen(fake)
+    torch.manual_seed(0)
+    found, scale = [(0, 3), (3, 4), (4, 11)], 0.3  # not 1/sqrt(16): torch 2.10 had no scale argument
+    q, k, v = (torch.randn(1, h, 11, 16) for h in (4, kv_heads, kv_heads))
+    loop = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+        *(t[:, :, a:b] for t in (q, k, v)), is_causal=True, scale=scale, enable_gqa=kv_heads != 4)
+        for a, b in found], dim=2)
+    assert torch.allclose(varlen_attention(q, k, v, found, scale), loop[0].transpose(0, 1), atol=1e-6)
+    assert varlen_problem("cpu", torch.bfloat16, 4, kv_heads, 16) is None  # the check at first use passes
+
+
+def test_varlen_attention_is_refused_where_it_fails_or_differs(varlen):
+    """The first-use check keeps the loop where varlen_attn raises (a GPU without flash attention),
+    gives other numbers, or the dtype is not 16-bit."""
+    from qlora.padding_free import varlen_problem
+
+    def refuses(*args, **kwargs):
+        raise RuntimeError("FlashAttention only supports Ampere GPUs or newer.\nmore")
+
+    varlen(refuses)
+    assert varlen_problem("cpu", torch.bfloat16, 4, 2, 16) == (
+        "RuntimeError: FlashAttention only supports Ampere GPUs or newer.")
+    varlen(functools.wraps(varlen_now)(lambda *a, **kw: varlen_now(*a, **kw).flip(0)))  # tokens out of order
+    assert varlen_problem("cpu", torch.bfloat16, 4, 2, 16).startswith("its results differ from SDPA's")
+    varlen(varlen_now)
+    assert varlen_problem("cpu", torch.float32, 4, 2, 16) == "flash attention computes in fp16 or bf16, not float32"
+
+
+def test_the_first_use_check_stands_apart_from_the_step_it_is_made_in(varlen):
+    """It runs in whatever layer first attends: under an evaluation's no_grad, or within a
+    checkpointed layer, whose hooks would take the check's saved tensors for their own."""
+    from qlora import padding_free
+
+    varlen(varlen_now)
+    with torch.no_grad():
+        assert padding_free.varlen_problem("cpu", torch.bfloat16, 4, 2, 16) is None
+    padding_free.varlen_problem.cache_clear()
+
+    def layer(x):
+        assert padding_free.varlen_problem("cpu", torch.bfloat16, 4, 2, 16) is None
+        return x * 2
+
+    x = torch.ones(3, requires_grad=True)
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
+    assert x.grad.tolist() == [2.0, 2.0, 2.0]
