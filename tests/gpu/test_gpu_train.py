@@ -1,6 +1,7 @@
 """GPU code paths (skipped without CUDA): fp16 compute must train where the plain stack crashes
 (the grad scaler meets bf16 LoRA gradients), bf16 where the GPU has it, checkpointing on by default,
 and the speed levers that change nothing but speed or memory."""
+import functools
 import json
 
 import pytest
@@ -105,9 +106,8 @@ def test_fused_lora_trains_as_peft_s_layers_on_gpu(tiny_model, tiny_data, tmp_pa
 def test_packed_and_padding_free_runs_train_as_padded_ones_on_gpu(tiny_model, tmp_path, layout):
     """Per-row packing (transformers' SDPA with its per-row mask on a GPU) and padding-free rows
     (torch's varlen attention, or SDPA example by example where it cannot run; auto leaves GPUs
-    padded): every step sees all 8 examples, so the
-    losses are the padded run's within bf16/fp16 rounding, and the trained tokens the same. Not yet
-    run on a GPU."""
+    padded): every step sees all 8 examples, so the losses are the padded run's within bf16/fp16
+    rounding, and the trained tokens the same. Not yet run on a GPU."""
     data = (write_jsonl(tmp_path / "t.jsonl", people_rows(8, seed=3)),
             write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
     losses, tokens = {}, {}
@@ -135,8 +135,9 @@ def test_padding_free_attention_is_one_varlen_kernel_with_the_loop_s_numbers_on_
         pytest.skip("flash attention in this dtype needs a newer GPU")
     assert varlen_problem(str(torch.device("cuda", torch.cuda.current_device())), dtype, 32, 4, 64) is None
     calls = []
-    real = varlen.varlen_attn
-    monkeypatch.setattr(varlen, "varlen_attn", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = varlen.varlen_attn  # counted, its signature kept: our arguments are read from it
+    counted = functools.wraps(real)(lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(varlen, "varlen_attn", counted)
     lengths = [200, 17, 1024, 331, 1]
     positions = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
     g = torch.Generator(device="cuda").manual_seed(0)
