@@ -96,7 +96,8 @@ def ours(model_path: str, vocab: int, seq: int, batch: int, packing: bool, folde
     tok_s = (logs[last]["tokens"] - logs[WARM]["tokens"]) / (logs[last]["seconds"] - logs[WARM]["seconds"])
     return dict(side="qlora", tok_s=round(tok_s), tok_s_whole_loop=r["tokens_per_second"],
                 peak_gib=r["peak_memory_gb"], steps=r["steps"], loss_first=r["loss_first"],
-                loss_last=r["loss_last"], device=r["device"] or device_note, overrides=extra)
+                loss_last=r["loss_last"], device=r["device"] or device_note, overrides=extra,
+                padding_free_attention=r["padding_free_attention"])
 
 
 def tiny_model(folder: Path) -> Path:

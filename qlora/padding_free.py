@@ -37,6 +37,7 @@ COMPILED_MIN_PADDING = 0.10  # train.compile and data.padding_free=auto: the pad
 _last: Tuple[Optional[torch.Tensor], Optional[List[Tuple[int, int]]]] = (None, None)  # (position_ids, spans)
 _cu: Tuple[Optional[list], Optional[torch.Tensor]] = (None, None)  # (spans, their varlen cu_seq tensor)
 _told: set = set()  # what varlen_ready has said: None (it runs) or why it cannot
+_used: set = set()  # the attentions one-row micro-batches went through, within segment_attention_for
 
 
 def padding_free_wanted(setting, device: str, packing: bool, attn: str, compiling: bool, padding: float) -> bool:
@@ -98,7 +99,9 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if query.device.type == "cuda" and not dropout and varlen_ready(query, key):
+        _used.add("varlen")
         return varlen_attention(query, key, value, found, scaling).unsqueeze(0), None
+    _used.add("per-example SDPA")
     gqa = key.shape[1] != query.shape[1]
     # split, not sliced: the spans cover the row, and split's backward is one cat of the gradients, where
     # each slice's makes a zeroed tensor of the whole row (a decoder pass of SmolLM2 1.01-1.03x, the same numbers)
@@ -201,14 +204,18 @@ def register() -> None:
 
 @contextmanager
 def segment_attention_for(model, enabled: bool = True):
-    """Within the block, a model that attends through SDPA attends through segment_attention."""
+    """Within the block, a model that attends through SDPA attends through segment_attention. Yields
+    the set it fills with the attentions one-row micro-batches went through ("varlen", "per-example
+    SDPA"), for the report."""
+    global _used
     config = getattr(model, "config", None)
+    _used = set()
     if not enabled or getattr(config, "_attn_implementation", None) != "sdpa":
-        yield
+        yield _used
         return
     register()
     config._attn_implementation = NAME
     try:
-        yield
+        yield _used
     finally:
         config._attn_implementation = "sdpa"

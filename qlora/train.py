@@ -169,7 +169,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         + ("; all train.max_steps are done: evaluating and saving" if finished else "")
         + ("; compiling the decoder layers first (train.compile: a minute or so)" if compiling else ""))
     stopper.install()
-    compiled, dequant_kernel = 0, False
+    compiled, dequant_kernel, attentions = 0, False, set()
     try:
         if finished:
             load_checkpoint(trainer, Path(resume_from))
@@ -181,7 +181,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
                     head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu"), \
                     fused_lora(fused), \
-                    segment_attention_for(trainer.model, one_row), \
+                    segment_attention_for(trainer.model, one_row) as attentions, \
                     fast_dequant(t.fast_dequant and device == "cpu" and cfg.quant.load_in_4bit) as dequant_kernel:
                 trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
@@ -224,6 +224,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
         checkpointed_layers=checkpointed.layers, liger_kernels=liger, fused_lora=fused,
         compiled_layers=compiled, dequant_kernel=dequant_kernel,
+        padding_free_attention=", ".join(sorted(attentions)) or model.config._attn_implementation if one_row else None,
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
         best_checkpoint=trainer.state.best_model_checkpoint, best_eval_loss=trainer.state.best_metric,

@@ -117,6 +117,8 @@ def test_packed_and_padding_free_runs_train_as_padded_ones_on_gpu(tiny_model, tm
         lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
         losses[name] = [r["loss"] for r in lines if "loss" in r]
         tokens[name] = run.report["train_tokens"]
+        if name == "layout" and "data.padding_free" in layout and torch.cuda.get_device_capability()[0] >= 8:
+            assert run.report["padding_free_attention"] == "varlen"  # flash attention: Ampere or newer
     assert tokens["layout"] == tokens["padded"] > 0
     assert len(losses["layout"]) == 3 and losses["layout"] == pytest.approx(losses["padded"], rel=2e-2)
 

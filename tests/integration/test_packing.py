@@ -121,6 +121,7 @@ def test_a_padding_free_run_trains_the_same_adapter_and_losses_as_a_padded_one(t
         assert "(0% of a padded" not in said, "these rows' lengths vary: padded micro-batches hold padding"
         saved = "".join(f.read_text() for f in run.run_dir.rglob("*.json"))
         assert NAME not in saved and run.trainer.model.config._attn_implementation == "sdpa", "restored after training"
+        assert run.report["padding_free_attention"] == {"true": "per-example SDPA", "false": None}[free]  # on CPU
     assert tokens["true"] == tokens["false"] > 0
     assert len(losses["true"]) == 3 and losses["true"] == pytest.approx(losses["false"], rel=1e-5)
     for name, padded in adapters["false"].items():
