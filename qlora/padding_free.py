@@ -33,26 +33,10 @@ from typing import List, Optional, Tuple
 import torch
 
 NAME = "qlora_segments"  # the attention implementation registered with transformers
-COMPILED_MIN_PADDING = 0.10  # train.compile and data.padding_free=auto: the padding share worth a split graph
 _last: Tuple[Optional[torch.Tensor], Optional[List[Tuple[int, int]]]] = (None, None)  # (position_ids, spans)
 _cu: Tuple[Optional[list], Optional[torch.Tensor]] = (None, None)  # (spans, their varlen cu_seq tensor)
 _told: set = set()  # what varlen_ready has said: None (it runs) or why it cannot
 _used: set = set()  # the attentions one-row micro-batches went through, within segment_attention_for
-
-
-def padding_free_wanted(setting, device: str, packing: bool, attn: str, compiling: bool, padding: float) -> bool:
-    """data.padding_free resolved for this run (attn: the model's attention implementation; padding:
-    padding_share of its micro-batches). auto = on CPU with SDPA, unless data.packing has filled the
-    rows already (bench/packing.py: packed rows 1.40x the padded batches' speed, the same rows end to
-    end 1.28x, their many short examples each a small SDPA call), and under train.compile only where
-    padding is at least COMPILED_MIN_PADDING of the tokens (its attention splits the compiled graphs:
-    0.96x with 3% padding). true is correct with any attention: flash-attention reads the restarts,
-    and eager attention gets transformers' mask."""
-    from qlora.config import Switch
-
-    if setting is not Switch.auto:
-        return setting is Switch.true
-    return device == "cpu" and attn == "sdpa" and not packing and (not compiling or padding >= COMPILED_MIN_PADDING)
 
 
 def padding_share(lengths: List[int], batch: int, draws: int = 256) -> float:

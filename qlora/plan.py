@@ -117,9 +117,11 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
              device: str, double_quant: bool = True, load_in_4bit: bool = True, packing: bool = False,
              model_file_gb: float = 0.0, small_head_tiles: bool = True, checkpoint_layers: Optional[int] = None,
              checkpoint_attention: bool = False, offload_checkpoints: bool = False,
-             fused_lora: bool = True) -> Estimate:
+             fused_lora: bool = True, one_row: bool = False, mask_bytes: int = 1) -> Estimate:
     """Peak memory (GiB) of one training step, by component; the checkpoint_* settings as train.*,
-    fused_lora whether train.fused_lora applies (4-bit layers, no LoRA dropout)."""
+    fused_lora whether train.fused_lora applies (4-bit layers, no LoRA dropout), one_row whether
+    data.padding_free lays each micro-batch in one row, mask_bytes what transformers' attention mask
+    holds per query and key (SDPA's bool: 1; eager's: the compute dtype's; flash-attention: none)."""
     s = shape
     b = 4 if device == "cpu" else 2  # compute dtype bytes: fp32 on CPU, bf16/fp16 on GPUs
     linear = s.layers * sum(i * o for i, o in s.linears())
@@ -135,13 +137,15 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     checkpointed = s.checkpointed(checkpoint_layers) if checkpointing else 0
     kept = (0 if offload_checkpoints else s.hidden) + (s.hidden if checkpoint_attention else 0)
     act = tokens * (checkpointed * kept + (s.layers - checkpointed) * per_layer + (per_layer if checkpointed else 0)) * b
-    if packing:  # each row's attention mask is dense (block-diagonal, one byte per query x key)
-        act += batch * max_length * max_length
+    # transformers' mask for packed rows is dense (block-diagonal); for one row it spans the whole
+    # micro-batch, (batch x length)², kept through the step even where our attention splits the row
+    mask = (batch * max_length) ** 2 if one_row else batch * max_length ** 2 if packing else 0
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
         "base weights": (linear * bits / 8 + other * b) / GiB,
         "LoRA weights + grads + optimizer": lora * (4 + 4 + opt_bytes) / GiB,
         "activations": act / GiB,
+        **({"attention mask": mask * mask_bytes / GiB} if mask * mask_bytes else {}),
         # TRL's chunked head: on GPUs its fused Triton kernel never holds the logits, only fp32 copies
         # of the hidden states it scores (and their gradient). On CPU, measured peak RSS grows by about
         # 1.4 (tokens x vocab) fp32 arrays beyond the other parts with train.small_head_tiles, 2.9
@@ -187,7 +191,8 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
     from qlora.config import DistStrategy
-    from qlora.validation import checkpointing_on, fused_lora_on, pick_optimizer, refuse, validate_train
+    from qlora.validation import (checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer, refuse,
+                                  validate_train)
 
     refuse(validate_train(cfg))
     gpu = cfg.gpu
@@ -199,6 +204,10 @@ def plan_cli(cfg) -> int:
     ckpt = checkpointing_on(t, device)
     optim = pick_optimizer(t.optim, device, cfg.dist.strategy is DistStrategy.fsdp_qlora)
 
+    attn = "sdpa" if cfg.model.attn_implementation.value == "auto" else cfg.model.attn_implementation.value
+    one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, attn, False, 1.0)  # at most
+    mask_bytes = {"flash_attention_2": 0, "eager": 4 if device == "cpu" else 2}.get(attn, 1)
+
     def fit(micro, length, checkpointing, first=t.checkpoint_layers, offload=t.offload_checkpoints):
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
                         optim=optim, device=device, double_quant=cfg.quant.bnb_4bit_use_double_quant,
@@ -207,7 +216,7 @@ def plan_cli(cfg) -> int:
                         small_head_tiles=t.small_head_tiles, checkpoint_layers=first,
                         checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload,
                         fused_lora=fused_lora_on(t, device) and cfg.quant.load_in_4bit and cfg.lora.lora_dropout == 0
-                        and not cfg.lora.use_dora)
+                        and not cfg.lora.use_dora, one_row=one_row, mask_bytes=mask_bytes)
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")

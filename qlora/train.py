@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, load_checkpoint,
                                step_of)
 from qlora.config import DistStrategy, QLoraConfig, Resume
-from qlora.validation import checkpointing_on, fused_lora_on, pick_optimizer, refuse, validate_train
+from qlora.validation import checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer, refuse, validate_train
 from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -62,7 +62,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.dequant import fast_dequant, use_for_inference
     from qlora.fused_lora import fused_lora
     from qlora.one_pass_head import head_one_pass
-    from qlora.padding_free import padding_free_wanted, padding_share, segment_attention_for
+    from qlora.padding_free import padding_share, segment_attention_for
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
     from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, head_tiles_in_place, liger_wanted,
                              small_head_tiles, trained_positions_only_on_cpu)
@@ -121,7 +121,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
             f"training {', '.join(cfg.lora.modules_to_save)} in full (lora.modules_to_save)")
     model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
     padding = padding_share([len(r["input_ids"]) for r in train_rows], t.per_device_train_batch_size)
-    one_row = padding_free_wanted(cfg.data.padding_free, device, cfg.data.packing, model.config._attn_implementation,
+    one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, model.config._attn_implementation,
                                   compiling, padding)
     if one_row:
         say(f"data.padding_free: each micro-batch's examples end to end in one row ({padding:.0%} of a padded "

@@ -15,6 +15,7 @@ SCHEDULERS = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constan
               "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
               "cosine_with_min_lr", "warmup_stable_decay"}
 TRACKERS = {"tensorboard", "wandb", "mlflow", "none"}
+COMPILED_MIN_PADDING = 0.10  # train.compile and data.padding_free=auto: the padding share worth a split graph
 
 
 def validate_train(cfg: QLoraConfig) -> List[str]:
@@ -130,6 +131,19 @@ def checkpointing_on(t, device: str) -> bool:
 def fused_lora_on(t, device: str) -> bool:
     """Whether train.fused_lora applies on `device`: auto is on for CPU only, where it has been measured."""
     return t.fused_lora is Switch.true or (t.fused_lora is Switch.auto and device == "cpu")
+
+
+def padding_free_on(setting, device: str, packing: bool, attn: str, compiling: bool, padding: float) -> bool:
+    """data.padding_free resolved for this run (attn: the model's attention implementation; padding:
+    padding_share of its micro-batches). auto = on CPU with SDPA, unless data.packing has filled the
+    rows already (bench/packing.py: packed rows 1.40x the padded batches' speed, the same rows end to
+    end 1.28x, their many short examples each a small SDPA call), and under train.compile only where
+    padding is at least COMPILED_MIN_PADDING of the tokens (its attention splits the compiled graphs:
+    0.96x with 3% padding). true is correct with any attention: flash-attention reads the restarts,
+    and eager attention gets transformers' mask."""
+    if setting is not Switch.auto:
+        return setting is Switch.true
+    return device == "cpu" and attn == "sdpa" and not packing and (not compiling or padding >= COMPILED_MIN_PADDING)
 
 
 def pick_optimizer(optim: str, device: str, fsdp: bool = False) -> str:

@@ -1,6 +1,7 @@
 """`qlora plan`: the memory estimate, checked against measured peaks on CPU, and its advice."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,22 @@ def test_checkpointing_levers_move_the_activations_the_way_they_hold_memory():
     assert full < halves < none and halves == pytest.approx((full + none) / 2, rel=0.05)
     assert est(checkpoint_attention=True).parts["activations"] > full  # one more hidden state a layer
     assert est(offload_checkpoints=True).parts["activations"] < full  # the layers' inputs leave the GPU
+
+
+def test_the_attention_mask_of_packed_rows_and_of_one_row_micro_batches_is_counted(capsys):
+    """transformers' SDPA mask over packed rows is one bool per query and key of each row; over a
+    padding-free micro-batch, laid in one row, it spans the whole row: 8 x 2048 tokens make a 16k x
+    16k mask, 256 MiB (create_causal_mask's, measured), held through the step."""
+    assert "attention mask" not in est().parts  # padded rows: SDPA's causal flag, no mask
+    assert est(packing=True).parts["attention mask"] * 2**30 == 4 * 2048 ** 2
+    assert est(one_row=True).parts["attention mask"] * 2**30 == (4 * 2048) ** 2
+    assert est(one_row=True, mask_bytes=2).total > est(one_row=True).total  # eager's mask: the compute dtype
+    assert "attention mask" not in est(one_row=True, mask_bytes=0).parts  # flash-attention: none
+    shape = ["recipe=tinyllama_demo_t4", "gpu=T4", "train.per_device_train_batch_size=8", "train.max_length=2048"]
+    assert main(["plan", *shape, "data.padding_free=true"]) == 0
+    assert re.search(r"attention mask +0\.25 GiB", capsys.readouterr().out)
+    assert main(["plan", *shape]) == 0  # data.padding_free=auto leaves GPUs padded
+    assert "attention mask" not in capsys.readouterr().out
 
 
 def test_plan_points_to_faster_checkpointing_where_memory_is_to_spare(capsys):

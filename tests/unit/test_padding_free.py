@@ -5,18 +5,19 @@ import pytest
 import torch
 
 from qlora.config import Switch
-from qlora.padding_free import padding_free_wanted, padding_share, spans
+from qlora.padding_free import padding_share, spans
+from qlora.validation import padding_free_on
 
 
 def test_auto_is_on_for_cpu_training_with_sdpa_unless_packed_or_compiled_with_little_padding():
-    assert padding_free_wanted(Switch.auto, "cpu", False, "sdpa", False, 0.0)
-    assert not padding_free_wanted(Switch.auto, "cpu", True, "sdpa", False, 0.5)  # packed rows are full already
-    assert not padding_free_wanted(Switch.auto, "cuda", False, "sdpa", False, 0.5)  # unmeasured on GPUs
-    assert not padding_free_wanted(Switch.auto, "cpu", False, "eager", False, 0.5)  # a dense mask over the row
-    assert not padding_free_wanted(Switch.auto, "cpu", False, "sdpa", True, 0.03)  # splits the compiled graphs
-    assert padding_free_wanted(Switch.auto, "cpu", False, "sdpa", True, 0.3)  # ... which is worth 30% padding
-    assert padding_free_wanted(Switch.true, "cuda", True, "flash_attention_2", True, 0.0)
-    assert not padding_free_wanted(Switch.false, "cpu", False, "sdpa", False, 0.5)
+    assert padding_free_on(Switch.auto, "cpu", False, "sdpa", False, 0.0)
+    assert not padding_free_on(Switch.auto, "cpu", True, "sdpa", False, 0.5)  # packed rows are full already
+    assert not padding_free_on(Switch.auto, "cuda", False, "sdpa", False, 0.5)  # unmeasured on GPUs
+    assert not padding_free_on(Switch.auto, "cpu", False, "eager", False, 0.5)  # a dense mask over the row
+    assert not padding_free_on(Switch.auto, "cpu", False, "sdpa", True, 0.03)  # splits the compiled graphs
+    assert padding_free_on(Switch.auto, "cpu", False, "sdpa", True, 0.3)  # ... which is worth 30% padding
+    assert padding_free_on(Switch.true, "cuda", True, "flash_attention_2", True, 0.0)
+    assert not padding_free_on(Switch.false, "cpu", False, "sdpa", False, 0.5)
 
 
 def test_padding_share_is_the_padding_of_random_micro_batches():
