@@ -66,9 +66,8 @@ def spans(position_ids: torch.Tensor) -> Optional[List[Tuple[int, int]]]:
 def segment_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers' attention interface: SDPA over each example of a one-row micro-batch (on a GPU
     varlen_attention over all of them, where it runs); output (batch, length, heads, head_dim) as
-    transformers' SDPA gives it. train.compile's graphs stop
-    around it (traced, its Python spans made the compiled layers recompile at every step: 12.8
-    against 122.5 tokens/s on SmolLM2)."""
+    transformers' SDPA gives it. train.compile's graphs stop around it (traced, its Python spans made
+    the compiled layers recompile at every step: 12.8 against 122.5 tokens/s on SmolLM2)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     position_ids = kwargs.get("position_ids")

@@ -122,7 +122,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
     padding = padding_share([len(r["input_ids"]) for r in train_rows], t.per_device_train_batch_size)
     one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, model.config._attn_implementation,
-                                  compiling, padding)
+                              compiling, padding)
     if one_row:
         say(f"data.padding_free: each micro-batch's examples end to end in one row ({padding:.0%} of a padded "
             "micro-batch would be padding)")
