@@ -1,4 +1,5 @@
-"""data.padding_free: when it applies, and how a one-row micro-batch is cut into its examples."""
+"""data.padding_free: when it applies, how a one-row micro-batch is cut into its examples, and how it
+attends on a GPU (torch's varlen attention, here through CPU stand-ins)."""
 import functools
 
 import pytest
