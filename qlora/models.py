@@ -207,6 +207,12 @@ def stop_token_ids(tok, generation_config=None) -> List[int]:
     return sorted(set(ids))
 
 
+def attention_implementation(model_cfg: ModelConfig) -> str:
+    """model.attn_implementation as transformers gets it: auto is SDPA."""
+    attn = model_cfg.attn_implementation.value
+    return "sdpa" if attn == "auto" else attn
+
+
 def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, device: str, dtype, place: bool = True):
     """The frozen base model: 4-bit NF4 (double quant) through bitsandbytes, or plain when asked.
 
@@ -223,8 +229,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
         del kwargs["device_map"]
     if model_cfg.trust_remote_code:
         say("model.trust_remote_code=true: running Python code shipped with the model")
-    attn = model_cfg.attn_implementation.value
-    kwargs["attn_implementation"] = "sdpa" if attn == "auto" else attn
+    kwargs["attn_implementation"] = attention_implementation(model_cfg)
     if quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,

@@ -85,14 +85,18 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         _used.add("varlen")
         return varlen_attention(query, key, value, found, scaling).unsqueeze(0), None
     _used.add("per-example SDPA")
-    gqa = key.shape[1] != query.shape[1]
+    return per_example_attention(query, key, value, found, scaling, dropout).transpose(1, 2).contiguous(), None
+
+
+def per_example_attention(query, key, value, found: List[Tuple[int, int]], scaling=None, dropout: float = 0.0):
+    """Causal SDPA within each (start, end) of found for one row, (1, heads, length, head_dim) in and out."""
     # split, not sliced: the spans cover the row, and split's backward is one cat of the gradients, where
     # each slice's makes a zeroed tensor of the whole row (a decoder pass of SmolLM2 1.01-1.03x, the same numbers)
     sizes = [b - a for a, b in found]
-    out = torch.cat([torch.nn.functional.scaled_dot_product_attention(
+    gqa = key.shape[1] != query.shape[1]
+    return torch.cat([torch.nn.functional.scaled_dot_product_attention(
         q, k, v, dropout_p=dropout, is_causal=True, scale=scaling, enable_gqa=gqa)
         for q, k, v in zip(query.split(sizes, 2), key.split(sizes, 2), value.split(sizes, 2))], dim=2)
-    return out.transpose(1, 2).contiguous(), None
 
 
 def varlen_attention(query, key, value, found: List[Tuple[int, int]], scaling=None) -> torch.Tensor:
@@ -156,7 +160,7 @@ def varlen_problem(device: str, dtype: torch.dtype, heads: int, kv_heads: int, h
         return f"flash attention computes in fp16 or bf16, not {str(dtype).replace('torch.', '')}"
     if importlib.util.find_spec("torch.nn.attention.varlen") is None:  # torch 2.10 and later
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
-    found, sizes, scale = [(0, 5), (5, 12)], [5, 7], 0.7 / head_dim ** 0.5
+    found, scale = [(0, 5), (5, 12)], 0.7 / head_dim ** 0.5
     g = torch.Generator(device=device).manual_seed(0)
     shapes = ((1, heads, 12, head_dim), (1, kv_heads, 12, head_dim), (1, kv_heads, 12, head_dim))
     with torch.enable_grad(), torch.autocast(torch.device(device).type, enabled=False), \
@@ -167,9 +171,7 @@ def varlen_problem(device: str, dtype: torch.dtype, heads: int, kv_heads: int, h
             ours_grads = torch.autograd.grad(ours.float().square().sum(), inputs)
         except Exception as e:  # the kernel refuses this GPU, dtype or head size: the loop runs instead
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
-        loop = torch.cat([torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, is_causal=True, scale=scale, enable_gqa=heads != kv_heads)
-            for q, k, v in zip(*(t.split(sizes, 2) for t in inputs))], dim=2)[0].transpose(0, 1)
+        loop = per_example_attention(*inputs, found, scale)[0].transpose(0, 1)
         loop_grads = torch.autograd.grad(loop.float().square().sum(), inputs)
     worst = max(((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1)).item()
                 for a, b in zip((ours, *ours_grads), (loop, *loop_grads)))

@@ -191,6 +191,7 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
     from qlora.config import DistStrategy
+    from qlora.models import attention_implementation
     from qlora.validation import (checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer, refuse,
                                   validate_train)
 
@@ -204,7 +205,7 @@ def plan_cli(cfg) -> int:
     ckpt = checkpointing_on(t, device)
     optim = pick_optimizer(t.optim, device, cfg.dist.strategy is DistStrategy.fsdp_qlora)
 
-    attn = "sdpa" if cfg.model.attn_implementation.value == "auto" else cfg.model.attn_implementation.value
+    attn = attention_implementation(cfg.model)
     one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, attn, False, 1.0)  # at most
     mask_bytes = {"flash_attention_2": 0, "eager": 4 if device == "cpu" else 2}.get(attn, 1)
 
