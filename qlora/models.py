@@ -239,10 +239,26 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
             bnb_4bit_quant_storage=getattr(torch, quant.bnb_4bit_quant_storage.value),
         )
     try:
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot load it "
                         f"({str(e).splitlines()[0]})") from None
+    keep_4bit_layout(model)
+    return model
+
+
+def keep_4bit_layout(model) -> None:
+    """Keep bitsandbytes from repacking 4-bit layers for its CPU inference kernel.
+
+    On CPUs with AVX512-BF16 (AMD Zen 4, Intel Sapphire Rapids) bitsandbytes 0.50 repacks a layer at
+    its first forward without gradient (an evaluation, generation) and rounds its scales to bf16, in
+    place: the model evaluated is no longer the one trained, a later save re-quantizes the rounded
+    scales, and a layer so packed passes no gradient to its input when training resumes (measured
+    here: the input's gradient is None). Left in their own layout, such forwards run through
+    bitsandbytes' fp32 path or our kernel (gen.fast_dequant), on the exact weights."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
 
 
 def resize_for_tokenizer(model, tokenizer) -> List[str]:

@@ -39,6 +39,8 @@ class RunLogger(TrainerCallback):
     def on_step_end(self, args, state, control, **kw):
         if self.first_step_end is None:
             self.first_step_end = time.perf_counter()
+        if state.global_step >= state.max_steps:  # the last steps' loss too, between logging_steps
+            control.should_log = True
 
     def on_train_end(self, args, state, control, **kw):
         self.loop_end = time.perf_counter()

@@ -237,7 +237,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     plot_losses(logger.records, run_dir / "loss.png")
     say(f"done in {time.perf_counter() - started:.0f} s: {report['steps']} steps, "
         + (f"{report['tokens_per_second']} tokens/s, " if report["tokens_per_second"] else "")
-        + f"loss {report['loss_first']} -> {report['loss_last']}"
+        + (f"loss {report['loss_first']:.4g} -> {report['loss_last']:.4g}" if losses else "no loss logged")
         + (f", held-out exact match {em_before:.1%} -> {em_after:.1%}" if em_after is not None else ""))
     print(run_dir)
     return Run(run_dir, trainer, tokenizer, report)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from qlora.cli import main
+from qlora.models import keep_4bit_layout
 from tests.conftest import tiny_overrides, write_jsonl
 
 
@@ -14,8 +15,10 @@ def load_4bit(path):
 
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32,
-                                                device_map={"": "cpu"})
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32,
+                                                 device_map={"": "cpu"})
+    keep_4bit_layout(model)  # not bitsandbytes' bf16-scaled inference layout on AVX512-BF16 CPUs: qlora's weights
+    return model
 
 
 def test_run_directory_has_the_contracted_layout(tiny_run):
@@ -147,3 +150,28 @@ def test_16_bit_compute_keeps_frozen_weights_in_16_bits_and_lora_in_fp32(tiny_mo
         loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in trainable)
+
+
+def test_a_forward_without_gradient_leaves_the_4bit_weights_as_loaded_and_trainable(tiny_model):
+    """On AVX512-BF16 CPUs bitsandbytes would repack every 4-bit layer for its bf16 kernel at the first
+    forward without gradient (an evaluation during training), rounding its scales and cutting the
+    gradient through it (qlora.models.keep_4bit_layout). Elsewhere it never repacks, and this holds
+    as it stands."""
+    from qlora.config import ModelConfig, QuantConfig
+    from qlora.models import load_base_model
+
+    model = load_base_model(str(tiny_model), ModelConfig(name_or_path=str(tiny_model)), QuantConfig(), "cpu",
+                            torch.float32)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+
+    def input_gradient():
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+        model.train()(inputs_embeds=embeds).logits.sum().backward()
+        return embeds.grad
+
+    loaded, trained = {name: t.clone() for name, t in model.state_dict().items()}, input_gradient()
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    assert torch.equal(input_gradient(), trained)
+    after = model.state_dict()
+    assert after.keys() == loaded.keys() and all(torch.equal(after[k], loaded[k]) for k in loaded)

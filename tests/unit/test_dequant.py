@@ -1,12 +1,27 @@
 """train.fast_dequant: our C kernel gives bitsandbytes' fp32 weights bit for bit, takes over
 bitsandbytes' dequantization only within its block and only where it applies, and where it cannot
-be built, training is told why and bitsandbytes' code runs."""
+be built, training is told why and bitsandbytes' code runs.
+
+bitsandbytes 0.50's AVX-512 kernel dequantizes wrongly where a row of the weight does not hold whole
+blocks (576 columns in blocks of 128; measured on an AMD EPYC with AVX-512, not on CPUs without it):
+there the kernel is held to the definition, code[nibble] x absmax, and the other weights here have
+rows of whole blocks, as models' layers do."""
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
 
 from qlora import dequant
 from qlora.dequant import dequantize_4bit, fast_dequant, kernel
+
+
+def by_definition(packed, state):
+    """The weight as the format defines it: each 4-bit code's value times its block's absmax (itself
+    dequantized from 8 bits plus the offset under double quantization)."""
+    absmax = bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset if state.nested else state.absmax
+    nibbles = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], 1).view(-1).long()
+    values = state.code[nibbles][:state.shape.numel()]
+    blocks = absmax.repeat_interleave(state.blocksize)[:values.numel()]
+    return (values * blocks).view(state.shape)
 
 
 def quantized(shape, quant_type="nf4", nested=True, blocksize=64, seed=0):
@@ -24,33 +39,35 @@ def test_kernel_gives_bitsandbytes_weights_bit_for_bit(quant_type, nested, block
     packed, state = quantized(shape, quant_type, nested, blocksize)
     ours = dequantize_4bit(packed, state)
     assert ours is not None and ours.shape == shape
-    assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
+    assert torch.equal(ours, by_definition(packed, state))
+    if shape[1] % blocksize == 0:  # bitsandbytes' kernels are right on every CPU there (module docstring)
+        assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
 
 
 def test_the_checks_run_once_per_weight_and_again_for_new_scales_or_data(monkeypatch):
     checks, handled = [], dequant._handled
     monkeypatch.setattr(dequant, "_handled", lambda *a: checks.append(1) or handled(*a))
-    packed, state = quantized((64, 96), nested=False)
+    packed, state = quantized((64, 128), nested=False)
     first = dequantize_4bit(packed, state)
     assert torch.equal(dequantize_4bit(packed, state), first) and len(checks) == 1
     state.absmax = state.absmax * 2  # new scales: the weights follow
     assert torch.equal(dequantize_4bit(packed, state), 2 * first) and len(checks) == 2
-    other, _ = quantized((64, 96), nested=False, seed=1)  # new packed data under the same scales
+    other, _ = quantized((64, 128), nested=False, seed=1)  # new packed data under the same scales
     assert torch.equal(dequantize_4bit(other, state), bnbf.dequantize_4bit(other, state)) and len(checks) == 3
     row = other.t()  # the same data as one row, as bitsandbytes' matmul passes it: its own layout
     assert torch.equal(dequantize_4bit(row, state), bnbf.dequantize_4bit(row, state)) and len(checks) == 4
-    assert dequantize_4bit(other, state).shape == (64, 96) and len(checks) == 4
+    assert dequantize_4bit(other, state).shape == (64, 128) and len(checks) == 4
 
 
 def test_within_the_block_bitsandbytes_dequantizes_through_the_kernel_where_it_applies(monkeypatch):
     calls, run = [], dequant._run
     monkeypatch.setattr(dequant, "_run", lambda *a: calls.append(1) or run(*a))
-    packed, state = quantized((64, 96))
+    packed, state = quantized((64, 128))
     expected = bnbf.dequantize_4bit(packed, state)
     with fast_dequant() as on:
         assert on
         assert torch.equal(bnbf.dequantize_4bit(packed, state), expected) and len(calls) == 1
-        half = bnbf.quantize_4bit(torch.randn(64, 96).half(), quant_type="nf4")  # a 16-bit compute dtype
+        half = bnbf.quantize_4bit(torch.randn(64, 128).half(), quant_type="nf4")  # a 16-bit compute dtype
         assert bnbf.dequantize_4bit(*half).dtype == torch.float16 and len(calls) == 1
     bnbf.dequantize_4bit(packed, state)
     assert len(calls) == 1  # outside the block: bitsandbytes' code again
@@ -68,10 +85,10 @@ def test_without_a_compiler_bitsandbytes_dequantizes_and_training_is_told_why(mo
     try:
         lib, reason = kernel()
         assert lib is None and "no-such-cc" in reason
-        packed, state = quantized((64, 96))
+        packed, state = quantized((64, 128))
         assert dequantize_4bit(packed, state) is None
         with fast_dequant() as on:
-            assert not on and bnbf.dequantize_4bit(packed, state).shape == (64, 96)
+            assert not on and bnbf.dequantize_4bit(packed, state).shape == (64, 128)
         assert "the dequantization kernel could not be built" in capsys.readouterr().err
         assert not list(tmp_path.glob("kernels/*.so"))
     finally:

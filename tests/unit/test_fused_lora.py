@@ -18,8 +18,9 @@ class One(torch.nn.Module):
         return self.proj(x)
 
 
-def lora_layer(n_in=96, n_out=160, bias=False, r=8, lora_alpha=16, dropout=0.0, seed=0, dtype=torch.float32):
-    """A PEFT LoRA layer over a bitsandbytes NF4 layer (double quant, `dtype` compute), LoRA B not zero."""
+def lora_layer(n_in=128, n_out=160, bias=False, r=8, lora_alpha=16, dropout=0.0, seed=0, dtype=torch.float32):
+    """A PEFT LoRA layer over a bitsandbytes NF4 layer (double quant, `dtype` compute), LoRA B not zero;
+    rows of whole 64-value blocks, where bitsandbytes' AVX-512 dequantization is right (test_dequant.py)."""
     import bitsandbytes as bnb
     from peft import LoraConfig, get_peft_model
 
@@ -63,7 +64,7 @@ def test_fused_layer_gives_peft_s_output_and_gradients(bias, lora_alpha, kernel,
     monkeypatch.setattr(dequant, "weight_and_rows", partial(
         lambda f, *a: joint.append(f(*a)) or joint[-1], dequant.weight_and_rows))
     model, layer = lora_layer(bias=bias, lora_alpha=lora_alpha)
-    x, grad = torch.randn(3, 7, 96), torch.randn(3, 7, 160)
+    x, grad = torch.randn(3, 7, 128), torch.randn(3, 7, 160)
     theirs, used = run(model, layer, x, grad, fused=False)
     assert not used
     ours, used = run(model, layer, x, grad, fused=True, kernel=kernel)
@@ -77,7 +78,7 @@ def test_fused_layer_gives_peft_s_output_and_gradients(bias, lora_alpha, kernel,
 def test_a_frozen_input_gives_the_same_lora_gradients():
     """The first layer's input (embeddings) needs no gradient: the backward skips it."""
     model, layer = lora_layer()
-    x = torch.randn(2, 5, 96)
+    x = torch.randn(2, 5, 128)
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     grads = {}
     for fused in (False, True):
@@ -92,7 +93,7 @@ def test_a_frozen_input_gives_the_same_lora_gradients():
 @pytest.mark.parametrize("case", ["no grad", "dropout", "adapter disabled", "bf16 input", "extra argument"])
 def test_what_it_does_not_compute_goes_to_peft(case):
     model, layer = lora_layer(dropout=0.1 if case == "dropout" else 0.0)
-    x = torch.randn(2, 4, 96)
+    x = torch.randn(2, 4, 128)
     calls = []
     peft_forward = type(layer).forward
 
@@ -141,7 +142,7 @@ def test_16_bit_compute_gives_peft_s_numbers_under_autocast(dtype):
 
     model, layer = lora_layer(dtype=dtype)
     A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    x, grad = torch.randn(3, 7, 96).to(dtype), torch.randn(3, 7, 160).to(dtype)
+    x, grad = torch.randn(3, 7, 128).to(dtype), torch.randn(3, 7, 160).to(dtype)
     results = {}
     for ours in (False, True):
         xi = x.clone().requires_grad_(True)
@@ -177,7 +178,7 @@ def test_the_output_takes_in_place_ops():
     """The output (a slice of the joint product, reshaped) is no view to autograd: a model that adds
     to a layer's output in place trains, with the gradients of the same sum made out of place."""
     model, layer = lora_layer()
-    x = torch.randn(2, 5, 96)
+    x = torch.randn(2, 5, 128)
     grads = {}
     for in_place in (True, False):
         xi = x.clone().requires_grad_(True)
