@@ -119,9 +119,12 @@ def test_eval_every_n_steps_is_logged_plotted_and_the_best_checkpoint_kept(tiny_
     from qlora.train import fit
 
     cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / "run", **{
-        "train.eval_steps": 2, "train.save_steps": 2, "train.save_total_limit": 1, "train.learning_rate": 0.05}))
+        "train.eval_steps": 2, "train.save_steps": 2, "train.save_total_limit": 1, "train.learning_rate": 0.05,
+        "train.logging_steps": 4}))
     run = fit(cfg)
     lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = {r["step"]: r["loss"] for r in lines if "loss" in r}
+    assert sorted(losses) == [4, 6] and run.report["loss_last"] == losses[6]  # the last steps' too, past step 4
     evals = {r["step"]: r["eval_loss"] for r in lines if "eval_loss" in r and r["step"] in (2, 4, 6) and "loss" not in r}
     assert sorted(evals) == [2, 4, 6]
     best_step = min(evals, key=evals.get)
