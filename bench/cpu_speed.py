@@ -33,14 +33,16 @@ LORA = dict(r=8, lora_alpha=16)
 CASES = ("plain", "qlora", "qlora-compiled", "qlora-assistant")
 # one lever off, for what it contributes (--cases qlora,qlora-trl-head-tiles): TRL's own head tiles;
 # PEFT's own LoRA forward; TRL's two passes over the head; bitsandbytes' dequantization; padded micro-batches
-# (eager or compiled; the later of two overrides of a key wins); bf16 compute (CPUs with bf16 units)
+# (eager or compiled; the later of two overrides of a key wins); bf16 compute (CPUs with bf16 units);
+# the base's products in fp32 where train.bf16_base_products would multiply them in bf16
 EXTRA_CASES = {"qlora-trl-head-tiles": ["train.head_tiles_in_place=false"],
                "qlora-peft-lora": ["train.fused_lora=false"],
                "qlora-two-pass-head": ["train.head_one_pass=false"],
                "qlora-bnb-dequant": ["train.fast_dequant=false"],
                "qlora-padded": ["data.padding_free=false"],
                "qlora-compiled-padded": ["train.compile=true", "data.padding_free=false"],
-               "qlora-bf16": ["quant.bnb_4bit_compute_dtype=bfloat16"]}
+               "qlora-bf16": ["quant.bnb_4bit_compute_dtype=bfloat16"],
+               "qlora-fp32-base": ["train.bf16_base_products=false"]}
 
 
 def tiny_model(folder: Path) -> Path:

@@ -19,6 +19,14 @@ forward's x W^T and x A^T are one product, x [W; A]^T, the kernel writing W stra
 rows: the rank-r product alone runs at a fraction of the base's FLOP rate, and the joint one
 made a decoder pass of SmolLM2 about 1.03x faster (bench/fused_lora.py --joint).
 
+On CPUs with bf16 units (AVX512-BF16; `train.bf16_base_products`, on there under auto) the base's
+two products, x W^T and g W, run in bf16: these cores multiply bf16 matrices at 2.2x their fp32 rate,
+and the products of the frozen 4-bit base are most of a step. Everything else stays fp32: the
+activations, LoRA's products and the sums they are added into, so LoRA's small outputs do not round
+away as they do in bf16 compute (which learned 72% as much a step; bench/README.md). LoRA's
+gradients are formed from fp32 tensors; the layer's output and input gradient carry the bf16
+products' rounding.
+
 On a GPU (`train.fused_lora=true`; `auto` leaves GPUs to PEFT until it is measured there) the same
 function runs in the 16-bit compute dtype: the base product is bitsandbytes' own (`matmul_4bit`,
 which picks its fused kernel or dequantization and cuBLAS by shape), LoRA's weights are cast to the
@@ -40,16 +48,17 @@ import torch
 
 
 class LoraMatmul4bit(torch.autograd.Function):
-    """y = x W^T + b + s (x A^T) B^T with W held in 4 bits, in x's dtype; gradients for x, A and B."""
+    """y = x W^T + b + s (x A^T) B^T with W held in 4 bits, in x's dtype; gradients for x, A and B.
+    bf16_base: x W^T and the input gradient's g W multiplied in bf16 (CPU, fp32 x; above)."""
 
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, scaling, weight, bias):
+    def forward(ctx, x, lora_A, lora_B, scaling, weight, bias, bf16_base=False):
         x2 = x.reshape(-1, x.shape[-1])
         A, B = lora_A.to(x.dtype), lora_B.to(x.dtype)  # fp32 LoRA in 16-bit compute: autocast's cast
-        y, h = _products(x2, weight, bias, A)
+        y, h = _products(x2, weight, bias, A, bf16_base)
         y.addmm_(h, B.t(), alpha=scaling)
         ctx.save_for_backward(x2, h, A, B)
-        ctx.scaling, ctx.weight, ctx.lora_dtype = scaling, weight, lora_A.dtype
+        ctx.scaling, ctx.weight, ctx.lora_dtype, ctx.bf16_base = scaling, weight, lora_A.dtype, bf16_base
         # detached: to autograd a tensor of its own, not a view made in a custom function, on which
         # in-place ops (a model adding to a layer's output) are refused
         return y.view(*x.shape[:-1], y.shape[-1]).detach()
@@ -66,19 +75,28 @@ class LoraMatmul4bit(torch.autograd.Function):
         grad_B = torch.mm(h.t(), g).t().mul_(ctx.scaling).to(ctx.lora_dtype) if needs_B else None  # g^T h, as (h^T g)^T
         grad_x = None
         if needs_x:
-            w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(g.dtype)
-            grad_x = torch.mm(g, w).addmm_(grad_h, A).view(*grad.shape[:-1], x2.shape[-1])
-        return grad_x, grad_A, grad_B, None, None, None
+            w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state)
+            if ctx.bf16_base:
+                grad_x = torch.mm(g.to(torch.bfloat16), w.to(torch.bfloat16)).to(g.dtype)
+            else:
+                grad_x = torch.mm(g, w.to(g.dtype))
+            grad_x = grad_x.addmm_(grad_h, A).view(*grad.shape[:-1], x2.shape[-1])
+        return grad_x, grad_A, grad_B, None, None, None, None
 
 
-def _products(x2, weight, bias, A):
+def _products(x2, weight, bias, A, bf16_base=False):
     """x W^T + b and x A^T for a 2-D input; the base product as bitsandbytes computes it without
-    gradient, or on CPU within fast_dequant both as one product of x and [W; A] (above)."""
+    gradient, in bf16 under bf16_base, or on CPU within fast_dequant both as one product of x and
+    [W; A] (above)."""
     import bitsandbytes
     import bitsandbytes.functional as bnbf
 
     from qlora.dequant import weight_and_rows
 
+    if bf16_base:
+        w = bnbf.dequantize_4bit(weight, weight.quant_state).to(torch.bfloat16)
+        y = torch.mm(x2.to(torch.bfloat16), w.t()).to(x2.dtype)
+        return y if bias is None else y.add_(bias), torch.mm(A, x2.t()).t()
     if x2.device.type == "cpu":
         both = weight_and_rows(weight, weight.quant_state, A)
         if both is not None:
@@ -112,7 +130,8 @@ def _fused_arguments(layer, x):
              and getattr(weight, "quant_state", None) is not None
              and getattr(base, "compute_dtype", None) in (None, x.dtype)
              and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad)))
-    return (x, lora_A.weight, lora_B.weight, layer.scaling[name], weight, bias) if plain else None
+    bf16_base = _bf16_base and x.device.type == "cpu" and x.dtype == torch.float32
+    return (x, lora_A.weight, lora_B.weight, layer.scaling[name], weight, bias, bf16_base) if plain else None
 
 
 def _computes_in(x) -> bool:
@@ -132,13 +151,29 @@ def _forward(original, layer, x, *args, **kwargs):
     return original(layer, x, *args, **kwargs) if fused is None else LoraMatmul4bit.apply(*fused)
 
 
+_bf16_base = False  # within fused_lora(bf16_base=True)
+
+
 @contextmanager
-def fused_lora(enabled: bool = True):
-    """Within the block, PEFT's 4-bit LoRA layers train through LoraMatmul4bit where they can."""
+def fused_lora(enabled: bool = True, bf16_base: bool = False):
+    """Within the block, PEFT's 4-bit LoRA layers train through LoraMatmul4bit where they can;
+    bf16_base: their base products on CPU in bf16 (train.bf16_base_products)."""
     from qlora.speed import _swapped, _optional_module
 
+    global _bf16_base
     bnb_lora = _optional_module("peft.tuners.lora.bnb") if enabled else None  # absent: PEFT without bitsandbytes
     layer = getattr(bnb_lora, "Linear4bit", None)
     original = getattr(layer, "forward", None)
     with _swapped(layer, forward=lambda self, x, *args, **kwargs: _forward(original, self, x, *args, **kwargs)):
-        yield
+        _bf16_base, before = enabled and bf16_base, _bf16_base
+        try:
+            yield
+        finally:
+            _bf16_base = before
+
+
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16), as bitsandbytes checks it."""
+    from bitsandbytes.functional import has_avx512bf16
+
+    return bool(has_avx512bf16())

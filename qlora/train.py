@@ -19,7 +19,8 @@ from typing import Any, Dict, Optional
 from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, load_checkpoint,
                                step_of)
 from qlora.config import DistStrategy, QLoraConfig, Resume
-from qlora.validation import checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer, refuse, validate_train
+from qlora.validation import (bf16_base_on, checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer, refuse,
+                              validate_train)
 from qlora.distributed import is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -87,6 +88,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     path = resolve_model(cfg.model.name_or_path)
     liger = liger_wanted(t.liger_kernels, device, path)
     fused = fused_lora_on(t, device)
+    bf16_base = bf16_base_on(t, device, dtype == torch.float32, fused)
     train_ex, eval_ex, stats = split_examples(cfg.data, t.seed)
     tokenizer = load_tokenizer(path, cfg.model, chat=any(ex.messages for ex in train_ex + eval_ex))
     kept: list = []
@@ -126,6 +128,9 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if one_row:
         say(f"data.padding_free: each micro-batch's examples end to end in one row ({padding:.0%} of a padded "
             "micro-batch would be padding)")
+    if bf16_base:
+        say("train.bf16_base_products: the 4-bit base's products in bf16 on this CPU's bf16 units; "
+            "activations, LoRA and their sums in fp32")
     if device == "cpu" and cfg.quant.load_in_4bit:  # the evaluation after training, as `qlora eval` runs it
         use_for_inference(t.fast_dequant, "train.fast_dequant")
     load_seconds = time.perf_counter() - t_load
@@ -180,7 +185,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     small_head_tiles(t.small_head_tiles and device == "cpu"), \
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
                     head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu"), \
-                    fused_lora(fused), \
+                    fused_lora(fused, bf16_base), \
                     segment_attention_for(trainer.model, one_row) as attentions, \
                     fast_dequant(t.fast_dequant and device == "cpu" and cfg.quant.load_in_4bit) as dequant_kernel:
                 trainer.train(resume_from_checkpoint=resume_from)
@@ -222,7 +227,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         peak_memory_gb=round(peak_memory_gb(device), 3),
         device=torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
         compute_dtype=str(dtype).replace("torch.", ""), gradient_checkpointing=checkpointing,
-        checkpointed_layers=checkpointed.layers, liger_kernels=liger, fused_lora=fused,
+        checkpointed_layers=checkpointed.layers, liger_kernels=liger, fused_lora=fused, bf16_base_products=bf16_base,
         compiled_layers=compiled, dequant_kernel=dequant_kernel,
         padding_free_attention=", ".join(sorted(attentions)) or model.config._attn_implementation if one_row else None,
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,

@@ -47,6 +47,9 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     if lever and t.gradient_checkpointing is Switch.false:
         p.append(f"{lever} shapes gradient checkpointing, which train.gradient_checkpointing=false turns off; "
                  "set train.gradient_checkpointing=true (or auto on a GPU), or drop it")
+    if t.bf16_base_products is Switch.true and t.fused_lora is Switch.false:
+        p.append("train.bf16_base_products=true: the bf16 products are made within train.fused_lora's layers, "
+                 "which train.fused_lora=false turns off; set train.fused_lora=auto, or drop it")
     if t.save_total_limit < 1:
         p.append(f"train.save_total_limit={t.save_total_limit}: keep at least 1 checkpoint")
     if t.eval_steps is not None and t.eval_steps <= 0:
@@ -131,6 +134,18 @@ def checkpointing_on(t, device: str) -> bool:
 def fused_lora_on(t, device: str) -> bool:
     """Whether train.fused_lora applies on `device`: auto is on for CPU only, where it has been measured."""
     return t.fused_lora is Switch.true or (t.fused_lora is Switch.auto and device == "cpu")
+
+
+def bf16_base_on(t, device: str, fp32: bool, fused: bool) -> bool:
+    """train.bf16_base_products resolved for this run: it applies within train.fused_lora's layers on CPU
+    in fp32 compute (16-bit compute multiplies in 16 bits already); auto = on where the CPU has bf16
+    units (AVX512-BF16: a SmolLM2 step 1.3-1.5x, bench/README.md); elsewhere bf16 products run ~100x
+    slower than fp32 ones."""
+    if not (fused and device == "cpu" and fp32) or t.bf16_base_products is Switch.false:
+        return False
+    from qlora.fused_lora import cpu_has_bf16_units
+
+    return t.bf16_base_products is Switch.true or cpu_has_bf16_units()
 
 
 def padding_free_on(setting, device: str, packing: bool, attn: str, compiling: bool, padding: float) -> bool:

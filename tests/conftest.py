@@ -90,7 +90,10 @@ def tiny_overrides(model: Path, data, out: Path, **extra) -> list:
     args = {"model.name_or_path": str(model), "data.path": str(train), "data.eval_path": str(held),
             "output_dir": str(out), "train.max_steps": 6, "train.per_device_train_batch_size": 4,
             "train.learning_rate": 5e-3, "train.logging_steps": 1, "train.save_steps": 3,
-            "train.max_length": 128, "train.report_to": "[none]", "train.seed": 0, "lora.r": 8}
+            "train.max_length": 128, "train.report_to": "[none]", "train.seed": 0, "lora.r": 8,
+            # fp32 products on every CPU, so that pinned losses and levers' comparisons hold on CPUs with
+            # bf16 units too (where auto turns them on); test_speed.py tests that lever itself
+            "train.bf16_base_products": "false"}
     args.update(extra)
     return [f"{k}={v}" for k, v in args.items()]
 

@@ -131,6 +131,30 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
 
 
+def test_bf16_base_products_train_as_fp32_ones_to_bf16_rounding(tiny_model, tiny_data, tmp_path, monkeypatch):
+    """train.bf16_base_products (on under auto only where the CPU has bf16 units; forced here, which any
+    CPU computes, slowly where it has none): the run says so, and trains as fp32 products do."""
+    from qlora import fused_lora as fl
+
+    bf16_passes = []
+    monkeypatch.setattr(fl.LoraMatmul4bit, "apply", partial(
+        lambda apply, *a: bf16_passes.append(a[-1]) or apply(*a), fl.LoraMatmul4bit.apply))
+    runs = {}
+    for value in ("true", "false"):
+        cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / value,
+                                              **{"train.bf16_base_products": value}))
+        runs[value] = fit(cfg)
+        assert runs[value].report["bf16_base_products"] is (value == "true")
+        assert bf16_passes and set(bf16_passes) == {value == "true"}  # every layer's every pass
+        bf16_passes.clear()
+    assert losses(runs["true"]) != losses(runs["false"])
+    assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), abs=2e-2)
+    a = load_file(str(runs["true"].run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(runs["false"].run_dir / "adapter" / "adapter_model.safetensors"))
+    difference = sum((a[k] - b[k]).norm() ** 2 for k in a) ** 0.5 / sum(b[k].norm() ** 2 for k in b) ** 0.5
+    assert difference < 0.05, difference  # Adam's steps of the weights whose gradients are near 0 may differ
+
+
 @pytest.mark.slow
 def test_compiled_layers_train_padding_free_micro_batches_as_eager_ones(tiny_model, tiny_data, tmp_path):
     """data.padding_free's attention stays outside the compiled graphs: the same losses and adapter as

@@ -91,6 +91,8 @@ BAD = [
     (["train.checkpoint_layers=0"], "train.checkpoint_layers=0: must be >= 1"),
     (["train.gradient_checkpointing=false", "train.checkpoint_attention=true"],
      "train.checkpoint_attention=true shapes gradient checkpointing, which train.gradient_checkpointing=false"),
+    (["train.fused_lora=false", "train.bf16_base_products=true"],
+     "train.bf16_base_products=true: the bf16 products are made within train.fused_lora's layers"),
 ]
 
 

@@ -41,14 +41,15 @@ def lora_layer(n_in=128, n_out=160, bias=False, r=8, lora_alpha=16, dropout=0.0,
     return model, layer
 
 
-def run(model, layer, x, grad, fused, kernel=False):
+def run(model, layer, x, grad, fused, kernel=False, bf16_base=False):
     """Output and gradients (input, LoRA A, LoRA B), and whether LoraMatmul4bit made the output;
-    kernel: within fast_dequant (then the base and LoRA A are one product)."""
+    kernel: within fast_dequant (then the base and LoRA A are one product); bf16_base: the base's
+    products in bf16."""
     x = x.clone().requires_grad_(True)
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
     for p in params:
         p.grad = None
-    with fused_lora(fused), fast_dequant(kernel):
+    with fused_lora(fused, bf16_base), fast_dequant(kernel):
         y = model(x)
     y.backward(grad)
     return [y.detach(), x.grad] + [p.grad for p in params], type(y.grad_fn).__name__.startswith("LoraMatmul4bit")
@@ -73,6 +74,22 @@ def test_fused_layer_gives_peft_s_output_and_gradients(bias, lora_alpha, kernel,
         assert a.shape == b.shape, name
         # the same products, the rank-r ones transposed: float rounding apart, PEFT's numbers
         assert (a - b).abs().max() <= 2e-6 * b.abs().max(), name
+
+
+def test_bf16_base_products_round_only_the_base_s_products():
+    """train.bf16_base_products: the output and input gradient carry bf16 products of the base, LoRA's
+    gradients are the fp32 ones bit for bit (formed from fp32 tensors), and the layer still trains."""
+    from qlora import fused_lora as fl
+
+    model, layer = lora_layer(lora_alpha=12)
+    x, grad = torch.randn(3, 7, 128), torch.randn(3, 7, 160)
+    fp32, _ = run(model, layer, x, grad, fused=True)
+    bf16, used = run(model, layer, x, grad, fused=True, bf16_base=True)
+    assert used and not fl._bf16_base  # only within the block
+    for name, a, b in zip(("output", "input grad"), bf16[:2], fp32[:2]):
+        assert not torch.equal(a, b), name  # the base's products were made in bf16
+        assert (a - b).abs().max() <= 1e-2 * b.abs().max(), name  # to bf16's rounding
+    assert torch.equal(bf16[2], fp32[2]) and torch.equal(bf16[3], fp32[3])  # LoRA A and B gradients
 
 
 def test_a_frozen_input_gives_the_same_lora_gradients():
@@ -188,3 +205,19 @@ def test_the_output_takes_in_place_ops():
         y.square().sum().backward()
         grads[in_place] = xi.grad
     torch.testing.assert_close(grads[True], grads[False])
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_bf16_base_products_are_on_under_auto_only_on_cpus_with_bf16_units(units, monkeypatch):
+    from qlora import fused_lora as fl
+    from qlora.config import Switch, TrainConfig
+    from qlora.validation import bf16_base_on
+
+    monkeypatch.setattr(fl, "cpu_has_bf16_units", lambda: units)
+    auto, true = TrainConfig(), TrainConfig(bf16_base_products=Switch.true)
+    assert bf16_base_on(auto, "cpu", True, True) is units
+    assert bf16_base_on(true, "cpu", True, True)  # asked for: on, bf16 units or not
+    assert not bf16_base_on(true, "cpu", False, True)  # 16-bit compute multiplies in 16 bits already
+    assert not bf16_base_on(true, "cpu", True, False)  # the products are made within train.fused_lora's layers
+    assert not bf16_base_on(true, "cuda", True, True)
+    assert not bf16_base_on(TrainConfig(bf16_base_products=Switch.false), "cpu", True, True)
