@@ -139,7 +139,9 @@ def compute_dtype(quant: QuantConfig, device: str):
     choice = quant.bnb_4bit_compute_dtype
     if choice is ComputeDtype.auto:
         if device == "cpu":
-            return torch.float32  # 16-bit compute on CPU is 4-10x slower
+            # 16-bit compute on CPU is 4-10x slower without bf16 units; with them (AVX512-BF16)
+            # train.bf16_base_products takes the products' gain and keeps the sums in fp32
+            return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if choice is ComputeDtype.bfloat16 and device == "cuda" and not torch.cuda.is_bf16_supported():
         name = torch.cuda.get_device_name(0)
