@@ -75,12 +75,9 @@ class LoraMatmul4bit(torch.autograd.Function):
         grad_B = torch.mm(h.t(), g).t().mul_(ctx.scaling).to(ctx.lora_dtype) if needs_B else None  # g^T h, as (h^T g)^T
         grad_x = None
         if needs_x:
-            w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state)
-            if ctx.bf16_base:
-                grad_x = torch.mm(g.to(torch.bfloat16), w.to(torch.bfloat16)).to(g.dtype)
-            else:
-                grad_x = torch.mm(g, w.to(g.dtype))
-            grad_x = grad_x.addmm_(grad_h, A).view(*grad.shape[:-1], x2.shape[-1])
+            dtype = torch.bfloat16 if ctx.bf16_base else g.dtype
+            w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(dtype)
+            grad_x = torch.mm(g.to(dtype), w).to(g.dtype).addmm_(grad_h, A).view(*grad.shape[:-1], x2.shape[-1])
         return grad_x, grad_A, grad_B, None, None, None, None
 
 
@@ -96,8 +93,9 @@ def _products(x2, weight, bias, A, bf16_base=False):
     if bf16_base:
         w = bnbf.dequantize_4bit(weight, weight.quant_state).to(torch.bfloat16)
         y = torch.mm(x2.to(torch.bfloat16), w.t()).to(x2.dtype)
-        return y if bias is None else y.add_(bias), torch.mm(A, x2.t()).t()
-    if x2.device.type == "cpu":
+        if bias is not None:
+            y.add_(bias)
+    elif x2.device.type == "cpu":
         both = weight_and_rows(weight, weight.quant_state, A)
         if both is not None:
             n = both.shape[0] - A.shape[0]
@@ -130,7 +128,7 @@ def _fused_arguments(layer, x):
              and getattr(weight, "quant_state", None) is not None
              and getattr(base, "compute_dtype", None) in (None, x.dtype)
              and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad)))
-    bf16_base = _bf16_base and x.device.type == "cpu" and x.dtype == torch.float32
+    bf16_base = _bf16_base and x.device.type == "cpu"  # fp32 there (_computes_in)
     return (x, lora_A.weight, lora_B.weight, layer.scaling[name], weight, bias, bf16_base) if plain else None
 
 
