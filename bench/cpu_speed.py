@@ -34,7 +34,8 @@ CASES = ("plain", "qlora", "qlora-compiled", "qlora-assistant")
 # one lever off, for what it contributes (--cases qlora,qlora-trl-head-tiles): TRL's own head tiles;
 # PEFT's own LoRA forward; TRL's two passes over the head; bitsandbytes' dequantization; padded micro-batches
 # (eager or compiled; the later of two overrides of a key wins); bf16 compute (CPUs with bf16 units);
-# the base's products in fp32 where train.bf16_base_products would multiply them in bf16
+# the base's products in fp32 where train.bf16_base_products would multiply them in bf16; (qlora-fp32-head,
+# below) the LM head's products alone in fp32 under that lever
 EXTRA_CASES = {"qlora-trl-head-tiles": ["train.head_tiles_in_place=false"],
                "qlora-peft-lora": ["train.fused_lora=false"],
                "qlora-two-pass-head": ["train.head_one_pass=false"],
@@ -122,15 +123,26 @@ def qlora(model_path: str, data: str, steps: int, out: str, loss_on: str = "all"
                 series=[(r["seconds"], r["tokens"]) for r in lines if "loss" in r])
 
 
+def fp32_head() -> None:
+    """From now on in this process, the LM head's products stay fp32 under train.bf16_base_products
+    (whose 4-bit layers' products are still made in bf16): what the head's part of the lever brings."""
+    import qlora.one_pass_head as head
+
+    both = head.head_one_pass
+    head.head_one_pass = lambda enabled=True, bf16_products=False: both(enabled, False)
+
+
 def one_case(case: str, model_path: str, data: str, steps: int) -> None:
     """Child process: run one case and print its result as the last line."""
+    if case == "qlora-fp32-head":
+        fp32_head()
     with tempfile.TemporaryDirectory() as out:
         if case == "qlora-assistant":
             r = qlora(model_path, data, steps, out, loss_on="assistant")
         elif case == "qlora-compiled":
             r = qlora(model_path, data, steps, out, compile=True)
-        elif case in EXTRA_CASES:
-            r = qlora(model_path, data, steps, out, extra=EXTRA_CASES[case])
+        elif case in EXTRA_CASES or case == "qlora-fp32-head":
+            r = qlora(model_path, data, steps, out, extra=EXTRA_CASES.get(case, ()))
         else:
             r = {"plain": plain_stack, "qlora": qlora}[case](model_path, data, steps, out)
     r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -151,7 +163,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,tiny")
     ap.add_argument("--cases", default=",".join(CASES), help="the first is the ratios' baseline; besides "
-                    f"{', '.join(CASES)}: {', '.join(EXTRA_CASES)}")
+                    f"{', '.join(CASES)}: {', '.join(EXTRA_CASES)}, qlora-fp32-head")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="bench/results/cpu_speed.json")

@@ -274,7 +274,7 @@ class TrainConfig:
     fused_lora: Switch = Switch.auto
     """Each 4-bit layer and its LoRA as one autograd function (same numbers to float rounding; no dropout/DoRA): auto = on CPU, where it is measured faster; true = on GPUs too."""
     bf16_base_products: Switch = Switch.auto
-    """CPU, within fused_lora, fp32 compute: the 4-bit base's products in bf16, all else fp32: auto = on CPUs with AVX512-BF16 (1.24-1.44x a step there)."""
+    """CPU, with fused_lora, fp32 compute: the frozen base's products (4-bit layers, LM head) in bf16, all else fp32: auto = on CPUs with AVX512-BF16."""
     fast_dequant: bool = True
     """CPU: dequantize 4-bit weights with our C kernel, bit for bit bitsandbytes' and ~2.5x faster (built at first use)."""
     compile: Switch = Switch.auto

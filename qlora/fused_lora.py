@@ -25,7 +25,8 @@ and the products of the frozen 4-bit base are most of a step. Everything else st
 activations, LoRA's products and the sums they are added into, so LoRA's small outputs do not round
 away as they do in bf16 compute (which learned 72% as much a step; bench/README.md). LoRA's
 gradients are formed from fp32 tensors; the layer's output and input gradient carry the bf16
-products' rounding.
+products' rounding. The same setting makes the one-pass LM head's products in bf16
+(qlora/one_pass_head.py).
 
 On a GPU (`train.fused_lora=true`; `auto` leaves GPUs to PEFT until it is measured there) the same
 function runs in the 16-bit compute dtype: the base product is bitsandbytes' own (`matmul_4bit`,

@@ -17,6 +17,13 @@ no tile work in the backward. The loss, entropy and top-1 outputs are those of t
 tiles (qlora.speed, train.head_tiles_in_place, which this lever needs on); the gradient agrees
 with TRL's to float rounding.
 
+On CPUs with bf16 units, under train.bf16_base_products (as the 4-bit layers' products in
+qlora/fused_lora.py), the two products with the frozen head run in bf16, each tile of the weight
+cast as it is used; the statistics, the sums over tiles and W[target] stay fp32. The logits are
+then rounded to bf16 (torch has no bf16 product with an fp32 output on CPU). On SmolLM2's head
+(49152 x 576) and 330 tokens of its own hidden states: 1.79x the fp32 products, the loss 0.0017
+higher, the input gradient within 1.3%; 1.09-1.17x a training step (bench/README.md).
+
 Anything else goes to TRL's own forward and backward: a trained head or bias, 16-bit tensors,
 temperature, soft-capping or scaled logits, outputs other than entropy and top-1, no gradient
 wanted, a GPU; and a gradient for the entropy, should a loss use it.
@@ -54,16 +61,26 @@ class OnePassLogProb(torch.autograd.Function):
         sum_exp, x_sum_exp, target_logit = (torch.zeros(n_tokens) for _ in range(3))
         expected_w = torch.zeros_like(hidden)  # sum_v exp(z_v - running max) W_v, per token
         buffer = torch.empty((min(n_tokens, ck.TOKEN_CHUNK_SIZE), chunk_size))
+        bf16 = _bf16_products
         for first in range(0, n_tokens, ck.TOKEN_CHUNK_SIZE):
             rows = slice(first, min(first + ck.TOKEN_CHUNK_SIZE, n_tokens))
-            h = hidden[rows]
+            h = hidden[rows].to(torch.bfloat16) if bf16 else hidden[rows]
             for start in range(0, vocab, chunk_size):
                 w = weight[start:start + chunk_size]
-                tile = torch.mm(h, w.t(), out=buffer[:h.shape[0], :w.shape[0]])
+                tile = buffer[:h.shape[0], :w.shape[0]]
+                if bf16:
+                    w = w.to(torch.bfloat16)
+                    tile.copy_(torch.mm(h, w.t()))
+                else:
+                    torch.mm(h, w.t(), out=tile)
                 e, rescale = _fold_tile(tile, targets[rows], running_max[rows], sum_exp[rows], x_sum_exp[rows],
                                         max_before_target[rows], target_logit[rows], start, w.shape[0],
                                         "entropy" in outputs, "is_top1" in outputs)
-                expected_w[rows].mul_(rescale.unsqueeze(-1)).addmm_(e, w)
+                scaled = expected_w[rows].mul_(rescale.unsqueeze(-1))
+                if bf16:
+                    scaled.add_(torch.mm(e.to(torch.bfloat16), w))
+                else:
+                    scaled.addmm_(e, w)
         log_z = running_max + torch.log(sum_exp)
         entropy = log_z - x_sum_exp / sum_exp if "entropy" in outputs else None
         is_top1 = (target_logit >= running_max) & (target_logit > max_before_target) if "is_top1" in outputs else None
@@ -87,12 +104,21 @@ class OnePassLogProb(torch.autograd.Function):
         return (grad_hidden,) + (None,) * 8
 
 
+_bf16_products = False  # within head_one_pass(bf16_products=True)
+
+
 @contextmanager
-def head_one_pass(enabled: bool = True):
+def head_one_pass(enabled: bool = True, bf16_products: bool = False):
     """Within the block, TRL's chunked LM head runs through OnePassLogProb (which passes to TRL's own
-    function whatever it does not handle)."""
+    function whatever it does not handle); bf16_products: its products with the head in bf16
+    (train.bf16_base_products)."""
     from qlora.speed import _optional_module, _swapped
 
+    global _bf16_products
     tu = _optional_module("trl.trainer.utils") if enabled else None
     with _swapped(tu, _ChunkedLogProbFunction=OnePassLogProb):
-        yield
+        _bf16_products, before = enabled and bf16_products, _bf16_products
+        try:
+            yield
+        finally:
+            _bf16_products = before

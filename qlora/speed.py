@@ -22,8 +22,9 @@ unchanged (tests/integration/test_speed.py).
   function is in qlora/fused_lora.py): PEFT's separate nodes, its copy of the base output and the
   temporaries of their backward go; the same products (the rank-r ones in MKL's faster layout)
   give the same numbers to float rounding. On GPUs (true) in the 16-bit compute dtype. On CPUs
-  with bf16 units the base's two products in those layers run in bf16, all else in fp32
-  (train.bf16_base_products): the same training to bf16's rounding of those products.
+  with bf16 units the base's two products in those layers, and the one-pass head's two, run in
+  bf16, all else in fp32 (train.bf16_base_products): the same training to bf16's rounding of those
+  products.
 - Our own dequantization of 4-bit weights on CPU (train.fast_dequant; qlora/dequant.py): a small C
   kernel compiled at first use, bit for bit bitsandbytes' weights.
 - Padding-free micro-batches on CPU (data.padding_free; qlora/padding_free.py): a micro-batch's

@@ -129,7 +129,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         say(f"data.padding_free: each micro-batch's examples end to end in one row ({padding:.0%} of a padded "
             "micro-batch would be padding)")
     if bf16_base:
-        say("train.bf16_base_products: the 4-bit base's products in bf16 on this CPU's bf16 units; "
+        say("train.bf16_base_products: the frozen base's products (4-bit layers, LM head) in bf16; "
             "activations, LoRA and their sums in fp32")
     if device == "cpu" and cfg.quant.load_in_4bit:  # the evaluation after training, as `qlora eval` runs it
         use_for_inference(t.fast_dequant, "train.fast_dequant")
@@ -184,7 +184,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     compiled_layers(trainer.model, compiling) as compiled, \
                     small_head_tiles(t.small_head_tiles and device == "cpu"), \
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
-                    head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu"), \
+                    head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu", bf16_base), \
                     fused_lora(fused, bf16_base), \
                     segment_attention_for(trainer.model, one_row) as attentions, \
                     fast_dequant(t.fast_dequant and device == "cpu" and cfg.quant.load_in_4bit) as dequant_kernel:

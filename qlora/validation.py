@@ -139,7 +139,7 @@ def fused_lora_on(t, device: str) -> bool:
 def bf16_base_on(t, device: str, fp32: bool, fused: bool) -> bool:
     """train.bf16_base_products resolved for this run: it applies within train.fused_lora's layers on CPU
     in fp32 compute (16-bit compute multiplies in 16 bits already); auto = on where the CPU has bf16
-    units (AVX512-BF16: a SmolLM2 step 1.24-1.44x, bench/README.md); elsewhere bf16 products run ~100x
+    units (AVX512-BF16: a SmolLM2 step 1.11-1.50x, bench/README.md); elsewhere bf16 products run ~100x
     slower than fp32 ones."""
     if not (fused and device == "cpu" and fp32) or t.bf16_base_products is Switch.false:
         return False

@@ -133,12 +133,16 @@ def test_lever_on_and_off_train_the_same(tiny_model, tiny_data, tmp_path, lever,
 
 def test_bf16_base_products_train_as_fp32_ones_to_bf16_rounding(tiny_model, tiny_data, tmp_path, monkeypatch):
     """train.bf16_base_products (on under auto only where the CPU has bf16 units; forced here, which any
-    CPU computes, slowly where it has none): the run says so, and trains as fp32 products do."""
+    CPU computes, slowly where it has none): the run says so, the 4-bit layers and the LM head make
+    their products in bf16, and it trains as fp32 products do."""
     from qlora import fused_lora as fl
+    from qlora import one_pass_head as head
 
-    bf16_passes = []
+    bf16_passes, bf16_heads = [], []
     monkeypatch.setattr(fl.LoraMatmul4bit, "apply", partial(
         lambda apply, *a: bf16_passes.append(a[-1]) or apply(*a), fl.LoraMatmul4bit.apply))
+    monkeypatch.setattr(head.OnePassLogProb, "apply", partial(
+        lambda apply, *a: bf16_heads.append(head._bf16_products) or apply(*a), head.OnePassLogProb.apply))
     runs = {}
     for value in ("true", "false"):
         cfg = compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / value,
@@ -146,7 +150,8 @@ def test_bf16_base_products_train_as_fp32_ones_to_bf16_rounding(tiny_model, tiny
         runs[value] = fit(cfg)
         assert runs[value].report["bf16_base_products"] is (value == "true")
         assert bf16_passes and set(bf16_passes) == {value == "true"}  # every layer's every pass
-        bf16_passes.clear()
+        assert bf16_heads and set(bf16_heads) == {value == "true"}
+        bf16_passes.clear(), bf16_heads.clear()
     assert losses(runs["true"]) != losses(runs["false"])
     assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), abs=2e-2)
     a = load_file(str(runs["true"].run_dir / "adapter" / "adapter_model.safetensors"))

@@ -57,6 +57,24 @@ def test_without_gradients_the_outputs_are_trl_s(head):
     assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
 
 
+def test_bf16_products_give_the_loss_and_gradient_to_bf16_rounding(head):
+    """train.bf16_base_products on the head: its two products in bf16, within the block only; the
+    log-probabilities and input gradient to bf16's rounding; what one pass does not cover stays TRL's."""
+    import qlora.one_pass_head as one_pass
+
+    fp32 = run(OnePassLogProb, *head)
+    with head_one_pass(True, bf16_products=True):
+        bf16 = run(OnePassLogProb, *head)
+        trained = run(OnePassLogProb, *head, train_weight=True)
+    assert not one_pass._bf16_products
+    assert not torch.equal(bf16[0], fp32[0]) and not torch.equal(bf16[3], fp32[3])  # made in bf16
+    assert (bf16[0] - fp32[0]).abs().max() < 0.1 and abs(bf16[0].mean() - fp32[0].mean()) < 0.01
+    assert (bf16[3] - fp32[3]).norm() < 0.02 * fp32[3].norm()
+    theirs = run(ck.ChunkedLogProbFunction, *head, train_weight=True)
+    assert torch.allclose(trained[3], theirs[3], rtol=1e-5, atol=1e-5)
+    assert torch.allclose(trained[4], theirs[4], rtol=1e-5, atol=1e-5)
+
+
 def test_the_swap_lasts_for_its_block():
     original = tu._ChunkedLogProbFunction
     with head_one_pass(True):
