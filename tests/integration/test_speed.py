@@ -151,7 +151,8 @@ def test_bf16_base_products_train_as_fp32_ones_to_bf16_rounding(tiny_model, tiny
         assert runs[value].report["bf16_base_products"] is (value == "true")
         assert bf16_passes and set(bf16_passes) == {value == "true"}  # every layer's every pass
         assert bf16_heads and set(bf16_heads) == {value == "true"}
-        bf16_passes.clear(), bf16_heads.clear()
+        bf16_passes.clear()
+        bf16_heads.clear()
     assert losses(runs["true"]) != losses(runs["false"])
     assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), abs=2e-2)
     a = load_file(str(runs["true"].run_dir / "adapter" / "adapter_model.safetensors"))
