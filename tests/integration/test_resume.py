@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora.checkpoints import latest_checkpoint, step_of
 from qlora.cli import main
 from tests.conftest import tiny_overrides
 
@@ -115,10 +116,11 @@ def test_a_checkpoint_cut_short_during_its_save_is_skipped(uninterrupted, tiny_m
     wait_for_checkpoint(out, 4, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    # fault injection: the newest checkpoint as a kill in the middle of its save leaves it
-    ckpts = sorted((out / "checkpoints").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    newest = ckpts[-1]
-    broken = newest.with_name(f"checkpoint-{int(newest.name.split('-')[1]) + SAVE}")
+    # fault injection: a copy of the newest whole checkpoint, as a kill in the middle of its save leaves
+    # it, numbered past every checkpoint there (the kill itself may have cut the next one's save short)
+    newest = latest_checkpoint(out)
+    last = max(step_of(c) for c in (out / "checkpoints").glob("checkpoint-*"))
+    broken = newest.with_name(f"checkpoint-{last + SAVE}")
     shutil.copytree(newest, broken)
     (broken / "trainer_state.json").write_text('{"global_step": ')
     with open(broken / "optimizer.pt", "r+b") as f:
