@@ -34,8 +34,8 @@ CASES = ("plain", "qlora", "qlora-compiled", "qlora-assistant")
 # one lever off, for what it contributes (--cases qlora,qlora-trl-head-tiles): TRL's own head tiles;
 # PEFT's own LoRA forward; TRL's two passes over the head; bitsandbytes' dequantization; padded micro-batches
 # (eager or compiled; the later of two overrides of a key wins); bf16 compute (CPUs with bf16 units);
-# the base's products in fp32 where train.bf16_base_products would multiply them in bf16; (qlora-fp32-head,
-# below) the LM head's products alone in fp32 under that lever
+# the base's products in fp32 where train.bf16_base_products would multiply them in bf16; the LM head's
+# products alone in fp32 under that lever (no key for it: fp32_head() below)
 EXTRA_CASES = {"qlora-trl-head-tiles": ["train.head_tiles_in_place=false"],
                "qlora-peft-lora": ["train.fused_lora=false"],
                "qlora-two-pass-head": ["train.head_one_pass=false"],
@@ -43,7 +43,8 @@ EXTRA_CASES = {"qlora-trl-head-tiles": ["train.head_tiles_in_place=false"],
                "qlora-padded": ["data.padding_free=false"],
                "qlora-compiled-padded": ["train.compile=true", "data.padding_free=false"],
                "qlora-bf16": ["quant.bnb_4bit_compute_dtype=bfloat16"],
-               "qlora-fp32-base": ["train.bf16_base_products=false"]}
+               "qlora-fp32-base": ["train.bf16_base_products=false"],
+               "qlora-fp32-head": []}
 
 
 def tiny_model(folder: Path) -> Path:
@@ -141,8 +142,8 @@ def one_case(case: str, model_path: str, data: str, steps: int) -> None:
             r = qlora(model_path, data, steps, out, loss_on="assistant")
         elif case == "qlora-compiled":
             r = qlora(model_path, data, steps, out, compile=True)
-        elif case in EXTRA_CASES or case == "qlora-fp32-head":
-            r = qlora(model_path, data, steps, out, extra=EXTRA_CASES.get(case, ()))
+        elif case in EXTRA_CASES:
+            r = qlora(model_path, data, steps, out, extra=EXTRA_CASES[case])
         else:
             r = {"plain": plain_stack, "qlora": qlora}[case](model_path, data, steps, out)
     r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -163,7 +164,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="smollm2,tiny")
     ap.add_argument("--cases", default=",".join(CASES), help="the first is the ratios' baseline; besides "
-                    f"{', '.join(CASES)}: {', '.join(EXTRA_CASES)}, qlora-fp32-head")
+                    f"{', '.join(CASES)}: {', '.join(EXTRA_CASES)}")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--out", default="bench/results/cpu_speed.json")

@@ -43,6 +43,7 @@ extra arguments, and on GPUs a graph being compiled.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -159,16 +160,12 @@ def fused_lora(enabled: bool = True, bf16_base: bool = False):
     bf16_base: their base products on CPU in bf16 (train.bf16_base_products)."""
     from qlora.speed import _swapped, _optional_module
 
-    global _bf16_base
     bnb_lora = _optional_module("peft.tuners.lora.bnb") if enabled else None  # absent: PEFT without bitsandbytes
     layer = getattr(bnb_lora, "Linear4bit", None)
     original = getattr(layer, "forward", None)
-    with _swapped(layer, forward=lambda self, x, *args, **kwargs: _forward(original, self, x, *args, **kwargs)):
-        _bf16_base, before = enabled and bf16_base, _bf16_base
-        try:
-            yield
-        finally:
-            _bf16_base = before
+    with _swapped(layer, forward=lambda self, x, *args, **kwargs: _forward(original, self, x, *args, **kwargs)), \
+            _swapped(sys.modules[__name__], _bf16_base=enabled and bf16_base):
+        yield
 
 
 def cpu_has_bf16_units() -> bool:

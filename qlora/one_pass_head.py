@@ -30,6 +30,7 @@ wanted, a GPU; and a gradient for the entropy, should a loss use it.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -114,11 +115,7 @@ def head_one_pass(enabled: bool = True, bf16_products: bool = False):
     (train.bf16_base_products)."""
     from qlora.speed import _optional_module, _swapped
 
-    global _bf16_products
     tu = _optional_module("trl.trainer.utils") if enabled else None
-    with _swapped(tu, _ChunkedLogProbFunction=OnePassLogProb):
-        _bf16_products, before = enabled and bf16_products, _bf16_products
-        try:
-            yield
-        finally:
-            _bf16_products = before
+    with _swapped(tu, _ChunkedLogProbFunction=OnePassLogProb), \
+            _swapped(sys.modules[__name__], _bf16_products=enabled and bf16_products):
+        yield
