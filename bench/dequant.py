@@ -1,7 +1,7 @@
 """train.fast_dequant on CPU: bitsandbytes' CPU dequantization against our kernel on SmolLM2 (210
 4-bit layers, 106M weights, NF4 with double quantization), alternating in one process.
 
-usage: python bench/dequant.py [--rounds 12] [--steps 12] [--tokens 24] [--out bench/results/dequant.json]
+usage: python bench/dequant.py [--rounds 12] [--steps 12] [--tokens 24] [--bf16] [--out bench/results/dequant.json]
 
 1. The kernel alone: each round dequantizes every layer with each, in alternating order (training
    does this at every forward and again at every backward); medians per layer shape and for the
@@ -12,7 +12,9 @@ usage: python bench/dequant.py [--rounds 12] [--steps 12] [--tokens 24] [--out b
    between processes than the lever changes a whole step, hence the one process.
 3. Generation (gen.fast_dequant): greedy new tokens per second at batch 1 with the LoRA layers
    attached, bitsandbytes' matmul against ours, alternating, and whether the tokens are the same.
-The first two rounds or passes of each kind are warm-up.
+The first two rounds or passes of each kind are warm-up. --bf16: the weights in bf16 (bitsandbytes'
+fp32 ones cast, against our kernel's straight in bf16) and the decoder passes with the base's
+products in bf16, as train.bf16_base_products trains.
 """
 import argparse
 import json
@@ -30,13 +32,13 @@ from qlora.dequant import dequantize_4bit, fast_dequant, kernel, use_for_inferen
 from qlora.fused_lora import fused_lora
 
 
-def decoder_passes(tokenizer, rows, model, steps: int) -> dict:
+def decoder_passes(tokenizer, rows, model, steps: int, bf16: bool = False) -> dict:
     """Seconds of the decoder's forward and backward on 4 rows, with (True) and without our kernel."""
     batch = collate_packed(rows[:4], pad_id=tokenizer.pad_token_id)
     seconds = {True: [], False: []}
     for step in range(steps):
         for ours in ((False, True) if step % 2 else (True, False)):
-            with fused_lora(), fast_dequant(ours):
+            with fused_lora(bf16_base=bf16), fast_dequant(ours):
                 seconds[ours].append(decoder_pass(model, batch))
     model.zero_grad(set_to_none=True)
     return dict(tokens=int((batch["input_ids"] != tokenizer.pad_token_id).sum()),
@@ -68,6 +70,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--bf16", action="store_true", help="bf16 weights and base products")
     ap.add_argument("--out", default="bench/results/dequant.json")
     a = ap.parse_args()
     lib, problem = kernel()
@@ -76,8 +79,9 @@ def main():
     tokenizer, rows, model = lora_model()
     weights = list({id(m.weight): m.weight for m in model.modules()  # PEFT's layers show their base's weight too
                     if hasattr(getattr(m, "weight", None), "quant_state")}.values())
-    kinds = {"bitsandbytes": lambda w: bnbf.dequantize_4bit(w, w.quant_state),
-             "qlora": lambda w: dequantize_4bit(w, w.quant_state)}
+    dtype = torch.bfloat16 if a.bf16 else torch.float32
+    kinds = {"bitsandbytes": lambda w: bnbf.dequantize_4bit(w, w.quant_state).to(dtype),
+             "qlora": lambda w: dequantize_4bit(w, w.quant_state, dtype)}
     total = {k: [] for k in kinds}
     by_shape = {k: defaultdict(list) for k in kinds}
     for r in range(a.rounds):
@@ -93,7 +97,8 @@ def main():
     equal = all(torch.equal(kinds["qlora"](w), kinds["bitsandbytes"](w)) for w in weights)
     n = sum(w.quant_state.shape.numel() for w in weights)
     ms = {k: statistics.median(v) * 1e3 for k, v in total.items()}
-    print(f"{len(weights)} layers, {n / 1e6:.0f}M weights, {torch.get_num_threads()} threads; bit for bit equal: {equal}")
+    print(f"{len(weights)} layers, {n / 1e6:.0f}M weights to {str(dtype)[6:]}, {torch.get_num_threads()} threads; "
+          f"bit for bit equal: {equal}")
     print(f"{'shape':>12} {'bitsandbytes us':>16} {'qlora us':>9} {'speedup':>8}")
     shapes = {}
     for shape in sorted(by_shape["qlora"]):
@@ -101,7 +106,7 @@ def main():
         shapes["x".join(map(str, shape))] = {"bitsandbytes_us": round(b, 1), "qlora_us": round(q, 1)}
         print(f"{'x'.join(map(str, shape)):>12} {b:16.0f} {q:9.0f} {b / q:7.2f}x")
     print(f"{'whole model':>12} {ms['bitsandbytes']:13.1f} ms {ms['qlora']:6.1f} ms {ms['bitsandbytes'] / ms['qlora']:7.2f}x")
-    passes = decoder_passes(tokenizer, rows, model, a.steps)
+    passes = decoder_passes(tokenizer, rows, model, a.steps, a.bf16)
     b, q = (statistics.median(passes[k]) for k in ("bitsandbytes", "qlora"))
     pairs = [x / y for x, y in zip(passes["bitsandbytes"], passes["qlora"])]
     print(f"decoder forward and backward, {passes['tokens']} tokens: bitsandbytes {b:.3f} s, qlora {q:.3f} s, "
@@ -110,7 +115,8 @@ def main():
     g = {k: statistics.median(v) for k, v in rates.items() if k != "same_tokens"}
     print(f"generation, {a.tokens} new tokens: bitsandbytes {g['bitsandbytes']:.2f} tokens/s, qlora {g['qlora']:.2f} "
           f"({g['qlora'] / g['bitsandbytes']:.2f}x); the same tokens: {rates['same_tokens']}")
-    results = dict(layers=len(weights), weights=n, threads=torch.get_num_threads(), rounds=a.rounds, equal=equal,
+    results = dict(layers=len(weights), weights=n, dtype=str(dtype)[6:], threads=torch.get_num_threads(), rounds=a.rounds,
+                   equal=equal,
                    whole_model_ms={k: round(v, 2) for k, v in ms.items()},
                    speedup=round(ms["bitsandbytes"] / ms["qlora"], 2), shapes=shapes,
                    decoder=dict(tokens=passes["tokens"], bitsandbytes_seconds=round(b, 4), qlora_seconds=round(q, 4),

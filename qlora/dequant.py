@@ -2,10 +2,14 @@
 
 On a CPU the base's 4-bit layers are dequantized to fp32 at every forward and backward pass: 9% of
 a SmolLM2 training step's CPU time in a profile, with bitsandbytes' CPU kernel. Ours
-(qlora/csrc/dequant_4bit.c) looks the 16 code values up eight at a time with AVX2 where the CPU has
-it and folds in double quantization's scales, with bitsandbytes' own arithmetic, so the weights are
-bit for bit theirs (tests/unit/test_dequant.py). `python bench/dequant.py`: 2.5-3.4x on all of
-SmolLM2's layers on a 2-core AVX2 CPU, 1.09x its decoder's forward and backward.
+(qlora/csrc/dequant_4bit.c) looks the 16 code values up sixteen at a time with AVX-512, eight with
+AVX2, where the CPU has them, and folds in double quantization's scales, with bitsandbytes' own
+arithmetic, so the weights are bit for bit theirs (tests/unit/test_dequant.py). `python
+bench/dequant.py`: 2.5-3.4x on all of SmolLM2's layers on a 2-core AVX2 CPU, 1.09x its decoder's
+forward and backward; 2.1x and 1.05x on an AVX-512 one. Under train.bf16_base_products it writes the
+bf16 weights straight (those torch would round the fp32 ones to), with no fp32 copy to cast: all of
+SmolLM2's layers 4.0x bitsandbytes' dequantization and cast, and the decoder pass 1.03x faster than
+with our fp32 weights cast (`--bf16`).
 
 Training takes it within `fast_dequant()`. Generation and evaluation (no gradient) go through
 bitsandbytes' 4-bit matmul, whose CPU code dequantizes with its own kernel and then multiplies;
@@ -94,7 +98,7 @@ def kernel() -> Tuple[Optional[ctypes.CDLL], Optional[str]]:
     except (OSError, RuntimeError) as e:
         return None, str(e)
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.qlora_dequantize_4bit.argtypes = [p, i64, i64, p, p, p, p, p, i64, ctypes.c_float, p, ctypes.c_int]
+    lib.qlora_dequantize_4bit.argtypes = [p, i64, i64, p, p, p, p, p, i64, ctypes.c_float, p, ctypes.c_int, ctypes.c_int]
     lib.qlora_dequantize_4bit.restype = None
     global _lib
     _lib = lib
@@ -108,6 +112,7 @@ def _handled(A: torch.Tensor, state) -> bool:
     return (all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
             and not getattr(state, "packing_format_for_cpu", False)  # bitsandbytes' AVX-512 inference layout
             and state.dtype == torch.float32 and state.quant_type in ("nf4", "fp4") and state.code.numel() == 16
+            and state.blocksize <= 4096  # the kernel's MAX_BLOCK
             and state.code.dtype == torch.float32 and 2 * A.numel() * A.element_size() == prod(state.shape)
             and (absmax.dtype == torch.uint8 and state.state2.absmax.dtype == torch.float32
                  and state.state2.code.dtype == torch.float32 if state.nested else absmax.dtype == torch.float32))
@@ -115,39 +120,55 @@ def _handled(A: torch.Tensor, state) -> bool:
 
 def _run(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, absmax2: Optional[torch.Tensor],
          code8: Optional[torch.Tensor], offset: Optional[torch.Tensor], blocksize: int, blocksize2: int,
-         shape: list[int]) -> torch.Tensor:
-    """One call of the kernel (absmax2, code8 and offset: double quantization's, or None)."""
-    return _fill(torch.empty(shape, dtype=torch.float32), packed, absmax, code, absmax2, code8, offset, blocksize,
-                 blocksize2)
+         shape: list[int], bf16: bool = False) -> torch.Tensor:
+    """One call of the kernel (absmax2, code8 and offset: double quantization's, or None): fp32
+    weights, or bf16 ones."""
+    out = torch.empty(shape, dtype=torch.bfloat16 if bf16 else torch.float32)
+    return _fill(out, packed, absmax, code, absmax2, code8, offset, blocksize, blocksize2)
 
 
 def _fill(out, packed, absmax, code, absmax2, code8, offset, blocksize, blocksize2) -> torch.Tensor:
-    """The kernel's weights written to the start of `out` (contiguous fp32, room for them); returns out."""
+    """The kernel's weights written to the start of `out` (contiguous fp32 or bf16, room for them); returns out."""
     nested = absmax2 is not None
     _lib.qlora_dequantize_4bit(packed.data_ptr(), packed.numel(), blocksize, code.data_ptr(),
                               None if nested else absmax.data_ptr(), absmax.data_ptr() if nested else None,
                               code8.data_ptr() if nested else None, absmax2.data_ptr() if nested else None,
-                              blocksize2, float(offset) if nested else 0.0, out.data_ptr(), torch.get_num_threads())
+                              blocksize2, float(offset) if nested else 0.0, out.data_ptr(),
+                              int(out.dtype == torch.bfloat16), torch.get_num_threads())
     return out
 
 
 # the same as an op, so that torch.compile (train.compile) keeps it whole in its graphs; outside them
 # the op's dispatch would cost more than the kernel on small layers (40 us)
 _op = torch.library.custom_op("qlora::dequantize_4bit", _run, mutates_args=())
-_op.register_fake(lambda packed, absmax, code, absmax2, code8, offset, blocksize, blocksize2, shape:
-                  packed.new_empty(shape, dtype=torch.float32))
+_op.register_fake(lambda packed, absmax, code, absmax2, code8, offset, blocksize, blocksize2, shape, bf16=False:
+                  packed.new_empty(shape, dtype=torch.bfloat16 if bf16 else torch.float32))
 
 
-def dequantize_4bit(A: torch.Tensor, quant_state) -> Optional[torch.Tensor]:
-    """The fp32 weight of a 4-bit one, as bitsandbytes.functional.dequantize_4bit gives it; None where
-    the kernel does not apply (not CPU, not fp32, not loaded by kernel()) and bitsandbytes must."""
-    if _lib is None:
+def dequantize_4bit(A: torch.Tensor, quant_state, dtype: torch.dtype = torch.float32) -> Optional[torch.Tensor]:
+    """The weight of a 4-bit one in fp32, as bitsandbytes.functional.dequantize_4bit gives it, or in
+    bf16, that rounded as torch rounds; None where the kernel does not apply (not CPU, not fp32
+    scales, not loaded by kernel()) and bitsandbytes must."""
+    if _lib is None or dtype not in (torch.float32, torch.bfloat16):
         return None
+    bf16 = dtype == torch.bfloat16
     if torch.compiler.is_compiling():  # traced once into the graph: no cache (nor data_ptr) there
         args, one_row = _arguments(A, quant_state)
-        return None if args is None else _shaped(_op(*args), one_row)
+        return None if args is None else _shaped(_op(*args, bf16), one_row)
     args, one_row = _cached_arguments(A, quant_state)
-    return None if args is None else _shaped(_run(*args), one_row)
+    return None if args is None else _shaped(_run(*args, bf16), one_row)
+
+
+def dequantized(A: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
+    """A 4-bit weight in dtype: within fast_dequant() our kernel's, bf16 straight from it (2x faster
+    than dequantizing to fp32 and casting, on an AVX-512 CPU); otherwise bitsandbytes' dequantization,
+    cast to dtype."""
+    ours = dequantize_4bit(A, quant_state, dtype) if _in_use else None
+    if ours is not None:
+        return ours
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(A, quant_state).to(dtype)
 
 
 def weight_and_rows(A: torch.Tensor, quant_state, rows: torch.Tensor) -> Optional[torch.Tensor]:

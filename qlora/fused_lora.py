@@ -20,13 +20,13 @@ rows: the rank-r product alone runs at a fraction of the base's FLOP rate, and t
 made a decoder pass of SmolLM2 about 1.03x faster (bench/fused_lora.py --joint).
 
 On CPUs with bf16 units (AVX512-BF16; `train.bf16_base_products`, on there under auto) the base's
-two products, x W^T and g W, run in bf16: these cores multiply bf16 matrices at 2.2x their fp32 rate,
-and the products of the frozen 4-bit base are most of a step. Everything else stays fp32: the
-activations, LoRA's products and the sums they are added into, so LoRA's small outputs do not round
-away as they do in bf16 compute (which learned 72% as much a step; bench/README.md). LoRA's
-gradients are formed from fp32 tensors; the layer's output and input gradient carry the bf16
-products' rounding. The same setting makes the one-pass LM head's products in bf16
-(qlora/one_pass_head.py).
+two products, x W^T and g W, run in bf16 (our kernel dequantizes W straight to bf16): these cores
+multiply bf16 matrices at 2.2x their fp32 rate, and the products of the frozen 4-bit base are most
+of a step. Everything else stays fp32: the activations, LoRA's products and the sums they are
+added into, so LoRA's small outputs do not round away as they do in bf16 compute (which learned 72%
+as much a step; bench/README.md). LoRA's gradients are formed from fp32 tensors; the layer's output
+and input gradient carry the bf16 products' rounding. The same setting makes the one-pass LM head's
+products in bf16 (qlora/one_pass_head.py).
 
 On a GPU (`train.fused_lora=true`; `auto` leaves GPUs to PEFT until it is measured there) the same
 function runs in the 16-bit compute dtype: the base product is bitsandbytes' own (`matmul_4bit`,
@@ -67,7 +67,7 @@ class LoraMatmul4bit(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        import bitsandbytes.functional as bnbf
+        from qlora.dequant import dequantized
 
         x2, h, A, B = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1]).to(x2.dtype)
@@ -78,7 +78,7 @@ class LoraMatmul4bit(torch.autograd.Function):
         grad_x = None
         if needs_x:
             dtype = torch.bfloat16 if ctx.bf16_base else g.dtype
-            w = bnbf.dequantize_4bit(ctx.weight, ctx.weight.quant_state).to(dtype)
+            w = dequantized(ctx.weight, ctx.weight.quant_state, dtype)
             grad_x = torch.mm(g.to(dtype), w).to(g.dtype).addmm_(grad_h, A).view(*grad.shape[:-1], x2.shape[-1])
         return grad_x, grad_A, grad_B, None, None, None, None
 
@@ -88,12 +88,11 @@ def _products(x2, weight, bias, A, bf16_base=False):
     gradient, in bf16 under bf16_base, or on CPU within fast_dequant both as one product of x and
     [W; A] (above)."""
     import bitsandbytes
-    import bitsandbytes.functional as bnbf
 
-    from qlora.dequant import weight_and_rows
+    from qlora.dequant import dequantized, weight_and_rows
 
     if bf16_base:
-        w = bnbf.dequantize_4bit(weight, weight.quant_state).to(torch.bfloat16)
+        w = dequantized(weight, weight.quant_state, torch.bfloat16)
         y = torch.mm(x2.to(torch.bfloat16), w.t()).to(x2.dtype)
         if bias is not None:
             y.add_(bias)
@@ -105,7 +104,7 @@ def _products(x2, weight, bias, A, bf16_base=False):
             y = yh[:, :n]
             # x A^T laid out as the route below leaves it, (r x tokens) in memory, for the backward
             return y if bias is None else y.add_(bias), yh[:, n:].t().contiguous().t()
-        w = bnbf.dequantize_4bit(weight, weight.quant_state).to(x2.dtype)  # our kernel's within fast_dequant
+        w = dequantized(weight, weight.quant_state, x2.dtype)
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     else:
         y = bitsandbytes.matmul_4bit(x2, weight, quant_state=weight.quant_state, bias=bias)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qlora import dequant
-from qlora.dequant import dequantize_4bit, fast_dequant, kernel
+from qlora.dequant import dequantize_4bit, dequantized, fast_dequant, kernel
 
 
 def by_definition(packed, state):
@@ -42,6 +42,24 @@ def test_kernel_gives_bitsandbytes_weights_bit_for_bit(quant_type, nested, block
     assert torch.equal(ours, by_definition(packed, state))
     if shape[1] % blocksize == 0:  # bitsandbytes' kernels are right on every CPU there (module docstring)
         assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape", [(192, 576), (7, 40), (3, 10)])  # the vector loop; short blocks
+def test_bf16_weights_are_the_fp32_ones_rounded_as_torch_rounds(monkeypatch, shape, ties):
+    assert kernel()[0] is not None, kernel()[1]
+    calls, run = [], dequant._run
+    monkeypatch.setattr(dequant, "_run", lambda *a: calls.append(a) or run(*a))
+    packed, state = quantized(shape, nested=not ties)
+    if ties:  # code values half-way between two bf16 numbers, below even and odd ones, at scale 1
+        halves = torch.tensor([((0x3F00 + i) << 16) | 0x8000 for i in range(16)], dtype=torch.int32)
+        state.code, state.absmax = halves.view(torch.float32), torch.ones_like(state.absmax)
+    fp32 = dequantize_4bit(packed, state)
+    with fast_dequant():
+        bf16 = dequantized(packed, state, torch.bfloat16)
+    assert calls[-1][-1] is True  # bf16 straight from the kernel
+    assert bf16.dtype == torch.bfloat16 and torch.equal(bf16, fp32.to(torch.bfloat16))
+    assert torch.equal(dequantized(packed, state, torch.bfloat16), bnbf.dequantize_4bit(packed, state).bfloat16())
 
 
 def test_the_checks_run_once_per_weight_and_again_for_new_scales_or_data(monkeypatch):
@@ -105,7 +123,11 @@ def test_compiled_graphs_keep_the_kernel_as_one_op():
     def layer(x):
         return x @ bnbf.dequantize_4bit(packed, state).t()
 
-    expected = layer(x)
+    def bf16_layer(x):  # as train.bf16_base_products multiplies
+        return x.bfloat16() @ dequantized(packed, state, torch.bfloat16).t()
+
+    expected, expected_bf16 = layer(x), bf16_layer(x)
     with fast_dequant():
-        compiled = torch.compile(layer, fullgraph=True)  # fullgraph: a graph break would fail here
-        assert torch.equal(compiled(x), expected)
+        for f, out in ((layer, expected), (bf16_layer, expected_bf16)):
+            compiled = torch.compile(f, fullgraph=True)  # fullgraph: a graph break would fail here
+            assert torch.equal(compiled(x), out)
