@@ -3,12 +3,13 @@
 This machine's speed drifts by up to 2x within minutes, more than the lever changes, so the two are
 interleaved on the same batches (eager then compiled, then the other way round) and summed.
 
-usage: python bench/compiled_layers.py [--batch 4] [--steps 8] [--out bench/results/compiled_layers.json]
+usage: python bench/compiled_layers.py [--batch 4] [--steps 8] [--bf16] [--out bench/results/compiled_layers.json]
 
 The step is SmolLM2-135M's forward and backward on 4-bit weights with LoRA r=8 (every token
 trained, as bench/cpu_speed.py's same-loss case), with training's other CPU levers on in both arms
 (train.fused_lora, train.fast_dequant), so that the speed-up is what compiling adds to them; the
-first compiled step's time is the compilation.
+first compiled step's time is the compilation. --bf16: the 4-bit layers' products in bf16 in both
+arms (train.bf16_base_products).
 """
 import argparse
 import json
@@ -27,13 +28,14 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--bf16", action="store_true", help="the base's products in bf16")
     ap.add_argument("--out", default="bench/results/compiled_layers.json")
     a = ap.parse_args()
     tok, rows, model = lora_model()
 
     def step(k: int, compiled: bool):
         batch = collate_packed(rows[a.batch * k:a.batch * (k + 1)], pad_id=tok.pad_token_id)
-        with compiled_layers(model, compiled), fused_lora(), fast_dequant():
+        with compiled_layers(model, compiled), fused_lora(bf16_base=a.bf16), fast_dequant():
             t = time.perf_counter()
             out = model(**batch, use_cache=False)
             out.loss.backward()
@@ -53,7 +55,7 @@ def main():
         worst = max(worst, abs(results[True][1] - results[False][1]))
         print(f"step {k}: eager {results[False][0]:.2f} s, compiled {results[True][0]:.2f} s, "
               f"loss {results[False][1]:.6f} / {results[True][1]:.6f}", flush=True)
-    out = dict(batch=a.batch, steps=a.steps, compile_seconds=round(compile_seconds, 1),
+    out = dict(batch=a.batch, steps=a.steps, bf16_base_products=a.bf16, compile_seconds=round(compile_seconds, 1),
                eager_tokens_per_second=round(tokens / seconds[False], 1),
                compiled_tokens_per_second=round(tokens / seconds[True], 1),
                speedup=round(seconds[False] / seconds[True], 3), max_loss_difference=worst)
