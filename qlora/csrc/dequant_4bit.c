@@ -62,6 +62,11 @@ static void dequantize_block(const uint8_t *src, float *dst, int64_t n_bytes, co
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+/* the upper 16-bit halves of two vectors of 16, interleaved (h0 l0 h1 l1 ...): 16-bit halves 0-31
+ * are the first vector's, 32-63 the second's */
+static const uint16_t UPPER_HALVES[32] = {1, 33, 3, 35, 5, 37, 7, 39, 9, 41, 11, 43, 13, 45, 15, 47,
+                                          17, 49, 19, 51, 21, 53, 23, 55, 25, 57, 27, 59, 29, 61, 31, 63};
+
 /* 16 finite fp32 values rounded to bf16 as torch rounds them, each left in the upper half of its 32 bits */
 static inline __m512i rounded(__m512 v) {
     __m512i u = _mm512_castps_si512(v);
@@ -74,13 +79,7 @@ static void dequantize_block_bf16(const uint8_t *src, uint16_t *dst, int64_t n_b
     int64_t j = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     const __m512 table = _mm512_loadu_ps(code), s = _mm512_set1_ps(scale);
-    /* the upper 16-bit halves, interleaved: h0 l0 h1 l1 ... (halves 0-31 are high's, 32-63 low's) */
-    uint16_t upper[32];
-    for (int i = 0; i < 16; i++) {
-        upper[2 * i] = (uint16_t)(2 * i + 1);
-        upper[2 * i + 1] = (uint16_t)(32 + 2 * i + 1);
-    }
-    const __m512i order = _mm512_loadu_si512(upper);
+    const __m512i order = _mm512_loadu_si512(UPPER_HALVES);
     for (; j + 16 <= n_bytes; j += 16) {
         __m512 high, low;
         nibbles16(src + j, table, s, &high, &low);
