@@ -18,3 +18,14 @@ def local_rank() -> int:
 def is_main() -> bool:
     """Rank 0 alone writes files, prints progress and evaluates."""
     return rank() == 0
+
+
+def close_process_group() -> None:
+    """Tear down the process group a finished distributed run set up. Left to interpreter exit, gloo's
+    worker threads can outlive it and abort the process ("terminate called without an active exception",
+    pytorch/pytorch#190489) after the run itself succeeded. Called on success only: on an error another
+    rank may still be inside a collective, and tearing down under it can hang."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -21,7 +21,7 @@ from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint,
 from qlora.config import DistStrategy, QLoraConfig, Resume
 from qlora.validation import (bf16_base_on, checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer, refuse,
                               validate_train)
-from qlora.distributed import is_main, world_size
+from qlora.distributed import close_process_group, is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
 
@@ -37,6 +37,7 @@ class Run:
 def train(cfg: QLoraConfig) -> int:
     """The `qlora train` verb."""
     fit(cfg)
+    close_process_group()
     return 0
 
 

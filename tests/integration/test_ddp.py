@@ -1,5 +1,5 @@
-"""Two processes under torchrun (gloo on CPU) train like one process with the same global batch,
-and only rank 0 writes."""
+"""Two processes under torchrun (gloo on CPU) train like one process with the same global batch, only
+rank 0 writes, and the train verb tears down the process group when it is done."""
 import json
 import os
 import subprocess
@@ -38,3 +38,16 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tiny_mod
     single_report = json.loads((single / "report.json").read_text())
     ddp_report = json.loads((ddp / "report.json").read_text())
     assert ddp_report["train_tokens"] == pytest.approx(single_report["train_tokens"], rel=0.01)
+
+
+def test_the_train_verb_tears_down_the_process_group_it_trained_under(tiny_model, tiny_data, tmp_path):
+    # left to interpreter exit, gloo's threads can abort a rank whose run succeeded (pytorch#190489)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert main(["train", *tiny_overrides(tiny_model, tiny_data, tmp_path / "run", **{"train.max_steps": 1})]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
