@@ -80,6 +80,7 @@ def main():
     weights = list({id(m.weight): m.weight for m in model.modules()  # PEFT's layers show their base's weight too
                     if hasattr(getattr(m, "weight", None), "quant_state")}.values())
     dtype = torch.bfloat16 if a.bf16 else torch.float32
+    dtype_name = str(dtype).removeprefix("torch.")
     kinds = {"bitsandbytes": lambda w: bnbf.dequantize_4bit(w, w.quant_state).to(dtype),
              "qlora": lambda w: dequantize_4bit(w, w.quant_state, dtype)}
     total = {k: [] for k in kinds}
@@ -97,7 +98,7 @@ def main():
     equal = all(torch.equal(kinds["qlora"](w), kinds["bitsandbytes"](w)) for w in weights)
     n = sum(w.quant_state.shape.numel() for w in weights)
     ms = {k: statistics.median(v) * 1e3 for k, v in total.items()}
-    print(f"{len(weights)} layers, {n / 1e6:.0f}M weights to {str(dtype)[6:]}, {torch.get_num_threads()} threads; "
+    print(f"{len(weights)} layers, {n / 1e6:.0f}M weights to {dtype_name}, {torch.get_num_threads()} threads; "
           f"bit for bit equal: {equal}")
     print(f"{'shape':>12} {'bitsandbytes us':>16} {'qlora us':>9} {'speedup':>8}")
     shapes = {}
@@ -115,7 +116,7 @@ def main():
     g = {k: statistics.median(v) for k, v in rates.items() if k != "same_tokens"}
     print(f"generation, {a.tokens} new tokens: bitsandbytes {g['bitsandbytes']:.2f} tokens/s, qlora {g['qlora']:.2f} "
           f"({g['qlora'] / g['bitsandbytes']:.2f}x); the same tokens: {rates['same_tokens']}")
-    results = dict(layers=len(weights), weights=n, dtype=str(dtype)[6:], threads=torch.get_num_threads(), rounds=a.rounds,
+    results = dict(layers=len(weights), weights=n, dtype=dtype_name, threads=torch.get_num_threads(), rounds=a.rounds,
                    equal=equal,
                    whole_model_ms={k: round(v, 2) for k, v in ms.items()},
                    speedup=round(ms["bitsandbytes"] / ms["qlora"], 2), shapes=shapes,
