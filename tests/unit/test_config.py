@@ -61,6 +61,17 @@ def test_recipes_lists_descriptions(capsys):
     assert "smollm2_demo" in out and "JSON" in out
 
 
+def test_bitsandbytes_cpu_kernel_warning_does_not_reach_the_user(caplog):
+    """On CPUs with bf16 units bitsandbytes warns at import that it cannot fetch a Hub kernel that
+    qlora does not use; the CLI keeps it from the user."""
+    import logging
+
+    assert main(["recipes"]) == 0
+    with caplog.at_level(logging.WARNING):
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("Failed to load CPU gemm_4bit_forward")
+    assert "gemm_4bit_forward" not in caplog.text
+
+
 BAD = [
     # (overrides, words the one-line message must contain)
     (["lora.rr=3"], "lora.rr: no such key"),
