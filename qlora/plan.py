@@ -11,9 +11,10 @@ The estimate adds up what training holds at its peak, from the model's shape alo
   each checkpointed layer's input (none on the GPU when offloaded; one more hidden value where its
   attention output is kept) plus one layer recomputed, and all of it for the layers not checkpointed;
 - logits: on GPUs TRL's fused head holds only fp32 copies of the hidden states it scores; on CPU
-  a measured per-token term (about 2.5 fp32 rows of the vocabulary per token with the head in
-  small tiles, 3.7 with TRL's own tiles; 6.9 and 11 with PEFT's own LoRA forward, whose many
-  temporaries leave glibc holding more): the head's temporaries and what the allocator keeps;
+  a measured per-token term (about 1.4 fp32 rows of the vocabulary per token with the head in
+  small tiles, 2.9 with TRL's own tiles; 6.9 and 11 with PEFT's own LoRA forward, whose many
+  temporaries leave glibc holding more; 0.6 more under train.bf16_base_products with
+  checkpointing): the head's temporaries and what the allocator keeps;
 - on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS.
 
 Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
@@ -43,6 +44,8 @@ BF16 = {"T4": False, "A10G": True, "L4": True, "A100-40": True, "A100-80": True,
 CPU_PROCESS_GB = 0.46  # RSS of Python with torch, transformers, peft, trl, bitsandbytes and datasets imported (measured)
 # fp32 rows of the vocabulary a token adds to CPU peak RSS, by (train.fused_lora, train.small_head_tiles) (measured)
 CPU_HEAD_ROWS = {(True, True): 1.4, (True, False): 2.9, (False, True): 6.9, (False, False): 11.0}
+# rows more with train.bf16_base_products under gradient checkpointing (measured; none without it)
+CPU_BF16_CHECKPOINTED_ROWS = 0.6
 
 
 @dataclass
@@ -117,9 +120,11 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
              device: str, double_quant: bool = True, load_in_4bit: bool = True, packing: bool = False,
              model_file_gb: float = 0.0, small_head_tiles: bool = True, checkpoint_layers: Optional[int] = None,
              checkpoint_attention: bool = False, offload_checkpoints: bool = False,
-             fused_lora: bool = True, one_row: bool = False, mask_bytes: int = 1) -> Estimate:
+             fused_lora: bool = True, one_row: bool = False, mask_bytes: int = 1,
+             bf16_products: bool = False) -> Estimate:
     """Peak memory (GiB) of one training step, by component; the checkpoint_* settings as train.*,
-    fused_lora whether train.fused_lora applies (4-bit layers, no LoRA dropout), one_row whether
+    fused_lora whether train.fused_lora applies (4-bit layers, no LoRA dropout), bf16_products whether
+    train.bf16_base_products does (CPUs with bf16 units), one_row whether
     data.padding_free lays each micro-batch in one row, mask_bytes what transformers' attention mask
     holds per query and key (SDPA's bool: 1; eager's: the compute dtype's; flash-attention: none)."""
     s = shape
@@ -140,6 +145,8 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     # transformers' mask for packed rows is dense (block-diagonal); for one row it spans the whole
     # micro-batch, (batch x length)², kept through the step even where our attention splits the row
     mask = (batch * max_length) ** 2 if one_row else batch * max_length ** 2 if packing else 0
+    head_rows = CPU_HEAD_ROWS[fused_lora, small_head_tiles] + (CPU_BF16_CHECKPOINTED_ROWS
+                                                               if bf16_products and checkpointing else 0.0)
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
         "base weights": (linear * bits / 8 + other * b) / GiB,
@@ -152,9 +159,11 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         # without: the head's temporaries in its torch fallback, and memory glibc keeps from them
         # (6.9 and 11 without train.fused_lora: PEFT's temporaries leave glibc holding more). One
         # coefficient for runs with and without checkpointing: those with fit 0.8-1.5 on SmolLM2 8 x 256,
-        # those without 1.8-2.6; it is within 10% of the highest run of each (bench/README.md)
-        "logits": (CPU_HEAD_ROWS[fused_lora, small_head_tiles] * tokens * s.vocab * 4 if device == "cpu"
-                   else 2 * tokens * s.hidden * 4) / GiB,
+        # those without 1.8-2.6; it is within 10% of the highest run of each (bench/README.md).
+        # train.bf16_base_products leaves glibc holding more where the layers are checkpointed (its
+        # bf16 copies are freed between the fp32 tensors; the layers save the same tensors): SmolLM2
+        # 8 x 256 peaked at 2.29-2.79 GiB with it, 2.0-2.3 without; without checkpointing, no more
+        "logits": (head_rows * tokens * s.vocab * 4 if device == "cpu" else 2 * tokens * s.hidden * 4) / GiB,
     }
     if device == "cpu":  # RSS also counts the libraries
         # and what loading leaves behind: the file's pages and the memory glibc keeps from the
@@ -190,10 +199,12 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
+    import torch
+
     from qlora.config import DistStrategy
-    from qlora.models import attention_implementation
-    from qlora.validation import (checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer, refuse,
-                                  validate_train)
+    from qlora.models import attention_implementation, compute_dtype
+    from qlora.validation import (bf16_base_on, checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer,
+                                  refuse, validate_train)
 
     refuse(validate_train(cfg))
     gpu = cfg.gpu
@@ -208,6 +219,8 @@ def plan_cli(cfg) -> int:
     attn = attention_implementation(cfg.model)
     one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, attn, False, 1.0)  # at most
     mask_bytes = {"flash_attention_2": 0, "eager": 4 if device == "cpu" else 2}.get(attn, 1)
+    fused = fused_lora_on(t, device) and cfg.quant.load_in_4bit and cfg.lora.lora_dropout == 0 and not cfg.lora.use_dora
+    bf16_products = device == "cpu" and bf16_base_on(t, device, compute_dtype(cfg.quant, device) == torch.float32, fused)
 
     def fit(micro, length, checkpointing, first=t.checkpoint_layers, offload=t.offload_checkpoints):
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
@@ -216,8 +229,7 @@ def plan_cli(cfg) -> int:
                         model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
                         small_head_tiles=t.small_head_tiles, checkpoint_layers=first,
                         checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload,
-                        fused_lora=fused_lora_on(t, device) and cfg.quant.load_in_4bit and cfg.lora.lora_dropout == 0
-                        and not cfg.lora.use_dora, one_row=one_row, mask_bytes=mask_bytes)
+                        fused_lora=fused, one_row=one_row, mask_bytes=mask_bytes, bf16_products=bf16_products)
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")
