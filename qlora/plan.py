@@ -199,8 +199,6 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
-    import torch
-
     from qlora.config import DistStrategy
     from qlora.models import attention_implementation, compute_dtype
     from qlora.validation import (bf16_base_on, checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer,
@@ -220,7 +218,15 @@ def plan_cli(cfg) -> int:
     one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, attn, False, 1.0)  # at most
     mask_bytes = {"flash_attention_2": 0, "eager": 4 if device == "cpu" else 2}.get(attn, 1)
     fused = fused_lora_on(t, device) and cfg.quant.load_in_4bit and cfg.lora.lora_dropout == 0 and not cfg.lora.use_dora
-    bf16_products = device == "cpu" and bf16_base_on(t, device, compute_dtype(cfg.quant, device) == torch.float32, fused)
+
+    def bf16_products(checkpointing: bool) -> bool:
+        """Whether train.bf16_base_products applies where it counts: on CPU, under checkpointing (asked
+        only there: the answer imports bitsandbytes, seconds that other plans do without)."""
+        if not (checkpointing and device == "cpu"):
+            return False
+        import torch
+
+        return bf16_base_on(t, device, compute_dtype(cfg.quant, device) == torch.float32, fused)
 
     def fit(micro, length, checkpointing, first=t.checkpoint_layers, offload=t.offload_checkpoints):
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
@@ -229,7 +235,8 @@ def plan_cli(cfg) -> int:
                         model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
                         small_head_tiles=t.small_head_tiles, checkpoint_layers=first,
                         checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload,
-                        fused_lora=fused, one_row=one_row, mask_bytes=mask_bytes, bf16_products=bf16_products)
+                        fused_lora=fused, one_row=one_row, mask_bytes=mask_bytes,
+                        bf16_products=bf16_products(checkpointing))
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")
