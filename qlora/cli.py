@@ -6,7 +6,6 @@ Heavy libraries (torch, transformers, bitsandbytes) are imported by the verbs, n
 """
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import warnings
@@ -61,10 +60,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # renamed-argument notices from the libraries, not actionable by users
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # bitsandbytes on CPUs with bf16 units warns at import that it cannot fetch a Hub kernel (package
-    # `kernels`) for its one-token 4-bit product; qlora's generation multiplies by its own kernel's
-    # weights there (gen.fast_dequant), so the warning asks for nothing qlora needs
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         return _dispatch(argv)
     except (UserError, WorkError) as e:
