@@ -271,3 +271,12 @@ def resize_for_tokenizer(model, tokenizer) -> List[str]:
     model.resize_token_embeddings(len(tokenizer))
     wanted = {id(model.get_input_embeddings()), id(model.get_output_embeddings())}
     return [name.rpartition(".")[2] for name, module in model.named_modules() if id(module) in wanted]
+
+
+def pad_like_tokenizer(model, tokenizer) -> None:
+    """The model's config and generation config pad with the tokenizer's pad token (load_tokenizer
+    picks one that is not EOS), as transformers' Trainer would set them when training starts, with a
+    warning about "new PAD/BOS/EOS tokens" that users could not act on."""
+    for config in (model.config.get_text_config(), getattr(model, "generation_config", None)):
+        if config is not None:
+            config.pad_token_id = tokenizer.pad_token_id

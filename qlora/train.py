@@ -59,8 +59,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.data import DataStats, collate_packed, pack_rows, split_examples, tokenize_examples
     from qlora.data_check import check_for_training
     from qlora.evaluate import exact_match, mean_loss
-    from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
-                              resolve_model, say)
+    from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pad_like_tokenizer, pick_device,
+                              resize_for_tokenizer, resolve_model, say)
     from qlora.dequant import fast_dequant, use_for_inference
     from qlora.fused_lora import fused_lora
     from qlora.one_pass_head import head_one_pass
@@ -117,6 +117,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         f"compute {str(dtype).replace('torch.', '')})")
     model = load_base_model(path, cfg.model, cfg.quant, device, dtype, place=not fsdp)
     grown = resize_for_tokenizer(model, tokenizer)
+    pad_like_tokenizer(model, tokenizer)
     if grown:  # the added tokens' rows must be trained, and saved with the adapter
         keep = list(cfg.lora.modules_to_save or [])
         cfg.lora.modules_to_save = keep + [m for m in grown if m not in keep]

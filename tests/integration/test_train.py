@@ -178,3 +178,30 @@ def test_a_forward_without_gradient_leaves_the_4bit_weights_as_loaded_and_traina
     assert torch.equal(input_gradient(), trained)
     after = model.state_dict()
     assert after.keys() == loaded.keys() and all(torch.equal(after[k], loaded[k]) for k in loaded)
+
+
+def test_the_model_pads_as_the_tokenizer_so_training_starts_without_a_token_warning(tiny_model):
+    import logging
+
+    from transformers import AutoModelForCausalLM
+    from transformers.trainer_utils import align_special_tokens
+
+    from qlora.config import ModelConfig
+    from qlora.models import load_tokenizer, pad_like_tokenizer
+
+    tok = load_tokenizer(str(tiny_model), ModelConfig(name_or_path=str(tiny_model)))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.config.pad_token_id = model.generation_config.pad_token_id = tok.eos_token_id  # as SmolLM2's configs
+    assert tok.pad_token_id != tok.eos_token_id  # qlora pads with a token that is not EOS
+    pad_like_tokenizer(model, tok)
+    warned = []
+    handler = logging.Handler()
+    handler.emit = warned.append
+    trainer_log = logging.getLogger("transformers.trainer_utils")
+    trainer_log.addHandler(handler)
+    try:
+        align_special_tokens(model, tok)  # what transformers' Trainer runs when training starts
+    finally:
+        trainer_log.removeHandler(handler)
+    assert [r.getMessage() for r in warned] == []
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tok.pad_token_id
