@@ -266,8 +266,9 @@ def compare(ref: List, cand: List) -> Dict[str, float]:
         diff = (a - b).abs()
         max_diff = max(max_diff, float(diff.max()))
         sum_diff += float(diff.mean(-1).sum())
+        # each token's KL is >= 0; float rounding makes nearly equal ones slightly negative
         kl_sum += float(torch.nn.functional.kl_div(b.log_softmax(-1), a.log_softmax(-1), log_target=True,
-                                                   reduction="none").sum(-1).sum())
+                                                   reduction="none").sum(-1).clamp_min(0).sum())
     return dict(top1_agreement=agree / total, max_logit_diff=max_diff, mean_logit_diff=sum_diff / total,
                 kl=kl_sum / total, tokens=total)
 

@@ -81,3 +81,14 @@ def test_parse_size():
     assert parse_size("2GB") == 2 * 10**9 and parse_size("500MiB") == 500 * 2**20
     with pytest.raises(UserError, match="merge.max_shard_size"):
         parse_size("lots")
+
+
+def test_the_logit_comparison_never_reports_a_negative_kl():
+    from qlora.merge import compare
+
+    g = torch.Generator().manual_seed(0)
+    ref = [torch.randn(64, 49152, generator=g) for _ in range(3)]  # SmolLM2's vocabulary
+    same = [a + torch.randn(a.shape, generator=g) * 1e-6 for a in ref]  # equal but for float rounding
+    report = compare(ref, same)
+    assert report["top1_agreement"] == 1.0 and 0.0 <= report["kl"] < 1e-6
+    assert compare(ref, [a.flip(-1) for a in ref])["kl"] > 1.0
