@@ -122,6 +122,8 @@ def split_overrides(args: List[str]) -> Tuple[List[str], Dict[str, str]]:
             raise UserError(f"{arg!r} is not key=value; e.g. train.max_steps=100 (qlora VERB --help lists keys)")
         if key in FREE_TEXT:
             texts[FREE_TEXT[key]] = value
+        elif key.split(".")[:2] == ["train", "lr_scheduler_kwargs"]:  # keys of the user's: added, or replaced
+            overrides.append(f"++{arg}")
         elif key == "recipe":
             overrides += [f"+recipes={value}", f"recipe={value}"]
             _check_recipe(value)

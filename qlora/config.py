@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -232,7 +232,9 @@ class TrainConfig:
     learning_rate: float = 2e-4
     """Peak learning rate of the LoRA parameters."""
     lr_scheduler_type: str = "cosine"
-    """Schedule: linear, cosine, constant, constant_with_warmup, ..."""
+    """Schedule: linear, cosine, constant, constant_with_warmup, cosine_with_min_lr, ... (transformers' names)."""
+    lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """The schedule's own arguments, as transformers names them: train.lr_scheduler_kwargs.min_lr_rate=0.1, ..."""
     warmup_ratio: float = 0.03
     """Share of the steps spent warming up the learning rate."""
     weight_decay: float = 0.0

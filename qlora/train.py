@@ -19,8 +19,8 @@ from typing import Any, Dict, Optional
 from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, load_checkpoint,
                                step_of)
 from qlora.config import DistStrategy, QLoraConfig, Resume
-from qlora.validation import (bf16_base_on, checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer, refuse,
-                              validate_train)
+from qlora.validation import (bf16_base_on, check_schedule, checkpointing_on, fused_lora_on, padding_free_on,
+                              pick_optimizer, refuse, validate_train)
 from qlora.distributed import close_process_group, is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -111,6 +111,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     # a run killed after its final checkpoint only has its wrap-up to do: transformers' Trainer, resumed
     # there, would train one step past max_steps (it checks for the end only after a step)
     finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
+    check_schedule(t, steps)
     compiling = not finished and compile_wanted(t.compile, device, steps)
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "
@@ -313,6 +314,7 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         per_device_eval_batch_size=t.per_device_train_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler_type, warmup_steps=t.warmup_ratio,
+        lr_scheduler_kwargs=dict(t.lr_scheduler_kwargs),
         weight_decay=t.weight_decay, optim=optim, max_grad_norm=t.max_grad_norm,
         seed=t.seed, data_seed=t.seed, max_length=t.max_length,
         logging_steps=t.logging_steps, save_strategy="steps", save_steps=t.save_steps,

@@ -2,6 +2,8 @@
 Hydra's job, at composition). Each problem reads 'key=value: what is wrong; how to fix it'."""
 from __future__ import annotations
 
+import importlib.util
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -11,9 +13,26 @@ from qlora.models import NAMED_TEMPLATES
 from qlora.sources import check_path
 
 
+# transformers' names (its SchedulerType and OptimizerNames, held here so that a bad value fails before
+# torch is imported; tests/unit/test_config.py keeps them equal to the installed transformers')
 SCHEDULERS = {"linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
               "constant_with_warmup", "inverse_sqrt", "reduce_lr_on_plateau",
-              "cosine_with_min_lr", "warmup_stable_decay"}
+              "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay", "greedy"}
+# the optimizers torch and bitsandbytes (qlora's dependencies) provide
+OPTIMIZERS = {"adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop",
+              "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "lion_32bit",
+              "paged_lion_8bit", "paged_lion_32bit", "ademamix", "ademamix_8bit", "paged_ademamix_8bit",
+              "paged_ademamix_32bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit"}
+# the others, with the module each imports (a package qlora does not install)
+OPTIMIZER_MODULES = {"adamw_torch_4bit": "torchao", "adamw_torch_8bit": "torchao", "adamw_anyprecision": "torchdistx",
+                     "adamw_torch_xla": "torch_xla", "adamw_torch_npu_fused": "torch_npu", "lomo": "lomo_optim",
+                     "adalomo": "lomo_optim", "grokadamw": "grokadamw", "schedule_free_adamw": "schedulefree",
+                     "schedule_free_radam": "schedulefree", "schedule_free_sgd": "schedulefree",
+                     "stable_adamw": "optimi"}
+# transformers' optimizers that project the gradients of chosen full weight matrices (its optim_target_modules)
+FULL_WEIGHT_OPTIMIZERS = {"galore_adamw", "galore_adamw_8bit", "galore_adafactor", "galore_adamw_layerwise",
+                          "galore_adamw_8bit_layerwise", "galore_adafactor_layerwise", "apollo_adamw",
+                          "apollo_adamw_layerwise"}
 TRACKERS = {"tensorboard", "wandb", "mlflow", "none"}
 COMPILED_MIN_PADDING = 0.10  # train.compile and data.padding_free=auto: the padding share worth a split graph
 
@@ -65,6 +84,21 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         p.append(f"train.warmup_ratio={t.warmup_ratio}: must be in [0, 1)")
     if t.lr_scheduler_type not in SCHEDULERS:
         p.append(f"train.lr_scheduler_type={t.lr_scheduler_type}: choose one of {', '.join(sorted(SCHEDULERS))}")
+    kwargs = t.lr_scheduler_kwargs
+    if t.lr_scheduler_type in ("cosine_with_min_lr", "cosine_warmup_with_min_lr") and \
+            ("min_lr" in kwargs) == ("min_lr_rate" in kwargs):
+        p.append(f"train.lr_scheduler_type={t.lr_scheduler_type} decays to a floor: give one of "
+                 "train.lr_scheduler_kwargs.min_lr_rate (a share of the peak, such as 0.1) or .min_lr")
+    if t.lr_scheduler_type == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+        p.append("train.lr_scheduler_type=warmup_stable_decay: give the steps of its decay, "
+                 "train.lr_scheduler_kwargs.num_decay_steps")
+    if t.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy") and not (
+            t.eval_steps and (d.eval_path or d.eval_fraction > 0)):
+        p.append(f"train.lr_scheduler_type={t.lr_scheduler_type} follows the held-out loss: set train.eval_steps, "
+                 "with held-out data (data.eval_path or data.eval_fraction)")
+    optim_problem = check_optimizer(t.optim)
+    if optim_problem:
+        p.append(optim_problem)
     bad = [r for r in t.report_to if r not in TRACKERS]
     if bad:
         p.append(f"train.report_to: unknown tracker {bad[0]!r}; choose from {', '.join(sorted(TRACKERS))}")
@@ -159,6 +193,39 @@ def padding_free_on(setting, device: str, packing: bool, attn: str, compiling: b
     if setting is not Switch.auto:
         return setting is Switch.true
     return device == "cpu" and attn == "sdpa" and not packing and (not compiling or padding >= COMPILED_MIN_PADDING)
+
+
+def check_optimizer(optim: str) -> Optional[str]:
+    """What is wrong with train.optim, or None: it must be auto or one of transformers' names that this
+    installation can run on LoRA adapters."""
+    if optim == "auto" or optim in OPTIMIZERS:
+        return None
+    if optim in FULL_WEIGHT_OPTIMIZERS:
+        return (f"train.optim={optim}: GaLore and APOLLO train full weight matrices, where LoRA trains adapters "
+                "beside frozen ones; use train.optim=auto (or adamw_torch_fused, paged_adamw_8bit, ...)")
+    module = OPTIMIZER_MODULES.get(optim)
+    if module is None:
+        return (f"train.optim={optim}: not an optimizer transformers knows; use auto or one of "
+                f"{', '.join(sorted(OPTIMIZERS | set(OPTIMIZER_MODULES)))}")
+    if importlib.util.find_spec(module) is None:
+        return (f"train.optim={optim} needs the Python module {module}, which is not installed: install it "
+                "or use train.optim=auto")
+    return None
+
+
+def check_schedule(t, steps: int) -> None:
+    """Builds the learning-rate schedule as transformers will at the first step, on a stand-in optimizer,
+    so that an argument the schedule does not take (or a bad value) fails before the model loads."""
+    import torch
+    from transformers.optimization import get_scheduler
+
+    stand_in = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    try:
+        get_scheduler(t.lr_scheduler_type, stand_in, num_warmup_steps=math.ceil(t.warmup_ratio * steps),
+                      num_training_steps=steps, scheduler_specific_kwargs=dict(t.lr_scheduler_kwargs))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"train.lr_scheduler_kwargs={dict(t.lr_scheduler_kwargs)}: "
+                        f"train.lr_scheduler_type={t.lr_scheduler_type} refuses them: {e}") from None
 
 
 def pick_optimizer(optim: str, device: str, fsdp: bool = False) -> str:

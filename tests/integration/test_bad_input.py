@@ -59,6 +59,11 @@ CATALOGUE = [
      "train.offload_checkpoints=true moves checkpointed activations off a GPU"),
     ("Liger kernels on CPU", lambda c: train(c, **{"train.liger_kernels": "true"}), 2,
      "train.liger_kernels=true: Liger's kernels are Triton kernels for GPUs"),
+    ("a schedule argument the schedule does not take", lambda c: train(c, **{
+        "train.lr_scheduler_type": "cosine_with_min_lr", "train.lr_scheduler_kwargs.min_lr_rate": 0.1,
+        "train.lr_scheduler_kwargs.min_lr_ratio": 0.1}), 2,
+     "train.lr_scheduler_type=cosine_with_min_lr refuses them: get_cosine_with_min_lr_schedule_with_warmup() got "
+     "an unexpected keyword argument 'min_lr_ratio'"),
     ("adapter folder missing", lambda c: ["generate", f"adapter={c['d'] / 'nope'}", "prompt=hi"], 2,
      "no adapter_config.json"),
     ("adapter without weights", lambda c: ["chat", f"adapter={c['d'] / 'adapter_no_weights'}"], 2,

@@ -205,3 +205,16 @@ def test_the_model_pads_as_the_tokenizer_so_training_starts_without_a_token_warn
         trainer_log.removeHandler(handler)
     assert [r.getMessage() for r in warned] == []
     assert model.config.pad_token_id == model.generation_config.pad_token_id == tok.pad_token_id
+
+
+def test_the_schedule_takes_its_arguments(tiny_model, tiny_data, tmp_path):
+    from qlora.cli import compose
+    from qlora.train import fit
+
+    overrides = tiny_overrides(tiny_model, tiny_data, tmp_path / "run", **{
+        "train.max_steps": 3, "train.warmup_ratio": 0, "data.eval_path": "null", "eval.exact_match": "false",
+        "train.lr_scheduler_type": "cosine_with_min_lr", "train.lr_scheduler_kwargs.min_lr_rate": 0.5})
+    run = fit(compose("train", overrides))
+    rates = [json.loads(line).get("learning_rate") for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    peak = 5e-3  # tiny_overrides' learning rate: cosine from it to half of it over 3 steps
+    assert [r for r in rates if r is not None] == pytest.approx([peak, peak * 0.875, peak * 0.625])

@@ -32,6 +32,14 @@ def test_overrides_win_over_the_recipe():
     assert cfg.train.learning_rate == 1e-3  # from the recipe
 
 
+def test_schedule_arguments_are_the_users_keys_set_one_by_one_or_as_a_dict():
+    cfg = compose("train", ["train.lr_scheduler_kwargs.min_lr_rate=0.1", "train.lr_scheduler_kwargs.num_cycles=0.5"])
+    assert cfg.train.lr_scheduler_kwargs == {"min_lr_rate": 0.1, "num_cycles": 0.5}
+    cfg = compose("train", ["train.lr_scheduler_kwargs={min_lr:1e-5}"])
+    assert cfg.train.lr_scheduler_kwargs == {"min_lr": 1e-5}
+    assert compose("train", []).train.lr_scheduler_kwargs == {}
+
+
 def test_free_text_is_taken_as_typed():
     cfg = compose("train", ["prompt=What's the capital of France, really?", "system=Be brief, please."])
     assert cfg.gen.prompt == "What's the capital of France, really?"
@@ -89,6 +97,14 @@ BAD = [
     (["train.max_steps"], "is not key=value"),
     (["train.lr_scheduler_type=zigzag"], "train.lr_scheduler_type=zigzag"),
     (["train.report_to=[tensorbored]"], "unknown tracker 'tensorbored'"),
+    (["train.lr_scheduler_type=cosine_with_min_lr"], "decays to a floor: give one of "
+     "train.lr_scheduler_kwargs.min_lr_rate (a share of the peak, such as 0.1) or .min_lr"),
+    (["train.lr_scheduler_type=warmup_stable_decay"], "give the steps of its decay, "
+     "train.lr_scheduler_kwargs.num_decay_steps"),
+    (["train.lr_scheduler_type=reduce_lr_on_plateau"], "follows the held-out loss: set train.eval_steps"),
+    (["train.optim=sgdx"], "train.optim=sgdx: not an optimizer transformers knows; use auto or one of adafactor,"),
+    (["train.optim=galore_adamw"], "train.optim=galore_adamw: GaLore and APOLLO train full weight matrices"),
+    (["train.optim=adamw_torch_npu_fused"], "train.optim=adamw_torch_npu_fused needs the Python module torch_npu"),
     (["data.path=/nonexistent/train.jsonl"], "data.path=/nonexistent/train.jsonl: no such file"),
     (["data.eval_path=null", "eval.exact_match=true"], "needs held-out data"),
     (["lora.target_modules=q_proj"], "expects a list"),
@@ -117,6 +133,16 @@ def test_bad_config_exits_2_with_the_key_and_writes_nothing(overrides, words, tm
     assert err.startswith("qlora: error:") and words in err, err
     assert "Traceback" not in err
     assert not out.exists()
+
+
+def test_the_scheduler_and_optimizer_names_checked_are_transformers_own():
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    from qlora.validation import FULL_WEIGHT_OPTIMIZERS, OPTIMIZER_MODULES, OPTIMIZERS, SCHEDULERS
+
+    assert SCHEDULERS == {s.value for s in SchedulerType}
+    assert OPTIMIZERS | set(OPTIMIZER_MODULES) | FULL_WEIGHT_OPTIMIZERS == {o.value for o in OptimizerNames}
 
 
 def test_fsdp_qlora_recipe_asks_the_trainer_for_peft_aware_full_sharding():
