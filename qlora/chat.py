@@ -14,6 +14,7 @@ from typing import Dict, List, Optional
 from qlora.config import GenConfig
 from qlora.generate import sampling_kwargs
 from qlora.inference import Loaded, conversation, load_for_inference
+from qlora.validation import refuse, validate_gen
 from qlora.models import stop_token_ids
 
 HELP = """commands:
@@ -91,6 +92,10 @@ class ChatSession:
                 return
         if not changes:
             self.say("usage: /set KEY=VALUE (e.g. /set temperature=0.7)")
+            return
+        problems = validate_gen(replace(self.gen, **changes))
+        if problems:
+            self.say("; ".join(problems) + " (settings unchanged)")
             return
         self.gen = replace(self.gen, **changes)
         self.say("(" + ", ".join(f"{k}={v}" for k, v in changes.items()) + ")")
@@ -174,6 +179,7 @@ class ChatSession:
 
 def chat_cli(cfg) -> int:
     """The `qlora chat` verb."""
+    refuse(validate_gen(cfg.gen))
     loaded = load_for_inference(cfg)
     session = ChatSession(loaded, cfg.gen)
     interactive = sys.stdin.isatty()

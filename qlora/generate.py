@@ -5,10 +5,12 @@ from typing import Dict, List, Optional, Union
 
 from qlora.config import GenConfig
 from qlora.models import stop_token_ids
+from qlora.validation import refuse, validate_gen
 
 
 def sampling_kwargs(gen: GenConfig) -> dict:
     """generate() arguments for sampling, or for greedy decoding (with the sampling knobs unset)."""
+    refuse(validate_gen(gen))
     if gen.do_sample:
         return dict(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k)
     return dict(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -92,8 +94,7 @@ def generate_cli(cfg) -> int:
     gen = cfg.gen
     if bool(gen.prompt) == bool(gen.prompts):
         raise UserError("give one of prompt=\"TEXT\" or prompts=FILE.jsonl")
-    if gen.max_new_tokens <= 0:
-        raise UserError(f"gen.max_new_tokens={gen.max_new_tokens}: must be > 0")
+    refuse(validate_gen(gen))
     if gen.prompts:
         convs = read_prompts(gen.prompts)
         if gen.system:

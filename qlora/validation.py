@@ -241,12 +241,34 @@ def pick_optimizer(optim: str, device: str, fsdp: bool = False) -> str:
 
 def validate_merge(cfg: QLoraConfig) -> List[str]:
     """Every problem of a merge/export config."""
+    from qlora.merge import parse_size
+
     m, p = cfg.merge, []
     for key in ("min_top1_agreement", "min_top1_agreement_nf4"):
         if not 0 <= getattr(m, key) <= 1:
             p.append(f"merge.{key}={getattr(m, key)}: must be in [0, 1]")
     if m.check_prompts < 1:
         p.append(f"merge.check_prompts={m.check_prompts}: the self-check needs at least 1 prompt")
+    try:
+        parse_size(m.max_shard_size)
+    except UserError as e:
+        p.append(str(e))
+    return p
+
+
+def validate_gen(gen) -> List[str]:
+    """Every problem of the generation settings (gen.*), as `qlora chat`'s /set takes them too."""
+    p: List[str] = []
+    if gen.max_new_tokens <= 0:
+        p.append(f"gen.max_new_tokens={gen.max_new_tokens}: must be > 0")
+    if gen.temperature <= 0:
+        p.append(f"gen.temperature={gen.temperature}: must be > 0 (for the most likely token, gen.do_sample=false)")
+    if not 0 < gen.top_p <= 1:
+        p.append(f"gen.top_p={gen.top_p}: must be in (0, 1]")
+    if gen.top_k < 0:
+        p.append(f"gen.top_k={gen.top_k}: must be >= 0 (0 leaves it out)")
+    if gen.repetition_penalty <= 0:
+        p.append(f"gen.repetition_penalty={gen.repetition_penalty}: must be > 0 (1 leaves it out)")
     return p
 
 

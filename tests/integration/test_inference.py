@@ -55,6 +55,8 @@ def test_chat_session_keeps_history_and_obeys_commands(tiny_run, tmp_path):
     assert (s.gen.temperature, s.gen.do_sample, s.gen.top_k) == (0.5, True, 5)
     s.handle("/set temperature=hot")
     assert "expected a number" in out.getvalue() and s.gen.temperature == 0.5
+    s.handle("/set top_k=9 temperature=0")  # refused whole: generate() would raise at the next answer
+    assert "gen.temperature=0.0: must be > 0" in out.getvalue() and (s.gen.temperature, s.gen.top_k) == (0.5, 5)
     s.handle("/system Be brief.")
     assert s.system == "Be brief." and s.history == []
     s.handle("again")

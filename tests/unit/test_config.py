@@ -174,3 +174,13 @@ def test_three_way_switches_take_true_and_false_from_the_command_line(value):
 
     cfg = compose("train", [f"train.gradient_checkpointing={value}"])
     assert cfg.train.gradient_checkpointing is Switch(value.lower())
+
+
+def test_merge_and_generation_settings_are_checked_before_a_model_loads():
+    from qlora.validation import validate_gen, validate_merge
+
+    cfg = compose("train", ["merge.max_shard_size=2G", "gen.top_p=0", "gen.top_k=-1", "gen.repetition_penalty=0"])
+    assert validate_merge(cfg) == ["merge.max_shard_size=2G: write a size like 500MB or 2GB"]
+    assert [p.split(":")[0] for p in validate_gen(cfg.gen)] == ["gen.top_p=0.0", "gen.top_k=-1",
+                                                                "gen.repetition_penalty=0.0"]
+    assert validate_merge(compose("train", [])) == validate_gen(compose("train", []).gen) == []
