@@ -10,7 +10,8 @@ demo's decoder pass); so for the time of training the model attends through "qlo
 runs SDPA over each example's span with its causal flag (1.03x faster than the padded batch there,
 where padding is 3% of the tokens; more where lengths vary). Anything else reaching it, such as
 a padded batch, a cached step, or sliding-window attention longer than an example, goes to
-transformers' SDPA with the mask it builds for SDPA.
+transformers' SDPA with the mask it builds for SDPA. For the rows it splits, transformers builds no
+mask at all (segment_mask): a row's would be (tokens x tokens) bytes, 1 GiB at 32k tokens.
 
 On a GPU, in fp16 or bf16, the row goes instead through torch's variable-length flash attention
 (`torch.nn.attention.varlen`): one kernel per layer for all the examples, where the loop above
@@ -37,6 +38,7 @@ _last: Tuple[Optional[torch.Tensor], Optional[List[Tuple[int, int]]]] = (None, N
 _cu: Tuple[Optional[list], Optional[torch.Tensor]] = (None, None)  # (spans, their varlen cu_seq tensor)
 _told: set = set()  # what varlen_ready has said: None (it runs) or why it cannot
 _used: set = set()  # the attentions one-row micro-batches went through, within segment_attention_for
+_row: Optional[torch.Tensor] = None  # the position_ids of the decoder's forward under way (segment_attention_for)
 
 
 def padding_share(lengths: List[int], batch: int, draws: int = 256) -> float:
@@ -79,6 +81,9 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         if found and window and max(b - a for a, b in found) > window:
             found = None
     if not found:
+        if attention_mask is None and position_ids is not None and spans(position_ids):  # segment_mask left it out
+            attention_mask = span_mask(spans(position_ids), key.shape[2], query.device,
+                                       getattr(module, "is_causal", True), kwargs.get("sliding_window"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if query.device.type == "cuda" and not dropout and varlen_ready(query, key):
@@ -86,6 +91,40 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         return varlen_attention(query, key, value, found, scaling).unsqueeze(0), None
     _used.add("per-example SDPA")
     return per_example_attention(query, key, value, found, scaling, dropout).transpose(1, 2).contiguous(), None
+
+
+def segment_mask(**kwargs) -> Optional[torch.Tensor]:
+    """transformers' mask function for "qlora_segments": None, no mask at all, for a forward's one-row
+    micro-batch that segment_attention splits into its examples (which reads no mask); otherwise SDPA's
+    mask. For one row of n tokens that mask is n x n bytes, 256 MiB at 16k tokens, built at every forward
+    and kept through the step."""
+    from transformers.masking_utils import sdpa_mask
+
+    length = kwargs["kv_length"]
+    found = spans(_row) if _row is not None and _row.shape == (1, length) else None
+    padding = kwargs.get("attention_mask")
+    window = kwargs.get("local_size")  # sliding-window or chunked layers
+    if (found and kwargs["batch_size"] == 1 and kwargs["q_length"] == length
+            and not kwargs.get("q_offset") and not kwargs.get("kv_offset") and not kwargs.get("use_vmap")
+            and (padding is None or bool(padding.all()))
+            and (window is None or max(b - a for a, b in found) <= window)
+            and getattr(kwargs.get("config"), "attn_logit_softcapping", None) is None):
+        return None
+    return sdpa_mask(**kwargs)
+
+
+def span_mask(found: List[Tuple[int, int]], length: int, device, causal: bool = True,
+              window: Optional[int] = None) -> torch.Tensor:
+    """SDPA's bool mask (1, 1, length, length) for one row whose examples are found: each token sees its
+    own example only (and the tokens before it, causal; within the window)."""
+    example = torch.repeat_interleave(torch.arange(len(found)), torch.tensor([b - a for a, b in found]))
+    i = torch.arange(length)
+    mask = example[:, None] == example[None, :]
+    if causal:
+        mask &= i[None, :] <= i[:, None]
+    if window:
+        mask &= i[:, None] - i[None, :] < window
+    return mask[None, None].to(device)
 
 
 def per_example_attention(query, key, value, found: List[Tuple[int, int]], scaling=None, dropout: float = 0.0):
@@ -181,10 +220,10 @@ def varlen_problem(device: str, dtype: torch.dtype, heads: int, kv_heads: int, h
 def register() -> None:
     """Makes NAME an attention implementation of transformers, with SDPA's masks."""
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
     AttentionInterface.register(NAME, segment_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, segment_mask)
 
 
 @contextmanager
@@ -200,7 +239,18 @@ def segment_attention_for(model, enabled: bool = True):
         return
     register()
     config._attn_implementation = NAME
+    decoder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = getattr(decoder, "base_model", decoder)  # the module that builds the masks (LlamaModel, ...)
+
+    def record(module, args, kwargs):
+        global _row
+        _row = kwargs.get("position_ids")
+
+    hook = decoder.register_forward_pre_hook(record, with_kwargs=True)
     try:
         yield _used
     finally:
+        global _row
+        hook.remove()
+        _row = None
         config._attn_implementation = "sdpa"

@@ -57,6 +57,8 @@ class Shape:
     kv_heads: int
     vocab: int
     tied: bool
+    window: Optional[int] = None  # the sliding window of layers that have one
+    softcap: bool = False  # attention logits soft-capped (Gemma 2)
 
     @property
     def kv_dim(self) -> int:
@@ -101,9 +103,11 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
                             f"plan knows {', '.join(KNOWN)} without it") from None
     c = json.loads((folder / "config.json").read_text())
     c = c.get("text_config", c)
+    sliding = c.get("use_sliding_window", True) and "sliding_attention" in c.get("layer_types", ["sliding_attention"])
     return Shape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
                  c.get("num_key_value_heads") or c["num_attention_heads"], c["vocab_size"],
-                 bool(c.get("tie_word_embeddings", False))), folder
+                 bool(c.get("tie_word_embeddings", False)), c.get("sliding_window") if sliding else None,
+                 c.get("attn_logit_softcapping") is not None), folder
 
 
 @dataclass
@@ -142,9 +146,11 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     checkpointed = s.checkpointed(checkpoint_layers) if checkpointing else 0
     kept = (0 if offload_checkpoints else s.hidden) + (s.hidden if checkpoint_attention else 0)
     act = tokens * (checkpointed * kept + (s.layers - checkpointed) * per_layer + (per_layer if checkpointed else 0)) * b
-    # transformers' mask for packed rows is dense (block-diagonal); for one row it spans the whole
-    # micro-batch, (batch x length)², kept through the step even where our attention splits the row
-    mask = (batch * max_length) ** 2 if one_row else batch * max_length ** 2 if packing else 0
+    # transformers' mask for packed rows is dense (block-diagonal); for one row it would span the whole
+    # micro-batch, (batch x length)², kept through the step, but SDPA's (mask_bytes 1) is not built where
+    # padding_free.segment_attention splits the row: no soft-capping, no window shorter than an example
+    split = one_row and mask_bytes == 1 and not s.softcap and not (s.window and s.window < max_length)
+    mask = 0 if split else (batch * max_length) ** 2 if one_row else batch * max_length ** 2 if packing else 0
     head_rows = CPU_HEAD_ROWS[fused_lora, small_head_tiles] + (CPU_BF16_CHECKPOINTED_ROWS
                                                                if bf16_products and checkpointing else 0.0)
     parts = {

@@ -9,16 +9,16 @@ import pytest
 import torch
 
 from qlora.cli import main
-from qlora.plan import GPUS, KNOWN, estimate, model_file_gb, model_shape
+from qlora.plan import GPUS, KNOWN, Shape, estimate, model_file_gb, model_shape
 from tests.conftest import write_jsonl
 
 SHAPE = KNOWN["meta-llama/Llama-3.1-8B-Instruct"]
 
 
-def est(**kw):
+def est(shape=SHAPE, **kw):
     args = dict(r=16, batch=4, max_length=2048, checkpointing=True, optim="paged_adamw_8bit", device="cuda")
     args.update(kw)
-    return estimate(SHAPE, **args)
+    return estimate(shape, **args)
 
 
 def test_the_estimate_moves_the_way_memory_does():
@@ -47,18 +47,23 @@ def test_bf16_products_count_on_cpu_only_with_checkpointing():
 
 def test_the_attention_mask_of_packed_rows_and_of_one_row_micro_batches_is_counted(capsys):
     """transformers' SDPA mask over packed rows is one bool per query and key of each row; over a
-    padding-free micro-batch, laid in one row, it spans the whole row: 8 x 2048 tokens make a 16k x
-    16k mask, 256 MiB (create_causal_mask's, measured), held through the step."""
+    padding-free micro-batch, laid in one row, it would span the whole row: 8 x 2048 tokens make a 16k
+    x 16k mask, 256 MiB (create_causal_mask's, measured), held through the step. Where our attention
+    splits the row into its examples, none is built (padding_free.segment_mask)."""
     assert "attention mask" not in est().parts  # padded rows: SDPA's causal flag, no mask
     assert est(packing=True).parts["attention mask"] * 2**30 == 4 * 2048 ** 2
-    assert est(one_row=True).parts["attention mask"] * 2**30 == (4 * 2048) ** 2
-    assert est(one_row=True, mask_bytes=2).total > est(one_row=True).total  # eager's mask: the compute dtype
+    assert "attention mask" not in est(one_row=True).parts  # SDPA, split example by example: none
+    assert est(one_row=True, mask_bytes=2).parts["attention mask"] * 2**30 == 2 * (4 * 2048) ** 2  # eager's
     assert "attention mask" not in est(one_row=True, mask_bytes=0).parts  # flash-attention: none
+    windowed = Shape(2048, 5632, 22, 32, 4, 32000, False, window=1024)  # examples may be longer: not split
+    assert est(windowed, one_row=True).parts["attention mask"] * 2**30 == (4 * 2048) ** 2
+    assert "attention mask" not in est(windowed, one_row=True, max_length=1024).parts
+    assert est(Shape(2048, 5632, 22, 32, 4, 32000, False, softcap=True), one_row=True).parts["attention mask"]
     shape = ["recipe=tinyllama_demo_t4", "gpu=T4", "train.per_device_train_batch_size=8", "train.max_length=2048"]
-    assert main(["plan", *shape, "data.padding_free=true"]) == 0
-    assert re.search(r"attention mask +0\.25 GiB", capsys.readouterr().out)
-    assert main(["plan", *shape]) == 0  # data.padding_free=auto leaves GPUs padded
+    assert main(["plan", *shape, "data.padding_free=true", "data.packing=true"]) == 0
     assert "attention mask" not in capsys.readouterr().out
+    assert main(["plan", *shape, "data.packing=true"]) == 0  # data.padding_free=auto leaves GPUs padded
+    assert re.search(r"attention mask +0\.03 GiB", capsys.readouterr().out)  # 8 rows of 2048² bytes
 
 
 def test_plan_points_to_faster_checkpointing_where_memory_is_to_spare(capsys):

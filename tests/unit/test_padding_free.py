@@ -129,3 +129,65 @@ def test_the_first_use_check_stands_apart_from_the_step_it_is_made_in(varlen):
     x = torch.ones(3, requires_grad=True)
     torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).sum().backward()
     assert x.grad.tolist() == [2.0, 2.0, 2.0]
+
+
+def _tiny(kind: str, **extra):
+    """A random 2-layer decoder attending through SDPA, in training mode (as segment_attention_for serves it)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+    config, model = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[kind]
+    torch.manual_seed(0)
+    m = model(config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, attn_implementation="sdpa", **extra))
+    return m.train()
+
+
+@pytest.mark.parametrize("kind,extra,masks", [("llama", {}, 0), ("mistral", {"sliding_window": 3}, 1)],
+                         ids=["split: no mask", "window shorter than an example: SDPA's mask"])
+def test_a_row_split_into_its_examples_gets_no_mask_and_the_same_logits(kind, extra, masks, monkeypatch):
+    import transformers.masking_utils as masking
+
+    from qlora.padding_free import segment_attention_for
+
+    built = []
+    sdpa_mask = masking.sdpa_mask
+    monkeypatch.setattr(masking, "sdpa_mask", lambda **kw: built.append(sdpa_mask(**kw)) or built[-1])
+    model = _tiny(kind, **extra)
+    examples = [torch.randint(0, 64, (1, n), generator=torch.Generator().manual_seed(n)) for n in (5, 2, 7)]
+    alone = torch.cat([model(input_ids=e, use_cache=False).logits for e in examples], dim=1)
+    row = torch.cat(examples, dim=1)
+    positions = torch.cat([torch.arange(e.shape[1]) for e in examples])[None]
+    built.clear()
+    with segment_attention_for(model) as used:
+        together = model(input_ids=row, position_ids=positions, use_cache=False).logits
+    assert sum(m is not None for m in built) == masks and used == ({"per-example SDPA"} if not masks else set())
+    torch.testing.assert_close(together, alone)
+
+
+def test_the_mask_made_from_a_rows_examples_is_block_diagonal():
+    from qlora.padding_free import span_mask
+
+    found, n = [(0, 2), (2, 5)], 5
+
+    def allowed(i, j, causal, window):
+        return (any(a <= i < b and a <= j < b for a, b in found) and (not causal or j <= i)
+                and (window is None or i - j < window))
+    for causal in (True, False):
+        for window in (None, 2):
+            expect = torch.tensor([[allowed(i, j, causal, window) for j in range(n)] for i in range(n)])
+            assert torch.equal(span_mask(found, n, "cpu", causal, window)[0, 0], expect), (causal, window)
+
+
+def test_a_layer_that_cannot_split_a_row_without_a_mask_attends_within_each_example():
+    from types import SimpleNamespace
+
+    from qlora.padding_free import segment_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 7, 8, generator=g) for _ in range(3))
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    bidirectional = SimpleNamespace(is_causal=False, training=True)  # an encoder-style layer: not split
+    out, _ = segment_attention(bidirectional, q, k, v, None, position_ids=positions)
+    alone = torch.cat([torch.nn.functional.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b])
+                       for a, b in [(0, 3), (3, 7)]], dim=2).transpose(1, 2)
+    torch.testing.assert_close(out, alone)
