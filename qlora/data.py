@@ -145,6 +145,9 @@ def to_example(row, fmt: DataFormat, columns: Dict[str, str], where: str = "") -
     if fmt is DataFormat.sharegpt:
         messages = sharegpt_to_messages(row.get(c["conversations"]))
     else:
+        if c["messages"] not in row:  # data.format=messages said so, but the row is of another format
+            raise BadRow(f"no {c['messages']!r} in a row with keys {sorted(row)}; data.format=auto detects each "
+                         f"row's format (or set data.columns.messages=YOUR_COLUMN)")
         messages = row.get(c["messages"])
         if not isinstance(messages, list) or not messages:
             raise BadRow(f"{c['messages']!r} must be a non-empty list")

@@ -111,3 +111,14 @@ def test_drop_policy_counts_reasons_and_enforces_the_threshold(tmp_path):
     assert len(ok) == 9 and stats.dropped == {"malformed JSON": 1}
     with pytest.raises(UserError, match="more than data.max_bad_fraction"):
         read_examples(str(path), DataConfig(path=str(path), on_bad_row=OnBadRow.drop, max_bad_fraction=0.05))
+
+
+def test_a_data_path_of_another_format_is_read_as_its_own_format_from_the_demo_config(tmp_path):
+    from qlora.cli import compose
+
+    path = write_jsonl(tmp_path / "alpaca.jsonl", [json.dumps({"instruction": "Add 2 and 3", "output": "5"})])
+    cfg = compose("train", [f"data.path={path}"])  # the demo's data group, another file
+    assert [e.messages[-1]["content"] for e in read_examples(str(path), cfg.data)] == ["5"]
+    with pytest.raises(UserError) as e:  # a format named outright is held to
+        read_examples(str(path), DataConfig(path=str(path), format=DataFormat.messages))
+    assert "no 'messages' in a row with keys ['instruction', 'output']; data.format=auto detects" in str(e.value)
