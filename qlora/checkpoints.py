@@ -36,11 +36,18 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     return whole[-1] if whole else None
 
 
-def file_digest(path: str) -> str:
+def data_digest(path: str, subset: Optional[str] = None, split: str = "train") -> str:
+    """sha256 (16 hex digits) of the data a path names: the bytes of its files in order (a file, a
+    folder, a glob), or for a Hugging Face dataset its name, subset and split (not its rows)."""
+    from qlora.sources import is_local, local_files
+
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    if not is_local(path):
+        h.update(f"{path}\0{subset}\0{split}".encode())
+    for file in local_files(path) if is_local(path) else []:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
     return h.hexdigest()[:16]
 
 
@@ -58,8 +65,10 @@ def fingerprint(cfg: QLoraConfig) -> Dict[str, Any]:
         "model.name_or_path": cfg.model.name_or_path,
         **{f"quant.{k}": v for k, v in plain(asdict(cfg.quant)).items()},
         **{f"lora.{k}": v for k, v in plain(asdict(cfg.lora)).items()},
-        "data.path (sha256)": file_digest(d.path),
-        "data.eval_path (sha256)": file_digest(d.eval_path) if d.eval_path else None,
+        "data.path (sha256)": None if d.sources else data_digest(d.path, d.subset, d.split),
+        **({"data.sources (sha256, weight, format)": [[data_digest(src.path, src.subset, src.split), src.weight,
+                                                       src.format.value] for src in d.sources]} if d.sources else {}),
+        "data.eval_path (sha256)": data_digest(d.eval_path, d.subset, d.eval_split) if d.eval_path else None,
         "data.format": d.format.value, "data.loss_on": d.loss_on.value, "data.eval_fraction": d.eval_fraction,
         "train.max_length": t.max_length, "train.seed": t.seed,
         "train.per_device_train_batch_size": t.per_device_train_batch_size,

@@ -223,3 +223,27 @@ def test_held_out_rows_of_a_mixture_are_never_trained_on(tmp_path):
     held_names = {e.prompt for e in held}
     assert len(held) == 10 and not held_names & {e.prompt for e in train}
     assert sum(e.prompt.startswith("a") for e in train) == 30 and sum(e.prompt.startswith("b") for e in train) == 8
+
+
+def test_the_resume_fingerprint_reads_folders_globs_mixtures_and_hub_names(tmp_path):
+    from qlora.checkpoints import fingerprint
+    from qlora.cli import compose
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "one"}\n')
+    (folder / "b.jsonl").write_text('{"text": "two"}\n')
+
+    def digest(*overrides):
+        fp = fingerprint(compose("train", ["data.eval_path=null", *overrides]))
+        return fp["data.path (sha256)"], fp.get("data.sources (sha256, weight, format)")
+
+    by_folder, by_glob = digest(f"data.path={folder}"), digest(f"data.path={folder}/*.jsonl")
+    assert by_folder == by_glob and by_folder[0]
+    (folder / "b.jsonl").write_text('{"text": "two, edited"}\n')
+    assert digest(f"data.path={folder}") != by_folder, "a changed file changes the fingerprint"
+    hub = digest("data.path=org/some-dataset")  # its rows are not read: its name, subset and split
+    assert hub != digest("data.path=org/some-dataset", "data.split=test") and hub[0]
+    mixture = digest(f"data.sources=[{{path:{folder}/a.jsonl,weight:2}},{{path:{folder}/b.jsonl}}]")
+    assert mixture[0] is None and [w for _, w, _ in mixture[1]] == [2.0, 1.0]
+    assert json.loads(json.dumps(mixture[1])) == mixture[1], "compares equal once saved in fingerprint.json"
