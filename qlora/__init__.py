@@ -1,10 +1,20 @@
 """qlora: QLoRA fine-tuning on one GPU. `qlora --help` for the verbs."""
 import logging
+import warnings
 
 __version__ = "0.1.0"
 
-# bitsandbytes on CPUs with bf16 units warns at import that it cannot fetch a Hub kernel (package
-# `kernels`) for its one-token 4-bit product; qlora's generation multiplies by its own kernel's
-# weights there (gen.fast_dequant), so the warning asks for nothing qlora needs. Here, so that the
-# command line and the Python API (notebooks) both keep it from the user.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+def quiet_libraries() -> None:
+    """Keeps from the user what the libraries say that asks nothing of them; run when qlora is imported,
+    so that the command line and the Python API (notebooks) both have it."""
+    # bitsandbytes on CPUs with bf16 units warns at import that it cannot fetch a Hub kernel (package
+    # `kernels`) for its one-token 4-bit product; qlora's generation multiplies by its own kernel's
+    # weights there (gen.fast_dequant), so the warning asks for nothing qlora needs.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    # PEFT asks every model it wraps `is_gradient_checkpointing`, which transformers 5 renamed with a
+    # FutureWarning at each ask (shown in notebooks; qlora's command line hides FutureWarnings anyway).
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+quiet_libraries()

@@ -184,3 +184,20 @@ def test_merge_and_generation_settings_are_checked_before_a_model_loads():
     assert [p.split(":")[0] for p in validate_gen(cfg.gen)] == ["gen.top_p=0.0", "gen.top_k=-1",
                                                                 "gen.repetition_penalty=0.0"]
     assert validate_merge(compose("train", [])) == validate_gen(compose("train", []).gen) == []
+
+
+def test_peft_wrapping_a_model_warns_nothing_the_user_could_act_on():
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora import quiet_libraries  # run by importing qlora (the command line, the Python API)
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, each time: then what qlora sets when imported
+        quiet_libraries()
+        get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
