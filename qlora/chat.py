@@ -14,8 +14,8 @@ from typing import Dict, List, Optional
 from qlora.config import GenConfig
 from qlora.generate import sampling_kwargs
 from qlora.inference import Loaded, conversation, load_for_inference
-from qlora.validation import refuse, validate_gen
 from qlora.models import stop_token_ids
+from qlora.validation import refuse, validate_gen
 
 HELP = """commands:
   /reset               forget the conversation
