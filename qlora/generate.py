@@ -1,7 +1,7 @@
 """Batched generation with the chat template the model was trained with (left padding, stop tokens)."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 from qlora.config import GenConfig
 from qlora.models import stop_token_ids
@@ -50,8 +50,10 @@ def generate_answers(model, tokenizer, conversations: List[Union[str, List[Dict[
     return answers
 
 
-def read_prompts(path: str) -> List[List[Dict[str, str]]]:
-    """A prompts file: one JSON object per line, {"prompt": "..."} or {"messages": [...]}."""
+def read_prompts(path: str) -> List[Tuple[List[Dict[str, str]], Optional[str]]]:
+    """A prompts file: one JSON object per line, {"prompt": "..."} or {"messages": [...]}; as
+    (conversation, reference) pairs. Messages that end with an assistant turn (a held-out data file)
+    are answered from the user turn before it, that assistant turn kept as the reference."""
     import json
     from pathlib import Path
 
@@ -69,15 +71,20 @@ def read_prompts(path: str) -> List[List[Dict[str, str]]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise UserError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+        messages = row.get("messages") if isinstance(row, dict) else None
+        reference = None
+        if isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+                and messages[-1].get("role") == "assistant" and isinstance(messages[-1].get("content"), str):
+            messages, reference = messages[:-1], messages[-1]["content"]
         if isinstance(row, dict) and isinstance(row.get("prompt"), str) and row["prompt"].strip():
-            out.append([{"role": "user", "content": row["prompt"]}])
-        elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"] and all(
+            out.append(([{"role": "user", "content": row["prompt"]}], None))
+        elif isinstance(messages, list) and messages and all(
                 isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") in
-                ("system", "user", "assistant") for m in row["messages"]) and row["messages"][-1]["role"] == "user":
-            out.append([{"role": m["role"], "content": m["content"]} for m in row["messages"]])
+                ("system", "user", "assistant") for m in messages) and messages[-1]["role"] == "user":
+            out.append(([{"role": m["role"], "content": m["content"]} for m in messages], reference))
         else:
             raise UserError(f"{where}: expected {{\"prompt\": \"...\"}} or {{\"messages\": [...]}} "
-                            "ending with a user message")
+                            "ending with a user message (or with an assistant one after it, kept as the reference)")
     if not out:
         raise UserError(f"{file}: no prompts")
     return out
@@ -96,7 +103,7 @@ def generate_cli(cfg) -> int:
         raise UserError("give one of prompt=\"TEXT\" or prompts=FILE.jsonl")
     refuse(validate_gen(gen))
     if gen.prompts:
-        convs = read_prompts(gen.prompts)
+        convs, references = map(list, zip(*read_prompts(gen.prompts)))
         if gen.system:
             convs = [c if c[0]["role"] == "system" else [{"role": "system", "content": gen.system}] + c
                      for c in convs]
@@ -106,7 +113,8 @@ def generate_cli(cfg) -> int:
         print(generate_answers(loaded.model, loaded.tokenizer, [conversation(gen.prompt, gen.system)], gen)[0])
         return 0
     answers = generate_answers(loaded.model, loaded.tokenizer, convs, gen, batch_size=8, desc="generating")
-    lines = "".join(json.dumps({"messages": c, "answer": a}) + "\n" for c, a in zip(convs, answers))
+    lines = "".join(json.dumps({"messages": c, "answer": a, **({"reference": r} if r is not None else {})}) + "\n"
+                    for c, a, r in zip(convs, answers, references))
     if out_dir is None:
         print(lines, end="")
         return 0

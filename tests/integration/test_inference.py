@@ -20,14 +20,17 @@ def test_generate_one_prompt_prints_the_answer(tiny_run, capsys):
 
 def test_generate_a_prompts_file_writes_one_answer_per_line(tiny_run, tmp_path):
     run, _ = tiny_run
+    held_out = {"messages": [{"role": "user", "content": "Ana is 9."}, {"role": "assistant", "content": "9"}]}
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"messages": [
-        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Maria is 34."}]}])
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Maria is 34."}]}, held_out])
     out = tmp_path / "gen"
     assert main(["generate", f"adapter={run.run_dir}", f"prompts={prompts}", f"output_dir={out}",
                  "gen.max_new_tokens=3"]) == 0
     rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(isinstance(r["answer"], str) for r in rows)
-    assert rows[1]["messages"][0] == {"role": "system", "content": "Be brief."}
+    assert len(rows) == 3 and all(isinstance(r["answer"], str) for r in rows)
+    assert rows[1]["messages"][0] == {"role": "system", "content": "Be brief."} and "reference" not in rows[1]
+    # a held-out row is answered from its user turn, its own answer kept beside the model's
+    assert rows[2]["messages"] == held_out["messages"][:1] and rows[2]["reference"] == "9"
 
 
 def test_bad_prompts_file_names_the_line(tiny_run, tmp_path, capsys):
