@@ -49,6 +49,42 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype
     return model
 
 
+def check_targets(path: str, lora: LoraConfig, trust_remote_code: bool = False) -> None:
+    """lora.target_modules must name modules the model has, as PEFT matches them: checked on an empty
+    model built from its config on the meta device (no weights: under a second), before the weights
+    load. Where the config builds no causal LM here, PEFT checks after loading."""
+    if lora.target_modules == ["all-linear"]:
+        return
+    import torch
+    from accelerate import init_empty_weights
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # PEFT will say it once the model loads
+        return
+    head = model.get_output_embeddings()
+    names = {name: module for name, module in model.named_modules()}
+
+    def matches(target: str) -> list:
+        return [m for n, m in names.items() if check_target_module_exists(PeftLoraConfig(target_modules=[target]), n)]
+
+    key = f"lora.target_modules={list(lora.target_modules)}"
+    missing = [t for t in lora.target_modules if not matches(t)]
+    if missing:
+        linear = sorted({n.rpartition(".")[2] for n, m in names.items()
+                         if isinstance(m, torch.nn.Linear) and m is not head})
+        raise UserError(f"{key}: {config.model_type} has no module {', '.join(missing)}; its linear layers are "
+                        f"{', '.join(linear)} (or use [all-linear])")
+    if any(head is m for t in lora.target_modules for m in matches(t)):
+        raise UserError(f"{key}: the LM head cannot take an adapter (TRL scores tokens with its weight directly, "
+                        "so the adapter would never train); train it in full with lora.modules_to_save=[lm_head]")
+
+
 def keep_trainable_fp32(model) -> None:
     """Trainable weights in fp32: TRL casts LoRA to bf16 for quantized models, and the fp16 grad
     scaler then refuses bf16 gradients (the plain stack's crash with fp16 compute); fp32 costs

@@ -55,7 +55,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from transformers import set_seed
     from trl import SFTTrainer
 
-    from qlora.adapters import attach_lora, keep_trainable_fp32
+    from qlora.adapters import attach_lora, check_targets, keep_trainable_fp32
     from qlora.data import DataStats, collate_packed, pack_rows, split_examples, tokenize_examples
     from qlora.data_check import check_for_training
     from qlora.evaluate import exact_match, mean_loss
@@ -112,6 +112,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     # there, would train one step past max_steps (it checks for the end only after a step)
     finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
     check_schedule(t, steps)
+    check_targets(path, cfg.lora, cfg.model.trust_remote_code)
     compiling = not finished and compile_wanted(t.compile, device, steps)
     say(f"loading {cfg.model.name_or_path} on {device} "
         f"({'4-bit ' + cfg.quant.bnb_4bit_quant_type.value if cfg.quant.load_in_4bit else 'unquantized'}, "

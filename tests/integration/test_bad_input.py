@@ -59,6 +59,11 @@ CATALOGUE = [
      "train.offload_checkpoints=true moves checkpointed activations off a GPU"),
     ("Liger kernels on CPU", lambda c: train(c, **{"train.liger_kernels": "true"}), 2,
      "train.liger_kernels=true: Liger's kernels are Triton kernels for GPUs"),
+    ("a LoRA target the model does not have", lambda c: train(c, **{"lora.target_modules": "[q_proj,qkv_proj]"}), 2,
+     "lora.target_modules=['q_proj', 'qkv_proj']: llama has no module qkv_proj; its linear layers are down_proj, "
+     "gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj"),
+    ("LoRA on the LM head", lambda c: train(c, **{"lora.target_modules": "[q_proj,lm_head]"}), 2,
+     "the LM head cannot take an adapter"),
     ("a schedule argument the schedule does not take", lambda c: train(c, **{
         "train.lr_scheduler_type": "cosine_with_min_lr", "train.lr_scheduler_kwargs.min_lr_rate": 0.1,
         "train.lr_scheduler_kwargs.min_lr_ratio": 0.1}), 2,
