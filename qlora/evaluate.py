@@ -55,10 +55,12 @@ def evaluate_cli(cfg) -> int:
     from qlora.inference import load_for_inference
 
     from qlora.sources import check_path
+    from qlora.validation import refuse, validate_eval
 
     problem = check_path("data.path", cfg.data.path)
     if problem:
         raise UserError(problem)
+    refuse(validate_eval(cfg.eval))
     examples = read_examples(cfg.data.path, cfg.data)
     loaded = load_for_inference(cfg, chat=any(ex.messages for ex in examples))
     rows = tokenize_examples(loaded.tokenizer, examples, cfg.data, cfg.train.max_length, DataStats())

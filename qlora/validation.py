@@ -59,6 +59,12 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     positive("train.logging_steps", t.logging_steps)
     positive("train.save_steps", t.save_steps)
     positive("train.max_grad_norm", t.max_grad_norm)
+    if t.weight_decay < 0:
+        p.append(f"train.weight_decay={t.weight_decay}: must be >= 0")
+    if not 0 <= t.seed < 2 ** 32:
+        p.append(f"train.seed={t.seed}: must be in [0, 2**32)")
+    if d.show_examples < 0:
+        p.append(f"data.show_examples={d.show_examples}: must be >= 0")
     if t.checkpoint_layers is not None and t.checkpoint_layers < 1:
         p.append(f"train.checkpoint_layers={t.checkpoint_layers}: must be >= 1 (or null for every layer; "
                  "train.gradient_checkpointing=false for none)")
@@ -113,8 +119,7 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
             p.append(f"data.sources[{i}].weight={src.weight}: must be > 0 (1 = every row once)")
     if cfg.eval.exact_match and not (d.eval_path or d.eval_fraction > 0):
         p.append("eval.exact_match=true needs held-out data: set data.eval_path or data.eval_fraction")
-    if cfg.eval.max_new_tokens <= 0:
-        p.append(f"eval.max_new_tokens={cfg.eval.max_new_tokens}: must be > 0")
+    p += validate_eval(cfg.eval)
     if cfg.resume not in ("none", "auto") and not Path(cfg.resume).is_dir():
         p.append(f"resume={cfg.resume}: no such checkpoint folder; use resume=auto or a checkpoints/checkpoint-N path")
     if cfg.dist.strategy is DistStrategy.fsdp_qlora:
@@ -253,6 +258,18 @@ def validate_merge(cfg: QLoraConfig) -> List[str]:
         parse_size(m.max_shard_size)
     except UserError as e:
         p.append(str(e))
+    return p
+
+
+def validate_eval(ev) -> List[str]:
+    """Every problem of the evaluation settings (eval.*), for `qlora train` and `qlora eval`."""
+    p: List[str] = []
+    if ev.max_new_tokens <= 0:
+        p.append(f"eval.max_new_tokens={ev.max_new_tokens}: must be > 0")
+    if ev.batch_size <= 0:
+        p.append(f"eval.batch_size={ev.batch_size}: must be > 0")
+    if ev.max_examples is not None and ev.max_examples <= 0:
+        p.append(f"eval.max_examples={ev.max_examples}: must be > 0, or null for every example")
     return p
 
 

@@ -81,6 +81,8 @@ CATALOGUE = [
                                              "gen.temperature=0"], 2, "gen.temperature=0.0: must be > 0"),
     ("prompts file missing", lambda c: ["generate", f"adapter={c['run']}", "prompts=/nonexistent.jsonl"], 2,
      "gen.prompts=/nonexistent.jsonl: no such file"),
+    ("eval in batches of 0", lambda c: ["eval", f"adapter={c['run']}", f"data.path={c['data'][1]}",
+                                        "eval.batch_size=0"], 2, "eval.batch_size=0: must be > 0"),
     ("eval data missing", lambda c: ["eval", f"adapter={c['run']}", "data.path=/nonexistent.jsonl"], 2,
      "no such file"),
     ("merge without output_dir", lambda c: ["merge", f"adapter={c['run']}"], 2, "output_dir=DIR"),

@@ -102,6 +102,10 @@ BAD = [
     (["train.lr_scheduler_type=warmup_stable_decay"], "give the steps of its decay, "
      "train.lr_scheduler_kwargs.num_decay_steps"),
     (["train.lr_scheduler_type=reduce_lr_on_plateau"], "follows the held-out loss: set train.eval_steps"),
+    (["eval.batch_size=0"], "eval.batch_size=0: must be > 0"),
+    (["eval.max_examples=0"], "eval.max_examples=0: must be > 0, or null for every example"),
+    (["train.weight_decay=-0.1"], "train.weight_decay=-0.1: must be >= 0"),
+    (["train.seed=-5"], "train.seed=-5: must be in [0, 2**32)"),
     (["train.optim=sgdx"], "train.optim=sgdx: not an optimizer transformers knows; use auto or one of adafactor,"),
     (["train.optim=galore_adamw"], "train.optim=galore_adamw: GaLore and APOLLO train full weight matrices"),
     (["train.optim=adamw_torch_npu_fused"], "train.optim=adamw_torch_npu_fused needs the Python module torch_npu"),
