@@ -15,6 +15,10 @@ def quiet_libraries() -> None:
     # PEFT asks every model it wraps `is_gradient_checkpointing`, which transformers 5 renamed with a
     # FutureWarning at each ask (shown in notebooks; qlora's command line hides FutureWarnings anyway).
     warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+    # PEFT, at each save of a run whose embeddings grew for a chat template's tokens, says it saves them
+    # too: qlora trains and saves them in full (lora.modules_to_save) and says so when training starts.
+    warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True` as the embedding layer has "
+                            "been resized", category=UserWarning)
 
 
 quiet_libraries()

@@ -190,7 +190,7 @@ def test_merge_and_generation_settings_are_checked_before_a_model_loads():
     assert validate_merge(compose("train", [])) == validate_gen(compose("train", []).gen) == []
 
 
-def test_peft_wrapping_a_model_warns_nothing_the_user_could_act_on():
+def test_peft_wrapping_and_saving_a_model_warns_nothing_the_user_could_act_on(tmp_path):
     import warnings
 
     from peft import LoraConfig, get_peft_model
@@ -198,10 +198,14 @@ def test_peft_wrapping_a_model_warns_nothing_the_user_could_act_on():
 
     from qlora import quiet_libraries  # run by importing qlora (the command line, the Python API)
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=2))
+    LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "base")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base")
+    model.resize_token_embeddings(40)  # a chat template's added tokens (models.resize_for_tokenizer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")  # every warning, each time: then what qlora sets when imported
         quiet_libraries()
-        get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
-    assert [str(w.message) for w in caught if issubclass(w.category, FutureWarning)] == []
+        peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear",
+                                                      modules_to_save=["embed_tokens", "lm_head"]))
+        peft_model.save_pretrained(tmp_path / "adapter")
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, UserWarning))] == []
