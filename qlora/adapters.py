@@ -68,19 +68,19 @@ def check_targets(path: str, lora: LoraConfig, trust_remote_code: bool = False) 
     except Exception:  # PEFT will say it once the model loads
         return
     head = model.get_output_embeddings()
-    names = {name: module for name, module in model.named_modules()}
-
-    def matches(target: str) -> list:
-        return [m for n, m in names.items() if check_target_module_exists(PeftLoraConfig(target_modules=[target]), n)]
-
+    modules = dict(model.named_modules())
+    matched = {}  # target -> the modules PEFT would adapt for it
+    for target in lora.target_modules:
+        one = PeftLoraConfig(target_modules=[target])
+        matched[target] = [m for n, m in modules.items() if check_target_module_exists(one, n)]
     key = f"lora.target_modules={list(lora.target_modules)}"
-    missing = [t for t in lora.target_modules if not matches(t)]
+    missing = [t for t, found in matched.items() if not found]
     if missing:
-        linear = sorted({n.rpartition(".")[2] for n, m in names.items()
+        linear = sorted({n.rpartition(".")[2] for n, m in modules.items()
                          if isinstance(m, torch.nn.Linear) and m is not head})
         raise UserError(f"{key}: {config.model_type} has no module {', '.join(missing)}; its linear layers are "
                         f"{', '.join(linear)} (or use [all-linear])")
-    if any(head is m for t in lora.target_modules for m in matches(t)):
+    if any(m is head for found in matched.values() for m in found):
         raise UserError(f"{key}: the LM head cannot take an adapter (TRL scores tokens with its weight directly, "
                         "so the adapter would never train); train it in full with lora.modules_to_save=[lm_head]")
 

@@ -81,9 +81,10 @@ def segment_attention(module, query, key, value, attention_mask, dropout: float 
         if found and window and max(b - a for a, b in found) > window:
             found = None
     if not found:
-        if attention_mask is None and position_ids is not None and spans(position_ids):  # segment_mask left it out
-            attention_mask = span_mask(spans(position_ids), key.shape[2], query.device,
-                                       getattr(module, "is_causal", True), kwargs.get("sliding_window"))
+        row = spans(position_ids) if attention_mask is None and position_ids is not None else None
+        if row:  # segment_mask left the mask out, and this layer cannot split the row: one from its examples
+            attention_mask = span_mask(row, key.shape[2], query.device, getattr(module, "is_causal", True),
+                                       kwargs.get("sliding_window"))
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     if query.device.type == "cuda" and not dropout and varlen_ready(query, key):
