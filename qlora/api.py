@@ -10,7 +10,7 @@ Mistakes raise qlora.errors.UserError with the same one-line message the command
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -34,9 +34,26 @@ class Model:
     def ask_many(self, questions: List[str], system: Optional[str] = None,
                  history: Optional[List[Dict[str, str]]] = None, **sampling) -> List[str]:
         """Answers to several questions, generated in batches."""
-        gen = replace(self.gen, **sampling)
+        gen = replace(self.gen, **_checked_sampling(sampling))
         convs = [conversation(q, system or gen.system, history) for q in questions]
         return generate_answers(self.model, self.tokenizer, convs, gen)
+
+
+def _checked_sampling(sampling: Dict[str, object]) -> Dict[str, object]:
+    """The sampling settings of ask/ask_many, refused with a UserError when a name is not one of
+    qlora chat's /set settings or a value is not of the setting's type."""
+    from qlora.chat import SETTABLE
+    from qlora.errors import UserError
+
+    kinds = {f.name: f.type for f in fields(GenConfig)}
+    for key, value in sampling.items():
+        if key not in SETTABLE - {"show_speed"}:
+            raise UserError(f"ask({key}=...): not a sampling setting; use "
+                            f"{', '.join(sorted(SETTABLE - {'show_speed'}))}")
+        kind = {"bool": bool, "int": int, "float": (int, float)}[kinds[key]]
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise UserError(f"ask({key}={value!r}): expected {'True or False' if kind is bool else 'a number'}")
+    return sampling
 
 
 def load(*overrides: str, adapter: Optional[str] = None, model: Optional[str] = None) -> Model:

@@ -112,3 +112,22 @@ def test_gen_fast_dequant_generates_and_evaluates_as_bitsandbytes_does(tiny_run,
     assert outputs["true"] == outputs["false"]
     dequant.use_for_inference(False)
     assert bitsandbytes.matmul_4bit is original
+
+
+def test_api_answers_and_refuses_unknown_sampling_settings(tiny_run):
+    import pytest
+
+    from qlora import api
+    from qlora.errors import UserError
+
+    run, _ = tiny_run
+    bot = api.load(adapter=str(run.run_dir))
+    answers = bot.ask_many(["Who is Ada?", "Who is Bob?"], max_new_tokens=4)
+    assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
+    assert isinstance(bot.ask("Who is Ada?", max_new_tokens=4, do_sample=True, temperature=0.5), str)
+    with pytest.raises(UserError, match=r"ask\(temprature=...\): not a sampling setting; use do_sample"):
+        bot.ask("Who is Ada?", temprature=0.5)
+    with pytest.raises(UserError, match=r"ask\(temperature='hot'\): expected a number"):
+        bot.ask("Who is Ada?", temperature="hot")
+    with pytest.raises(UserError, match="gen.top_p=1.5: must be in"):
+        bot.ask("Who is Ada?", do_sample=True, top_p=1.5)
