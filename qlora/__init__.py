@@ -19,6 +19,9 @@ def quiet_libraries() -> None:
     # too: qlora trains and saves them in full (lora.modules_to_save) and says so when training starts.
     warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True` as the embedding layer has "
                             "been resized", category=UserWarning)
+    # bitsandbytes, at a paged optimizer's first step on CPU, says it runs unpaged: qlora says so when
+    # training starts (validation.optimizer_note).
+    warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
 
 
 quiet_libraries()

@@ -20,7 +20,7 @@ from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint,
                                step_of)
 from qlora.config import DistStrategy, QLoraConfig, Resume
 from qlora.validation import (bf16_base_on, check_schedule, checkpointing_on, fused_lora_on, padding_free_on,
-                              pick_optimizer, refuse, validate_train)
+                              optimizer_note, pick_optimizer, refuse, validate_train)
 from qlora.distributed import close_process_group, is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
 
@@ -135,6 +135,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if bf16_base:
         say("train.bf16_base_products: the frozen base's products (4-bit layers, LM head) in bf16; "
             "activations, LoRA and their sums in fp32")
+    if optimizer_note(optim, device):
+        say(optimizer_note(optim, device))
     if device == "cpu" and cfg.quant.load_in_4bit:  # the evaluation after training, as `qlora eval` runs it
         use_for_inference(t.fast_dequant, "train.fast_dequant")
     load_seconds = time.perf_counter() - t_load
