@@ -151,7 +151,7 @@ def compose(config_name: str, args: List[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from qlora.config import CONF_DIR, RECIPES_DIR, register
+    from qlora.config import CONF_DIR, RECIPES_DIR, held_out_follows_data, register
 
     register()
     overrides, texts = split_overrides(args)
@@ -161,7 +161,7 @@ def compose(config_name: str, args: List[str]):
             cfg = hydra_compose(config_name=config_name, overrides=[search] + overrides)
         for key, value in texts.items():
             OmegaConf.update(cfg, key, value, merge=False)
-        return OmegaConf.to_object(cfg)
+        return held_out_follows_data(OmegaConf.to_object(cfg))
     except (HydraException, OmegaConfBaseException) as e:
         raise UserError(explain_config_error(e)) from None
 

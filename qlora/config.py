@@ -200,7 +200,7 @@ class DataConfig:
     columns: Dict[str, str] = field(default_factory=_default_columns)
     """Column names in your data for each field we read, e.g. data.columns.prompt=question."""
     eval_path: Optional[str] = "${demo_file:people_eval.jsonl}"
-    """Held-out data (file, folder, glob or dataset name, same formats); null for none (see eval_fraction)."""
+    """Held-out data (file, folder, glob or dataset name); null for none (see eval_fraction); the demo's only with its path."""
     eval_split: str = "test"
     """Hugging Face datasets: the split of data.eval_path."""
     eval_fraction: float = 0.0
@@ -393,3 +393,14 @@ def register() -> None:
     ConfigStore.instance().store(name="qlora_schema", node=QLoraConfig)
     if not OmegaConf.has_resolver("demo_file"):
         OmegaConf.register_new_resolver("demo_file", lambda name: str(DEMO_DIR / name))
+
+
+def held_out_follows_data(cfg: QLoraConfig) -> QLoraConfig:
+    """The demo's held-out file goes with the demo's training file only: a config that trains on other
+    data (data.path or data.sources) and leaves data.eval_path at the demo's holds nothing out unless
+    it says what (data.eval_path or data.eval_fraction)."""
+    d = cfg.data
+    own_data = d.sources or d.path != str(DEMO_DIR / "people_train.jsonl")
+    if own_data and d.eval_path == str(DEMO_DIR / "people_eval.jsonl"):
+        d.eval_path = None
+    return cfg

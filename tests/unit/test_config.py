@@ -40,6 +40,16 @@ def test_schedule_arguments_are_the_users_keys_set_one_by_one_or_as_a_dict():
     assert compose("train", []).train.lr_scheduler_kwargs == {}
 
 
+def test_the_demo_held_out_file_goes_only_with_the_demo_data(tmp_path):
+    demo = compose("train", [])
+    assert demo.data.eval_path.endswith("people_eval.jsonl")
+    mine = str(tmp_path / "mine.jsonl")
+    assert compose("train", [f"data.path={mine}"]).data.eval_path is None
+    assert compose("train", [f"data.sources=[{{path:{mine}}}]"]).data.eval_path is None
+    assert compose("train", [f"data.path={mine}", f"data.eval_path={mine}"]).data.eval_path == mine
+    assert compose("train", [f"data.path={demo.data.path}"]).data.eval_path == demo.data.eval_path
+
+
 def test_free_text_is_taken_as_typed():
     cfg = compose("train", ["prompt=What's the capital of France, really?", "system=Be brief, please."])
     assert cfg.gen.prompt == "What's the capital of France, really?"
