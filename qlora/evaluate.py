@@ -45,27 +45,54 @@ def mean_loss(model, rows, batch_size: int = 8) -> float:
     return total / max(count, 1)
 
 
+def held_out_of_run(cfg):
+    """(examples, the run's config, what they are) that `qlora eval adapter=RUN` scores when data.path
+    is left at the demo's: the run's own held-out data (its data.eval_path, or the seeded share
+    data.eval_fraction held out), or None where there is no run or it held nothing out."""
+    from qlora.adapters import adapter_dir
+    from qlora.config import DEMO_DIR
+    from qlora.data import split_examples
+    from qlora.inference import run_config
+
+    if not cfg.adapter or cfg.data.sources or cfg.data.path != str(DEMO_DIR / "people_train.jsonl"):
+        return None
+    trained = run_config(adapter_dir(cfg.adapter))
+    if trained is None or not (trained.data.eval_path or trained.data.eval_fraction > 0):
+        return None
+    _, held, _ = split_examples(trained.data, trained.train.seed)
+    what = trained.data.eval_path or f"the run's held-out share (data.eval_fraction={trained.data.eval_fraction})"
+    return held, trained, what
+
+
 def evaluate_cli(cfg) -> int:
-    """`qlora eval`: loss and greedy exact match of a run (or a model) on data.path, as JSON."""
+    """`qlora eval`: loss and greedy exact match of a run (or a model) on data.path, as JSON; with
+    adapter=RUN and no data.path, on the run's held-out data."""
     import json
     from pathlib import Path
 
     from qlora.data import DataStats, read_examples, tokenize_examples
     from qlora.errors import UserError
     from qlora.inference import load_for_inference
-
+    from qlora.models import say
     from qlora.sources import check_path
     from qlora.validation import refuse, validate_eval
 
-    problem = check_path("data.path", cfg.data.path)
-    if problem:
-        raise UserError(problem)
     refuse(validate_eval(cfg.eval))
-    examples = read_examples(cfg.data.path, cfg.data)
+    held = held_out_of_run(cfg)
+    if held:
+        examples, trained, what = held
+        data, max_length = trained.data, trained.train.max_length
+        say(f"eval: the run's held-out data, {what} (data.path=FILE for other data)")
+    else:
+        problem = check_path("data.path", cfg.data.path)
+        if problem:
+            raise UserError(problem)
+        examples, what = read_examples(cfg.data.path, cfg.data), cfg.data.path
+        data, max_length = cfg.data, cfg.train.max_length
     loaded = load_for_inference(cfg, chat=any(ex.messages for ex in examples))
-    rows = tokenize_examples(loaded.tokenizer, examples, cfg.data, cfg.train.max_length, DataStats())
+    rows = tokenize_examples(loaded.tokenizer, examples, data, max_length, DataStats())
     result = {
-        "model": loaded.name, "data": str(cfg.data.path), "examples": len(examples),
+        "model": loaded.name, "data": str(what), "examples": len(examples),
         "loss": round(mean_loss(loaded.model, rows), 6),
         "exact_match": exact_match(loaded.model, loaded.tokenizer, examples, cfg.eval, desc="exact match"),
         "exact_match_examples": min(len(examples), cfg.eval.max_examples or len(examples)),

@@ -8,7 +8,7 @@ from qlora.chat import ChatSession
 from qlora.cli import compose, main
 from qlora.config import GenConfig
 from qlora.inference import load_for_inference
-from tests.conftest import write_jsonl
+from tests.conftest import tiny_overrides, write_jsonl
 
 
 def test_generate_one_prompt_prints_the_answer(tiny_run, capsys):
@@ -46,6 +46,25 @@ def test_eval_reproduces_the_training_report(tiny_run, tiny_data, capsys):
     assert main(["eval", f"adapter={run.run_dir}", f"data.path={held}", "train.max_length=128"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert abs(result["loss"] - run.report["eval_loss"]) < 1e-4, (result, run.report["eval_loss"])
+    # without data.path: the run's own held-out data, at its max_length
+    assert main(["eval", f"adapter={run.run_dir}"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == {**result, "data": str(held)}
+    assert f"eval: the run's held-out data, {held}" in captured.err
+
+
+def test_eval_of_a_run_with_a_held_out_share_scores_that_share(tiny_model, tiny_data, tmp_path, capsys):
+    from qlora.train import fit
+
+    out = tmp_path / "run"
+    overrides = tiny_overrides(tiny_model, tiny_data, out, **{"data.eval_path": "null", "data.eval_fraction": 0.25,
+                                                             "train.max_steps": 2})
+    run = fit(compose("train", overrides))
+    capsys.readouterr()
+    assert main(["eval", f"adapter={out}"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["examples"] == run.report["eval_examples"] > 0
+    assert abs(result["loss"] - run.report["eval_loss"]) < 1e-4, (result, run.report)
 
 
 def test_chat_session_keeps_history_and_obeys_commands(tiny_run, tmp_path):
