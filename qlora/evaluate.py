@@ -17,31 +17,47 @@ def exact_match(model, tokenizer, examples: List[Example], cfg: EvalConfig, desc
     return sum(a == r.strip() for a, r in zip(answers, refs)) / len(refs)
 
 
+LOGITS_BYTES = 1 << 30
+"""The most fp32 logits (with cross-entropy's copy of them) mean_loss holds at once."""
+
+
 def mean_loss(model, rows, batch_size: int = 8) -> float:
-    """Mean cross-entropy per trained token (the same tokens training counts)."""
+    """Mean cross-entropy per trained token (the same tokens training counts). Logits are computed
+    only where a trained token is predicted (transformers' logits_to_keep mask), and a batch takes
+    fewer rows where theirs would pass LOGITS_BYTES: a 128k-token vocabulary makes 1 GiB of fp32
+    logits for 2048 positions, which a training that fits (its head never holds them) need not have."""
     import torch
 
     from qlora.data import IGNORE
 
-    total, count = 0.0, 0
+    vocab = model.get_output_embeddings().weight.shape[0]
+    per_row = [sum(label != IGNORE for label in r["labels"][1:]) * vocab * 8 for r in rows]
+    total, count, i = 0.0, 0, 0
     model.eval()
     with torch.no_grad():
-        for i in range(0, len(rows), batch_size):
-            batch = rows[i:i + batch_size]
+        while i < len(rows):
+            n = 1
+            while n < batch_size and i + n < len(rows) and sum(per_row[i:i + n + 1]) <= LOGITS_BYTES:
+                n += 1
+            batch, i = rows[i:i + n], i + n
             width = max(len(r["input_ids"]) for r in batch)
             ids = torch.zeros(len(batch), width, dtype=torch.long)
             labels = torch.full((len(batch), width), IGNORE)
             mask = torch.zeros(len(batch), width, dtype=torch.long)
             for j, r in enumerate(batch):
-                n = len(r["input_ids"])
-                ids[j, :n], labels[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-            shift_logits, shift_labels = logits[:, :-1], labels[:, 1:].to(logits.device)
-            loss = torch.nn.functional.cross_entropy(shift_logits.reshape(-1, shift_logits.size(-1)),
-                                                     shift_labels.reshape(-1), ignore_index=IGNORE,
-                                                     reduction="sum")
+                k = len(r["input_ids"])
+                ids[j, :k], labels[j, :k], mask[j, :k] = torch.tensor(r["input_ids"]), torch.tensor(r["labels"]), 1
+            targets = labels[:, 1:]
+            keep = torch.zeros(len(batch), width, dtype=torch.bool)
+            keep[:, :-1] = targets != IGNORE  # the positions that predict a trained token
+            if not keep.any():
+                continue
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                           logits_to_keep=keep.to(model.device)).logits.float()
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab),
+                                                     targets[keep[:, :-1]].to(logits.device), reduction="sum")
             total += loss.item()
-            count += int((shift_labels != IGNORE).sum())
+            count += int(keep.sum())
     return total / max(count, 1)
 
 

@@ -215,9 +215,9 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if not is_main():
         return Run(run_dir, trainer, tokenizer, {})
 
+    save_adapter(trainer.model, tokenizer, run_dir / "adapter")  # first: whatever the evaluation meets
     # the same code as `qlora eval`: mean loss per trained token
     eval_loss = mean_loss(trainer.model, eval_rows, t.per_device_train_batch_size) if eval_rows else None
-    save_adapter(trainer.model, tokenizer, run_dir / "adapter")
     em_after = exact_match(trainer.model, tokenizer, eval_ex, cfg.eval) if (cfg.eval.exact_match and eval_ex) else None
 
     losses = [r["loss"] for r in logger.records if isinstance(r.get("loss"), float)]

@@ -150,3 +150,28 @@ def test_api_answers_and_refuses_unknown_sampling_settings(tiny_run):
         bot.ask("Who is Ada?", temperature="hot")
     with pytest.raises(UserError, match="gen.top_p=1.5: must be in"):
         bot.ask("Who is Ada?", do_sample=True, top_p=1.5)
+
+
+def test_mean_loss_scores_trained_tokens_as_the_model_does_in_any_batching(tiny_model, monkeypatch):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora import evaluate
+    from qlora.data import IGNORE
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for n, prompt in [(12, 5), (30, 20), (7, 0), (19, 18)]:
+        ids = torch.randint(3, 300, (n,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
+    # transformers' own loss, one row at a time, weighted by the tokens each row scores
+    total = count = 0
+    for r in rows:
+        scored = sum(label != IGNORE for label in r["labels"][1:])
+        with torch.no_grad():
+            loss = model(input_ids=torch.tensor([r["input_ids"]]), labels=torch.tensor([r["labels"]])).loss
+        total, count = total + loss.item() * scored, count + scored
+    assert abs(evaluate.mean_loss(model, rows, batch_size=4) - total / count) < 1e-5
+    monkeypatch.setattr(evaluate, "LOGITS_BYTES", 1)  # one row a batch
+    assert abs(evaluate.mean_loss(model, rows, batch_size=4) - total / count) < 1e-5
