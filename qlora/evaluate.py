@@ -21,12 +21,13 @@ LOGITS_BYTES = 1 << 30
 """The most fp32 logits (with cross-entropy's copy of them) mean_loss holds at once."""
 
 
-def mean_loss(model, rows, batch_size: int = 8) -> float:
+def mean_loss(model, rows, batch_size: int = 8, desc: str = "held-out loss") -> float:
     """Mean cross-entropy per trained token (the same tokens training counts). Logits are computed
     only where a trained token is predicted (transformers' logits_to_keep mask), and a batch takes
     fewer rows where theirs would pass LOGITS_BYTES: a 128k-token vocabulary makes 1 GiB of fp32
     logits for 2048 positions, which a training that fits (its head never holds them) need not have."""
     import torch
+    from tqdm.auto import tqdm
 
     from qlora.data import IGNORE
 
@@ -34,7 +35,7 @@ def mean_loss(model, rows, batch_size: int = 8) -> float:
     per_row = [sum(label != IGNORE for label in r["labels"][1:]) * vocab * 8 for r in rows]
     total, count, i = 0.0, 0, 0
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), tqdm(total=len(rows), desc=desc, unit="row") as bar:
         while i < len(rows):
             n = 1
             while n < batch_size and i + n < len(rows) and sum(per_row[i:i + n + 1]) <= LOGITS_BYTES:
@@ -50,14 +51,14 @@ def mean_loss(model, rows, batch_size: int = 8) -> float:
             targets = labels[:, 1:]
             keep = torch.zeros(len(batch), width, dtype=torch.bool)
             keep[:, :-1] = targets != IGNORE  # the positions that predict a trained token
-            if not keep.any():
-                continue
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                           logits_to_keep=keep.to(model.device)).logits.float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab),
-                                                     targets[keep[:, :-1]].to(logits.device), reduction="sum")
-            total += loss.item()
-            count += int(keep.sum())
+            if keep.any():
+                logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
+                               logits_to_keep=keep.to(model.device)).logits.float()
+                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab),
+                                                         targets[keep[:, :-1]].to(logits.device), reduction="sum")
+                total += loss.item()
+                count += int(keep.sum())
+            bar.update(n)
     return total / max(count, 1)
 
 
