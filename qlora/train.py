@@ -256,6 +256,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
 
 def prepare_run_dir(cfg: QLoraConfig):
     """The run directory (not created yet) and the checkpoint to resume from, if any."""
+    from qlora.models import say
+
     resume = cfg.resume
     default = f"outputs/{cfg.recipe or 'demo'}/{datetime.now():%Y%m%d-%H%M%S}"
     if cfg.output_dir is None and resume not in (Resume.none.value, Resume.auto.value):
@@ -275,10 +277,19 @@ def prepare_run_dir(cfg: QLoraConfig):
         if cfg.output_dir is None:
             raise UserError("resume=auto needs the run to continue: add output_dir=RUN_DIR")
         last = latest_checkpoint(run_dir)
-        if last is None:
-            raise UserError(f"resume=auto: no whole checkpoint in {run_dir / 'checkpoints'}; "
-                            "give the run's output_dir, or drop resume to start fresh")
-        return run_dir, str(last)
+        if last is not None:
+            return run_dir, str(last)
+        # nothing to continue yet: the same command starts the run and, once it has a checkpoint, continues it
+        empty = not run_dir.exists() or not any(run_dir.iterdir())
+        unfinished = (run_dir / "fingerprint.json").is_file() and not (run_dir / "report.json").exists()
+        if not (empty or unfinished):
+            raise UserError(f"resume=auto: no whole checkpoint in {run_dir / 'checkpoints'}, and the folder holds "
+                            "something else; give the run's output_dir, or another output_dir to start fresh")
+        say(f"resume=auto: no checkpoint in {run_dir} yet; starting the run"
+            + (" again (the last start ended before its first checkpoint)" if unfinished else ""))
+        if unfinished and is_main():
+            shutil.rmtree(run_dir)
+        return run_dir, None
     return run_dir, str(Path(resume).resolve())
 
 

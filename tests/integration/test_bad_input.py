@@ -47,8 +47,8 @@ CATALOGUE = [
     ("output folder under a file", lambda c: train(c, output_dir=c["d"] / "a_file" / "run"), 2,
      "cannot write there"),
     ("output folder exists", lambda c: train(c, output_dir=c["run"]), 2, "resume=auto"),
-    ("resume without a checkpoint", lambda c: train(c, output_dir=c["d"] / "empty", resume="auto"), 2,
-     "no whole checkpoint"),
+    ("resume without a checkpoint in another folder", lambda c: train(c, output_dir=c["d"], resume="auto"), 2,
+     "no whole checkpoint in"),
     ("resume without output_dir", lambda c: [a for a in train(c) if not a.startswith("output_dir=")]
      + ["resume=auto"], 2, "resume=auto needs the run to continue: add output_dir=RUN_DIR"),
     ("checkpointing lever with checkpointing off on CPU", lambda c: train(c, **{"train.checkpoint_layers": 2}), 2,

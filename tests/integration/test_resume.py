@@ -129,6 +129,26 @@ def test_a_checkpoint_cut_short_during_its_save_is_skipped(uninterrupted, tiny_m
     assert adapter_diff(out, uninterrupted) == 0.0
 
 
+def test_resume_auto_starts_a_run_that_has_no_checkpoint_yet(uninterrupted, tiny_model, tiny_data, tmp_path, capsys):
+    """One command for every launch (a Colab session that dies, a preempted job): resume=auto starts the
+    run in a new folder, and again in one whose last start ended before its first checkpoint."""
+    fresh = tmp_path / "fresh"
+    assert main(["train", *overrides(tiny_model, tiny_data, fresh, resume="auto")]) == 0
+    assert "resume=auto: no checkpoint in" in capsys.readouterr().err
+    assert adapter_diff(fresh, uninterrupted) == 0.0
+    cut = tmp_path / "cut"  # what a start killed while loading leaves
+    cut.mkdir()
+    (cut / "fingerprint.json").write_text("{}")
+    (cut / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    assert main(["train", *overrides(tiny_model, tiny_data, cut, resume="auto")]) == 0
+    assert "starting the run again" in capsys.readouterr().err
+    assert adapter_diff(cut, uninterrupted) == 0.0
+    assert '"step": 99' not in (cut / "metrics.jsonl").read_text()
+    shutil.rmtree(cut / "checkpoints")  # a finished run without checkpoints is not started over
+    assert main(["train", *overrides(tiny_model, tiny_data, cut, resume="auto")]) == 2
+    assert "the folder holds something else" in capsys.readouterr().err
+
+
 def test_resume_with_other_settings_is_refused_with_what_differs(uninterrupted, tiny_model, tiny_data, capsys):
     assert main(["train", *overrides(tiny_model, tiny_data, uninterrupted, resume="auto",
                                      **{"lora.r": 4, "train.seed": 1})]) == 2
