@@ -135,8 +135,9 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if bf16_base:
         say("train.bf16_base_products: the frozen base's products (4-bit layers, LM head) in bf16; "
             "activations, LoRA and their sums in fp32")
-    if optimizer_note(optim, device):
-        say(optimizer_note(optim, device))
+    note = optimizer_note(optim, device)
+    if note:
+        say(note)
     if device == "cpu" and cfg.quant.load_in_4bit:  # the evaluation after training, as `qlora eval` runs it
         use_for_inference(t.fast_dequant, "train.fast_dequant")
     load_seconds = time.perf_counter() - t_load
