@@ -323,6 +323,8 @@ class GenConfig:
     """chat: print tokens and tokens/s after each answer."""
     fast_dequant: bool = True
     """CPU: 4-bit layers multiply by weights from our dequantization kernel (the same tokens, ~1.5x faster)."""
+    bf16_base_products: Switch = Switch.auto
+    """CPU, with fast_dequant: the 4-bit layers' products in bf16 (generation, eval): auto = on CPUs with AVX512-BF16."""
 
 
 @dataclass

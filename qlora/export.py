@@ -260,7 +260,7 @@ def export_nf4(cfg: QLoraConfig, merged: Path, out: Path) -> None:
         from qlora.inference import load_for_inference
         from qlora.merge import check_texts, compare_logits
 
-        loaded = load_for_inference(cfg)
+        loaded = load_for_inference(cfg, exact=True)
         reloaded = AutoModelForCausalLM.from_pretrained(out, device_map={"": 0 if device == "cuda" else "cpu"})
         result = compare_logits(loaded.model, reloaded, loaded.tokenizer,
                                 check_texts(cfg, loaded.tokenizer, cfg.merge.check_prompts))

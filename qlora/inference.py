@@ -36,9 +36,10 @@ def run_config(adapter: Path) -> Optional[QLoraConfig]:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QLoraConfig), OmegaConf.load(path)))
 
 
-def load_for_inference(cfg: QLoraConfig, chat: bool = True) -> Loaded:
+def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False) -> Loaded:
     """The model to generate with: run adapter on its 4-bit base when `adapter` is set, else a model.
-    chat=False accepts a tokenizer without a chat template (plain-text data)."""
+    chat=False accepts a tokenizer without a chat template (plain-text data); exact=True multiplies in
+    fp32 whatever gen.bf16_base_products says (the reference that merge and export check against)."""
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model)
 
@@ -76,8 +77,9 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True) -> Loaded:
     model.eval()
     if device == "cpu" and quant.load_in_4bit:
         from qlora.dequant import use_for_inference
+        from qlora.validation import gen_bf16_on
 
-        use_for_inference(cfg.gen.fast_dequant)
+        use_for_inference(cfg.gen.fast_dequant, bf16=not exact and gen_bf16_on(cfg.gen))
     return Loaded(model, tokenizer, bool(cfg.adapter), cfg.adapter or model_cfg.name_or_path, device)
 
 

@@ -73,7 +73,7 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     from qlora.models import say
 
     started = time.perf_counter()
-    loaded = load_for_inference(cfg)
+    loaded = load_for_inference(cfg, exact=True)
     peft_model, tokenizer = loaded.model, loaded.tokenizer
     check_compatible(peft_model)
     base_path = peft_model.peft_config["default"].base_model_name_or_path

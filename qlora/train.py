@@ -139,7 +139,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if note:
         say(note)
     if device == "cpu" and cfg.quant.load_in_4bit:  # the evaluation after training, as `qlora eval` runs it
-        use_for_inference(t.fast_dequant, "train.fast_dequant")
+        use_for_inference(t.fast_dequant, "train.fast_dequant", bf16=bf16_base)
     load_seconds = time.perf_counter() - t_load
 
     if is_main():  # under torchrun, rank 0 alone writes

@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from qlora.chat import ChatSession
 from qlora.cli import compose, main
 from qlora.config import GenConfig
@@ -43,11 +45,13 @@ def test_bad_prompts_file_names_the_line(tiny_run, tmp_path, capsys):
 def test_eval_reproduces_the_training_report(tiny_run, tiny_data, capsys):
     run, overrides = tiny_run
     held = tiny_data[1]
-    assert main(["eval", f"adapter={run.run_dir}", f"data.path={held}", "train.max_length=128"]) == 0
+    # fp32 products, as the run's (tiny_overrides: train.bf16_base_products=false)
+    assert main(["eval", f"adapter={run.run_dir}", f"data.path={held}", "train.max_length=128",
+                 "gen.bf16_base_products=false"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert abs(result["loss"] - run.report["eval_loss"]) < 1e-4, (result, run.report["eval_loss"])
     # without data.path: the run's own held-out data, at its max_length
-    assert main(["eval", f"adapter={run.run_dir}"]) == 0
+    assert main(["eval", f"adapter={run.run_dir}", "gen.bf16_base_products=false"]) == 0
     captured = capsys.readouterr()
     assert json.loads(captured.out) == {**result, "data": str(held)}
     assert f"eval: the run's held-out data, {held}" in captured.err
@@ -61,7 +65,7 @@ def test_eval_of_a_run_with_a_held_out_share_scores_that_share(tiny_model, tiny_
                                                              "train.max_steps": 2})
     run = fit(compose("train", overrides))
     capsys.readouterr()
-    assert main(["eval", f"adapter={out}"]) == 0
+    assert main(["eval", f"adapter={out}", "gen.bf16_base_products=false"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["examples"] == run.report["eval_examples"] > 0
     assert abs(result["loss"] - run.report["eval_loss"]) < 1e-4, (result, run.report)
@@ -121,7 +125,7 @@ def test_gen_fast_dequant_generates_and_evaluates_as_bitsandbytes_does(tiny_run,
     original = bitsandbytes.matmul_4bit
     outputs = {}
     for on in ("false", "true"):
-        args = [f"adapter={run.run_dir}", f"gen.fast_dequant={on}"]
+        args = [f"adapter={run.run_dir}", f"gen.fast_dequant={on}", "gen.bf16_base_products=false"]
         assert main(["generate", *args, "prompt=Maria is 34 and lives in Lisbon.", "gen.max_new_tokens=6"]) == 0
         assert main(["eval", *args, f"data.path={tiny_data[1]}", "train.max_length=128"]) == 0
         outputs[on] = capsys.readouterr().out
@@ -175,3 +179,32 @@ def test_mean_loss_scores_trained_tokens_as_the_model_does_in_any_batching(tiny_
     assert abs(evaluate.mean_loss(model, rows, batch_size=4) - total / count) < 1e-5
     monkeypatch.setattr(evaluate, "LOGITS_BYTES", 1)  # one row a batch
     assert abs(evaluate.mean_loss(model, rows, batch_size=4) - total / count) < 1e-5
+
+
+def test_gen_bf16_base_products_multiply_in_bf16_but_not_for_merge_and_export(tiny_run, tiny_data, capsys,
+                                                                             monkeypatch):
+    """gen.bf16_base_products=true: generation and evaluation multiply the 4-bit layers' bf16 weights,
+    with a loss close to fp32's; the reference that merge and export check against stays fp32."""
+    from qlora import dequant
+    from qlora.inference import load_for_inference
+
+    run, _ = tiny_run
+    dtypes, kernel = [], dequant.dequantize_4bit
+    monkeypatch.setattr(dequant, "dequantize_4bit", lambda A, s, dtype=torch.float32: dtypes.append(dtype)
+                        or kernel(A, s, dtype))
+    losses = {}
+    for on in ("false", "true"):
+        dtypes.clear()
+        args = [f"adapter={run.run_dir}", f"gen.bf16_base_products={on}"]
+        assert main(["generate", *args, "prompt=Maria is 34 and lives in Lisbon.", "gen.max_new_tokens=4"]) == 0
+        assert main(["eval", *args, f"data.path={tiny_data[1]}", "train.max_length=128"]) == 0
+        out = capsys.readouterr().out
+        losses[on] = json.loads(out[out.index('{\n  "model"'):])["loss"]
+        assert set(dtypes) == {torch.bfloat16 if on == "true" else torch.float32}
+    assert losses["true"] != losses["false"] and abs(losses["true"] - losses["false"]) < 0.01 * losses["false"]
+    dtypes.clear()
+    loaded = load_for_inference(compose("train", [f"adapter={run.run_dir}", "gen.bf16_base_products=true"]),
+                                exact=True)
+    with torch.no_grad():
+        loaded.model(input_ids=torch.tensor([[1, 2, 3]]))
+    assert set(dtypes) == {torch.float32}

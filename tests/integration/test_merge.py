@@ -22,7 +22,9 @@ def test_merged_folder_loads_without_peft_and_matches_the_adapter(tiny_run, tiny
     assert tok.chat_template == run.tokenizer.chat_template and tok.pad_token != tok.eos_token
     gen = json.loads((tiny_merged / "generation_config.json").read_text())
     assert tok.convert_tokens_to_ids("<|im_end|>") in gen["eos_token_id"]
-    adapter_model = load_for_inference(compose("train", [f"adapter={run.run_dir}"])).model
+    # fp32 products (exact=True), as the merge's self-check takes them: gen.bf16_base_products would
+    # round the inputs and weights of the 4-bit layers to bf16
+    adapter_model = load_for_inference(compose("train", [f"adapter={run.run_dir}"]), exact=True).model
     texts = ["Maria is 34 years old and lives in Lisbon.", "What is the capital of France?"]
     stats = compare_logits(adapter_model, model, tok, texts)
     assert stats["max_logit_diff"] < 1e-4, stats
