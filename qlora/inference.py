@@ -77,9 +77,9 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
     model.eval()
     if device == "cpu" and quant.load_in_4bit:
         from qlora.dequant import use_for_inference
-        from qlora.validation import gen_bf16_on
+        from qlora.validation import bf16_products_on
 
-        use_for_inference(cfg.gen.fast_dequant, bf16=not exact and gen_bf16_on(cfg.gen))
+        use_for_inference(cfg.gen.fast_dequant, bf16=not exact and bf16_products_on(cfg.gen.bf16_base_products))
     return Loaded(model, tokenizer, bool(cfg.adapter), cfg.adapter or model_cfg.name_or_path, device)
 
 

@@ -178,24 +178,20 @@ def fused_lora_on(t, device: str) -> bool:
 
 def bf16_base_on(t, device: str, fp32: bool, fused: bool) -> bool:
     """train.bf16_base_products resolved for this run: it applies within train.fused_lora's layers on CPU
-    in fp32 compute (16-bit compute multiplies in 16 bits already); auto = on where the CPU has bf16
-    units (AVX512-BF16: a SmolLM2 step 1.11-1.50x, bench/README.md); elsewhere bf16 products run ~100x
-    slower than fp32 ones."""
-    if not (fused and device == "cpu" and fp32) or t.bf16_base_products is Switch.false:
+    in fp32 compute (16-bit compute multiplies in 16 bits already); a SmolLM2 step 1.11-1.50x with it
+    (bench/README.md)."""
+    return fused and device == "cpu" and fp32 and bf16_products_on(t.bf16_base_products)
+
+
+def bf16_products_on(setting: Switch) -> bool:
+    """train.bf16_base_products or gen.bf16_base_products: auto = on where the CPU has bf16 units
+    (AVX512-BF16); elsewhere bf16 products run ~100x slower than fp32 ones. gen's: batched greedy
+    generation 1.36-1.78x faster on SmolLM2, 98 of 100 demo answers the same (bench/README.md)."""
+    if setting is Switch.false:
         return False
     from qlora.fused_lora import cpu_has_bf16_units
 
-    return t.bf16_base_products is Switch.true or cpu_has_bf16_units()
-
-
-def gen_bf16_on(gen) -> bool:
-    """gen.bf16_base_products resolved: auto = on where the CPU has bf16 units (batched greedy generation
-    1.5-1.7x faster on SmolLM2, 98 of 100 demo answers the same, bench/README.md)."""
-    if gen.bf16_base_products is Switch.false:
-        return False
-    from qlora.fused_lora import cpu_has_bf16_units
-
-    return gen.bf16_base_products is Switch.true or cpu_has_bf16_units()
+    return setting is Switch.true or cpu_has_bf16_units()
 
 
 def padding_free_on(setting, device: str, packing: bool, attn: str, compiling: bool, padding: float) -> bool:
