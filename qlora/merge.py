@@ -219,17 +219,18 @@ def write_model_files(peft_model, tokenizer, folder: Path, dtype, index: Dict[st
 
 
 def check_texts(cfg: QLoraConfig, tokenizer, n: int) -> List[str]:
-    """Full conversations (prompt and answer) from the run's held-out data, else built-in prompts."""
-    from qlora.data import read_examples
-    from qlora.inference import run_config
+    """Full conversations (prompt and answer) from the run's held-out data (its eval_path or its
+    eval_fraction share), else from its training data, else built-in prompts."""
     from qlora.adapters import adapter_dir
+    from qlora.data import split_examples
+    from qlora.inference import run_config
 
     trained = run_config(adapter_dir(cfg.adapter))
     convs = []
     if trained is not None:
-        path = trained.data.eval_path or trained.data.path
         try:
-            convs = [ex.messages for ex in read_examples(path, trained.data)[:n]]
+            train, held, _ = split_examples(trained.data, trained.train.seed)
+            convs = [ex.messages for ex in (held or train) if ex.messages][:n]
         except (UserError, OSError):
             convs = []
     if not convs:

@@ -94,3 +94,24 @@ def test_the_logit_comparison_never_reports_a_negative_kl():
     report = compare(ref, same)
     assert report["top1_agreement"] == 1.0 and 0.0 <= report["kl"] < 1e-6
     assert compare(ref, [a.flip(-1) for a in ref])["kl"] > 1.0
+
+
+def test_the_self_check_takes_held_out_conversations_else_built_in_prompts(tiny_model, tiny_data, tmp_path):
+    from qlora.data import split_examples
+    from qlora.merge import CHECK_PROMPTS, check_texts
+    from qlora.train import fit
+    from tests.conftest import tiny_overrides, write_jsonl
+
+    run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / "share", **{
+        "data.eval_path": "null", "data.eval_fraction": 0.25, "train.max_steps": 1})))
+    cfg = compose("train", [f"adapter={run.run_dir}"])
+    _, held, _ = split_examples(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / "x", **{
+        "data.eval_path": "null", "data.eval_fraction": 0.25})).data, 0)
+    texts = check_texts(cfg, run.tokenizer, 4)
+    assert texts == [run.tokenizer.apply_chat_template(ex.messages, tokenize=False) for ex in held[:4]]
+    # plain text has no conversations to check with: the built-in prompts
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": f"Once upon a time {i}."} for i in range(12)])
+    run = fit(compose("train", tiny_overrides(tiny_model, (plain, plain), tmp_path / "plain", **{
+        "train.max_steps": 1})))
+    texts = check_texts(compose("train", [f"adapter={run.run_dir}"]), run.tokenizer, 2)
+    assert [CHECK_PROMPTS[0] in texts[0], CHECK_PROMPTS[1] in texts[1]] == [True, True]
