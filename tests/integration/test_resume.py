@@ -136,7 +136,7 @@ def test_resume_auto_starts_a_run_that_has_no_checkpoint_yet(uninterrupted, tiny
     assert main(["train", *overrides(tiny_model, tiny_data, fresh, resume="auto")]) == 0
     assert "resume=auto: no checkpoint in" in capsys.readouterr().err
     assert adapter_diff(fresh, uninterrupted) == 0.0
-    cut = tmp_path / "cut"  # what a start killed while loading leaves
+    cut = tmp_path / "cut"  # what a start killed before its first checkpoint leaves
     cut.mkdir()
     (cut / "fingerprint.json").write_text("{}")
     (cut / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
