@@ -397,12 +397,16 @@ def register() -> None:
         OmegaConf.register_new_resolver("demo_file", lambda name: str(DEMO_DIR / name))
 
 
+def on_demo_data(d: DataConfig) -> bool:
+    """Whether the data is the demo's training file, as the defaults give it (no data.sources)."""
+    return not d.sources and d.path == str(DEMO_DIR / "people_train.jsonl")
+
+
 def held_out_follows_data(cfg: QLoraConfig) -> QLoraConfig:
     """The demo's held-out file goes with the demo's training file only: a config that trains on other
     data (data.path or data.sources) and leaves data.eval_path at the demo's holds nothing out unless
     it says what (data.eval_path or data.eval_fraction)."""
     d = cfg.data
-    own_data = d.sources or d.path != str(DEMO_DIR / "people_train.jsonl")
-    if own_data and d.eval_path == str(DEMO_DIR / "people_eval.jsonl"):
+    if not on_demo_data(d) and d.eval_path == str(DEMO_DIR / "people_eval.jsonl"):
         d.eval_path = None
     return cfg

@@ -67,11 +67,11 @@ def held_out_of_run(cfg):
     is left at the demo's: the run's own held-out data (its data.eval_path, or the seeded share
     data.eval_fraction held out), or None where there is no run or it held nothing out."""
     from qlora.adapters import adapter_dir
-    from qlora.config import DEMO_DIR
+    from qlora.config import on_demo_data
     from qlora.data import split_examples
     from qlora.inference import run_config
 
-    if not cfg.adapter or cfg.data.sources or cfg.data.path != str(DEMO_DIR / "people_train.jsonl"):
+    if not cfg.adapter or not on_demo_data(cfg.data):
         return None
     trained = run_config(adapter_dir(cfg.adapter))
     if trained is None or not (trained.data.eval_path or trained.data.eval_fraction > 0):
