@@ -5,7 +5,7 @@ The estimate adds up what training holds at its peak, from the model's shape alo
 - base weights: linear layers in 4 bits (4.127 bits a weight with double quantization, 4.5 without),
   embeddings, head and norms in the compute dtype;
 - LoRA: fp32 weights, their gradients, and the optimizer state (8 bytes a weight for AdamW,
-  2 for the 8-bit optimizers);
+  about 2 for the 8-bit optimizers, which keep tensors under 4096 weights in 32 bits);
 - activations: what each layer keeps for backward per token (about 6 hidden + 2 key/value +
   4 intermediate values, in the compute dtype), for every layer, or with gradient checkpointing
   each checkpointed layer's input (none on the GPU when offloaded; one more hidden value where its
@@ -110,6 +110,9 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
                  c.get("attn_logit_softcapping") is not None), folder
 
 
+BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep smaller tensors' state in 32 bits
+
+
 @dataclass
 class Estimate:
     parts: Dict[str, float]  # GiB by component
@@ -137,7 +140,10 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     other = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden * (2 * s.layers + 1)
     bits = (4.127 if double_quant else 4.5) if load_in_4bit else 8 * b
     lora = s.layers * sum(r * (i + o) for i, o in s.linears())
-    opt_bytes = 2 if "8bit" in optim else 8
+    # bitsandbytes' 8-bit optimizers keep two uint8 moments a weight and two fp32 scales a block of
+    # 256, but AdamW's 8 bytes for tensors under min_8bit_size
+    state = s.layers * sum(n * (8 if "8bit" not in optim or n < BNB_MIN_8BIT_SIZE else 2 + 8 / 256)
+                           for i, o in s.linears() for n in (r * i, r * o))
     tokens = batch * max_length
     # values one decoder layer keeps per token for backward: the normalized inputs, q/k/v, the
     # attention output, the MLP's gate, up, activation and product, each LoRA's rank-r intermediate
@@ -156,7 +162,7 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
         "base weights": (linear * bits / 8 + other * b) / GiB,
-        "LoRA weights + grads + optimizer": lora * (4 + 4 + opt_bytes) / GiB,
+        "LoRA weights + grads + optimizer": (lora * (4 + 4) + state) / GiB,
         "activations": act / GiB,
         **({"attention mask": mask * mask_bytes / GiB} if mask * mask_bytes else {}),
         # TRL's chunked head: on GPUs its fused Triton kernel never holds the logits, only fp32 copies

@@ -210,3 +210,24 @@ def test_the_activation_count_is_what_a_layer_saves_for_backward(tmp_path, fused
                        device="cpu").parts["activations"] * 2**30 / tokens / 4
     print(f"fused {fused}: measured {measured:.0f} floats a token, planned {planned:.0f}")
     assert abs(planned - measured) <= 0.03 * measured
+
+
+def test_the_8bit_optimizer_state_is_counted_as_bitsandbytes_keeps_it():
+    """bitsandbytes keeps two uint8 moments a weight and two fp32 scales a block of 256, but 8 bytes a
+    weight for a tensor under 4096 weights. A layer with both kinds (r*hidden = 4096, r*kv_dim = 1024):
+    the plan's optimizer part is the state the 8-bit AdamW holds after a step, but for its two shared
+    256-entry code tables (1.4% of this small layer's state)."""
+    import bitsandbytes as bnb
+
+    shape, r = Shape(512, 1024, 1, 8, 2, 1000, False), 8
+    params = [torch.nn.Parameter(torch.randn(n)) for i, o in shape.linears() for n in (r * i, r * o)]
+    assert min(p.numel() for p in params) < 4096 <= max(p.numel() for p in params)
+    opt = bnb.optim.AdamW8bit(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    held = {t.data_ptr(): t.nbytes for p in params for t in opt.state[p].values() if torch.is_tensor(t)}
+    lora = sum(p.numel() for p in params)
+    planned = est(shape, r=r, optim="adamw_8bit").parts["LoRA weights + grads + optimizer"] * 2**30 - 8 * lora
+    assert planned == pytest.approx(sum(held.values()), rel=0.02)
+    assert est(shape, r=r, optim="adamw_torch").parts["LoRA weights + grads + optimizer"] * 2**30 == 16 * lora
