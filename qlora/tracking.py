@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -75,6 +76,40 @@ class RunLogger(TrainerCallback):
     @property
     def time_to_first_step(self) -> Optional[float]:
         return None if self.first_step_end is None else self.first_step_end - self.started
+
+
+class ProgressLines(ProgressCallback):
+    """transformers' progress bar, with each log step written above it as one line people read
+    (step, loss, gradient norm, learning rate, token accuracy, tokens/s) rather than a dict."""
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if state.is_world_process_zero and self.training_bar is not None and logs:
+            line = progress_line(state.global_step, state.max_steps, logs)
+            if line:
+                self.training_bar.write(line)
+
+
+def readable_progress(trainer) -> None:
+    """Swaps transformers' progress bar for ProgressLines (in a notebook, its own progress table stays)."""
+    if trainer.pop_callback(ProgressCallback):
+        trainer.add_callback(ProgressLines())
+
+
+def progress_line(step: int, max_steps: int, logs: Dict[str, Any]) -> Optional[str]:
+    """One log step as a line; None for transformers' end-of-training summary (train.py prints its own)."""
+    def shown(key: str, template: str, scale: float = 1.0) -> List[str]:
+        value = logs.get(key)
+        return [template.format(value * scale)] if isinstance(value, (int, float)) else []
+
+    if "loss" in logs:
+        parts = (shown("loss", "loss {:.4f}") + shown("grad_norm", "grad norm {:.3g}") + shown("learning_rate", "lr {:.2e}")
+                 + shown("mean_token_accuracy", "token accuracy {:.1f}%", 100)
+                 + shown("train_tokens_per_second", "{:,.0f} tokens/s"))
+    elif "eval_loss" in logs:
+        parts = shown("eval_loss", "held-out loss {:.4f}") + shown("eval_mean_token_accuracy", "token accuracy {:.1f}%", 100)
+    else:
+        return None
+    return f"step {step}/{max_steps}  " + "  ".join(parts)
 
 
 def peak_memory_gb(device: str) -> float:

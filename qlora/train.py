@@ -68,7 +68,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
     from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, head_tiles_in_place, liger_wanted,
                              small_head_tiles, trained_positions_only_on_cpu)
-    from qlora.tracking import RunLogger, package_versions, peak_memory_gb, plot_losses, write_atomic
+    from qlora.tracking import (RunLogger, package_versions, peak_memory_gb, plot_losses, readable_progress,
+                                write_atomic)
 
     datasets.disable_progress_bars()  # our own lines say what the data holds
     t = cfg.train
@@ -168,6 +169,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
             if cfg.data.packing or one_row else None,
             train_dataset=Dataset.from_list(train_rows),
             eval_dataset=Dataset.from_list(eval_rows) if eval_rows else None)
+    readable_progress(trainer)
     if not fsdp:  # FSDP flattens one dtype per shard: there LoRA stays in the compute dtype
         keep_trainable_fp32(trainer.model)  # undo TRL's bf16 cast of LoRA weights on quantized models
 
@@ -248,7 +250,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     write_atomic(run_dir / "report.json", json.dumps(report, indent=2) + "\n")
     plot_losses(logger.records, run_dir / "loss.png")
     say(f"done in {time.perf_counter() - started:.0f} s: {report['steps']} steps, "
-        + (f"{report['tokens_per_second']} tokens/s, " if report["tokens_per_second"] else "")
+        + (f"{report['tokens_per_second']:,.1f} tokens/s, " if report["tokens_per_second"] else "")
         + (f"loss {report['loss_first']:.4g} -> {report['loss_last']:.4g}" if losses else "no loss logged")
         + (f", held-out exact match {em_before:.1%} -> {em_after:.1%}" if em_after is not None else ""))
     print(run_dir)

@@ -127,7 +127,7 @@ def test_bitsandbytes_optimizers_train_on_cpu(tiny_model, tiny_data, tmp_path, c
             assert w.abs().max() > 0 and cosine > 0.95, (name, cosine)
 
 
-def test_eval_every_n_steps_is_logged_plotted_and_the_best_checkpoint_kept(tiny_model, tiny_data, tmp_path):
+def test_eval_every_n_steps_is_logged_plotted_and_the_best_checkpoint_kept(tiny_model, tiny_data, tmp_path, capsys):
     from qlora.cli import compose
     from qlora.train import fit
 
@@ -144,6 +144,12 @@ def test_eval_every_n_steps_is_logged_plotted_and_the_best_checkpoint_kept(tiny_
     assert run.report["best_checkpoint"].endswith(f"checkpoint-{best_step}")
     assert run.report["best_eval_loss"] == pytest.approx(evals[best_step])
     assert Path(run.report["best_checkpoint"]).is_dir() and (run.run_dir / "loss.png").is_file()
+    # on the console, a line a log step (tracking.ProgressLines), not transformers' dicts
+    out = capsys.readouterr()
+    shown = [line.strip("\r ") for line in (out.out + out.err).splitlines() if "step " in line]
+    assert any(line.startswith(f"step 6/6  loss {losses[6]:.4f}  grad norm ") and "tokens/s" in line for line in shown)
+    assert any(line.startswith(f"step 2/6  held-out loss {evals[2]:.4f}") for line in shown)
+    assert "{'loss'" not in out.out + out.err and "'eval_loss'" not in out.out + out.err
 
 
 def test_16_bit_compute_keeps_frozen_weights_in_16_bits_and_lora_in_fp32(tiny_model):
