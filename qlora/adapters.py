@@ -30,7 +30,7 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype
             p.requires_grad_(False)
     targets = lora.target_modules
     peft_cfg = PeftLoraConfig(
-        r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
+        r=lora.r, lora_alpha=lora.lora_alpha, use_rslora=lora.use_rslora, lora_dropout=lora.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         bias=lora.bias.value, modules_to_save=lora.modules_to_save, use_dora=lora.use_dora,
         task_type="CAUSAL_LM")

@@ -52,6 +52,10 @@ def data_digest(path: str, subset: Optional[str] = None, split: str = "train") -
     return h.hexdigest()[:16]
 
 
+# keys the fingerprint gained after runs were made, with the value those runs had
+ADDED_KEYS: Dict[str, Any] = {"lora.use_rslora": False}
+
+
 def fingerprint(cfg: QLoraConfig) -> Dict[str, Any]:
     """What must not change between a run and its resumption: model, quantization, LoRA, data, order."""
     from dataclasses import asdict
@@ -82,7 +86,7 @@ def check_resumable(run_dir: Path, cfg: QLoraConfig) -> None:
     saved_path = run_dir / "fingerprint.json"
     if not saved_path.is_file():
         raise UserError(f"resume: {run_dir} has no fingerprint.json, so it is not a qlora run (or predates it)")
-    saved, now = json.loads(saved_path.read_text()), fingerprint(cfg)
+    saved, now = {**ADDED_KEYS, **json.loads(saved_path.read_text())}, fingerprint(cfg)
     diffs: List[str] = [f"{k}: the run had {saved.get(k)!r}, now {v!r}" for k, v in now.items()
                         if saved.get(k) != v]
     if diffs:

@@ -153,7 +153,9 @@ class LoraConfig:
     r: int = 16
     """LoRA rank."""
     lora_alpha: int = 32
-    """LoRA scaling numerator: updates are scaled by lora_alpha / r."""
+    """LoRA scaling numerator: updates are scaled by lora_alpha / r (lora_alpha / sqrt(r) with use_rslora)."""
+    use_rslora: bool = False
+    """Rank-stabilized LoRA: scale by lora_alpha / sqrt(r), so that higher ranks keep learning as fast."""
     lora_dropout: float = 0.0
     """Dropout on the LoRA input, in [0, 1)."""
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])

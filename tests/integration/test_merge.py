@@ -115,3 +115,21 @@ def test_the_self_check_takes_held_out_conversations_else_built_in_prompts(tiny_
         "train.max_steps": 1})))
     texts = check_texts(compose("train", [f"adapter={run.run_dir}"]), run.tokenizer, 2)
     assert [CHECK_PROMPTS[0] in texts[0], CHECK_PROMPTS[1] in texts[1]] == [True, True]
+
+
+def test_rank_stabilized_lora_trains_and_merges_with_its_scale(tiny_model, tiny_data, tmp_path):
+    """lora.use_rslora scales by lora_alpha / sqrt(r): 8 / 4 = 2 at r=16, where plain LoRA has 8 / 16. The
+    merge adds the adapter at that scale: the merged model matches the adapter model."""
+    from tests.conftest import tiny_overrides
+
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(tiny_model, tiny_data, run, **{
+        "lora.use_rslora": "true", "lora.r": 16, "lora.lora_alpha": 8})]) == 0
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["use_rslora"] is True
+    model = load_for_inference(compose("train", [f"adapter={run}"]), exact=True).model
+    scales = {m.scaling["default"] for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
+    assert scales == {2.0}
+    out = tmp_path / "merged"
+    assert main(["merge", f"adapter={run}", f"output_dir={out}", "merge.dtype=float32"]) == 0
+    report = json.loads((out / "merge_report.json").read_text())
+    assert report["top1_agreement"] == 1.0 and report["max_logit_diff"] < 1e-4, report

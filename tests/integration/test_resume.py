@@ -177,3 +177,17 @@ def test_nan_policy_skip_trains_on_without_applying_bad_steps(tiny_model, tiny_d
     assert code == 0
     report = json.loads((out / "report.json").read_text())
     assert report["skipped_steps"] > 0
+
+
+def test_a_run_made_before_a_lora_key_existed_still_resumes(tiny_model, tiny_data, tmp_path, capsys):
+    """fingerprint.json of a run made before lora.use_rslora: the key is taken at the value such runs had."""
+    from qlora.checkpoints import check_resumable, fingerprint
+    from qlora.cli import compose
+    from qlora.errors import UserError
+
+    cfg = compose("train", overrides(tiny_model, tiny_data, tmp_path))
+    old = {k: v for k, v in fingerprint(cfg).items() if k != "lora.use_rslora"}
+    (tmp_path / "fingerprint.json").write_text(json.dumps(old))
+    check_resumable(tmp_path, cfg)
+    with pytest.raises(UserError, match="lora.use_rslora: the run had False, now True"):
+        check_resumable(tmp_path, compose("train", overrides(tiny_model, tiny_data, tmp_path, **{"lora.use_rslora": "true"})))
