@@ -105,6 +105,27 @@ def load_checkpoint(trainer, checkpoint: Path) -> None:
     trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
 
 
+def early_stopping_count(checkpoint: Path) -> int:
+    """Evaluations in a row without a lower held-out loss as of this checkpoint (train.early_stopping_patience):
+    transformers' EarlyStoppingCallback keeps its count in the checkpoint's trainer_state.json."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    saved = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback") or {}
+    saved = saved[0] if isinstance(saved, list) and saved else saved
+    return int((saved or {}).get("attributes", {}).get("early_stopping_patience_counter", 0))
+
+
+def load_best_adapter(trainer, run_dir: Path) -> None:
+    """The adapter of the checkpoint with the lowest held-out loss, put into the trainer's model (what
+    transformers' load_best_model_at_end does at the end of training); found in this run directory."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    best = trainer.state.best_model_checkpoint
+    if best:
+        weights = run_dir / "checkpoints" / Path(best).name / "adapter_model.safetensors"
+        set_peft_model_state_dict(trainer.model, load_file(str(weights)))
+
+
 def drop_metrics_after(run_dir: Path, step: int) -> None:
     """Forget log lines of steps after the checkpoint: they are trained again."""
     path = run_dir / "metrics.jsonl"

@@ -257,6 +257,10 @@ class TrainConfig:
     """Checkpoints kept on disk (oldest removed first)."""
     eval_steps: Optional[int] = None
     """Steps between evaluations of the held-out split; null = only at the end."""
+    early_stopping_patience: Optional[int] = None
+    """Stop after this many evaluations in a row without a lower held-out loss; the adapter is then the best one's."""
+    early_stopping_threshold: float = 0.0
+    """With early_stopping_patience: how much lower the held-out loss must be to count as lower."""
     gradient_checkpointing: Switch = Switch.auto
     """Recompute activations in backward: auto = on for GPUs, off on CPU (where it costs ~25%)."""
     checkpoint_layers: Optional[int] = None

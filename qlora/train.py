@@ -16,8 +16,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from qlora.checkpoints import (check_resumable, drop_metrics_after, fingerprint, latest_checkpoint, load_checkpoint,
-                               step_of)
+from qlora.checkpoints import (check_resumable, drop_metrics_after, early_stopping_count, fingerprint,
+                               latest_checkpoint, load_best_adapter, load_checkpoint, step_of)
 from qlora.config import DistStrategy, QLoraConfig, Resume
 from qlora.validation import (bf16_base_on, check_schedule, checkpointing_on, fused_lora_on, padding_free_on,
                               optimizer_note, pick_optimizer, refuse, validate_train)
@@ -52,7 +52,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     import datasets
     import torch
     from datasets import Dataset
-    from transformers import set_seed
+    from transformers import EarlyStoppingCallback, set_seed
     from trl import SFTTrainer
 
     from qlora.adapters import attach_lora, check_targets, keep_trainable_fp32
@@ -109,9 +109,11 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     steps = t.max_steps if t.max_steps > 0 else math.ceil(
         len(train_rows) / (t.per_device_train_batch_size * t.gradient_accumulation_steps * world_size())
         * t.num_train_epochs)
-    # a run killed after its final checkpoint only has its wrap-up to do: transformers' Trainer, resumed
-    # there, would train one step past max_steps (it checks for the end only after a step)
-    finished = bool(resume_from) and 0 < t.max_steps <= step_of(Path(resume_from))
+    # a run killed after its final checkpoint (max_steps, or the evaluation that stopped it early) only has
+    # its wrap-up to do: transformers' Trainer, resumed there, would train one step more (it checks for
+    # the end only after a step)
+    finished = bool(resume_from) and (0 < t.max_steps <= step_of(Path(resume_from)) or bool(
+        t.early_stopping_patience and t.early_stopping_patience <= early_stopping_count(Path(resume_from))))
     check_schedule(t, steps)
     check_targets(path, cfg.lora, cfg.model.trust_remote_code)
     compiling = not finished and compile_wanted(t.compile, device, steps)
@@ -159,11 +161,16 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     guard = NonFiniteGuard(t.nan_policy.value, scaler_owns_overflow=device == "cuda" and dtype == torch.float16)
     args = trainer_args(cfg, run_dir, device, dtype, checkpointing, optim, liger, has_eval=bool(eval_rows))
     checkpointed = CheckpointedLayers(t.checkpoint_layers, t.checkpoint_attention)
+    early = None
+    if t.early_stopping_patience and args.load_best_model_at_end:
+        early = EarlyStoppingCallback(t.early_stopping_patience, t.early_stopping_threshold)
+        # its count of evaluations without a lower loss goes on from the checkpoint's
+        early.early_stopping_patience_counter = early_stopping_count(Path(resume_from)) if resume_from else 0
     with warnings.catch_warnings():  # TRL's note that its Liger switch goes in TRL 2: our pins hold TRL 1
         warnings.filterwarnings("ignore", message="`use_liger_kernel=True` is deprecated", category=FutureWarning)
         trainer = SFTTrainer(
             model=model, args=args, processing_class=tokenizer,
-            callbacks=[logger, stopper, guard] + ([checkpointed] if checkpointing else []),
+            callbacks=[logger, stopper, guard] + ([checkpointed] if checkpointing else []) + ([early] if early else []),
             data_collator=partial(collate_packed, pad_id=tokenizer.pad_token_id,
                                   one_row=one_row or "flash" in cfg.model.attn_implementation.value)
             if cfg.data.packing or one_row else None,
@@ -187,6 +194,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     try:
         if finished:
             load_checkpoint(trainer, Path(resume_from))
+            if early:  # as transformers' load_best_model_at_end would have at the end of training
+                load_best_adapter(trainer, run_dir)
             checkpointed.layers = checkpointed.count(trainer.model) if checkpointing else 0
         else:
             with trained_positions_only_on_cpu(t.score_trained_only), \
@@ -218,6 +227,13 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     if not is_main():
         return Run(run_dir, trainer, tokenizer, {})
 
+    stopped_early = bool(early and early.early_stopping_patience_counter >= t.early_stopping_patience)
+    if early and trainer.state.best_model_checkpoint:
+        say("train.early_stopping_patience: " + (
+            f"no lower held-out loss in {t.early_stopping_patience} evaluation(s), so stopped at step "
+            f"{trainer.state.global_step}; " if stopped_early else "")
+            + f"the adapter is the best checkpoint's, {Path(trainer.state.best_model_checkpoint).name} "
+              f"(held-out loss {trainer.state.best_metric:.4g})")
     save_adapter(trainer.model, tokenizer, run_dir / "adapter")  # first: whatever the evaluation meets
     # the same code as `qlora eval`: mean loss per trained token
     eval_loss = mean_loss(trainer.model, eval_rows, t.per_device_train_batch_size) if eval_rows else None
@@ -242,6 +258,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         skipped_steps=guard.skipped, loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None,
         eval_loss=eval_loss, eval_exact_match=em_after, eval_exact_match_before=em_before,
         best_checkpoint=trainer.state.best_model_checkpoint, best_eval_loss=trainer.state.best_metric,
+        stopped_early=stopped_early if early else None,
         train_examples=len(train_rows), eval_examples=len(eval_rows),
         data=dict(rows=stats.rows, dropped=dict(stats.dropped), truncated=stats.truncated,
                   trained_tokens_per_epoch=stats.trained_tokens),
@@ -339,6 +356,8 @@ def trainer_args(cfg: QLoraConfig, run_dir: Path, device: str, dtype, checkpoint
         eval_strategy="steps" if (t.eval_steps and has_eval) else "no", eval_steps=t.eval_steps,
         # the checkpoint with the lowest eval loss is kept however many newer ones rotate out
         metric_for_best_model="eval_loss" if (t.eval_steps and has_eval) else None, greater_is_better=False,
+        # with early stopping, the adapter a run ends with is the best checkpoint's
+        load_best_model_at_end=bool(t.early_stopping_patience and t.eval_steps and has_eval),
         activation_checkpointing=checkpointing,
         activation_checkpointing_kwargs=checkpoint_kwargs(t) if checkpointing else None,
         # AMP on GPUs only: on CPU the compute dtype is fp32 and LoRA weights are fp32

@@ -98,6 +98,14 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     if t.lr_scheduler_type == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
         p.append("train.lr_scheduler_type=warmup_stable_decay: give the steps of its decay, "
                  "train.lr_scheduler_kwargs.num_decay_steps")
+    if t.early_stopping_patience is not None and t.early_stopping_patience < 1:
+        p.append(f"train.early_stopping_patience={t.early_stopping_patience}: must be >= 1 (evaluations without "
+                 "a lower held-out loss), or null for none")
+    elif t.early_stopping_patience and not (t.eval_steps and (d.eval_path or d.eval_fraction > 0)):
+        p.append(f"train.early_stopping_patience={t.early_stopping_patience} counts evaluations: set "
+                 "train.eval_steps, with held-out data (data.eval_path or data.eval_fraction)")
+    if t.early_stopping_threshold < 0:
+        p.append(f"train.early_stopping_threshold={t.early_stopping_threshold}: must be >= 0")
     if t.lr_scheduler_type in ("reduce_lr_on_plateau", "greedy") and not (
             t.eval_steps and (d.eval_path or d.eval_fraction > 0)):
         p.append(f"train.lr_scheduler_type={t.lr_scheduler_type} follows the held-out loss: set train.eval_steps, "

@@ -191,3 +191,55 @@ def test_a_run_made_before_a_lora_key_existed_still_resumes(tiny_model, tiny_dat
     check_resumable(tmp_path, cfg)
     with pytest.raises(UserError, match="lora.use_rslora: the run had False, now True"):
         check_resumable(tmp_path, compose("train", overrides(tiny_model, tiny_data, tmp_path, **{"lora.use_rslora": "true"})))
+
+
+EARLY = {"train.max_steps": 40, "train.eval_steps": 1, "train.save_steps": 1, "train.save_total_limit": 40,
+         "train.early_stopping_patience": 2, "train.learning_rate": 0.05}
+
+
+@pytest.fixture(scope="module")
+def stopped_early(tiny_model, tiny_data, tmp_path_factory):
+    """A run that stops early: (run directory, its report, its adapter's weights, its held-out losses by step)."""
+    out = tmp_path_factory.mktemp("early") / "run"
+    assert main(["train", *overrides(tiny_model, tiny_data, out, **EARLY)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval_loss"] for r in lines if "eval_loss" in r and "loss" not in r}
+    return out, report, load_file(str(out / "adapter" / "adapter_model.safetensors")), evals
+
+
+def test_early_stopping_ends_the_run_with_the_best_checkpoints_adapter(stopped_early):
+    out, report, adapter, evals = stopped_early
+    steps = report["steps"]
+    assert report["stopped_early"] is True and steps < EARLY["train.max_steps"]
+    best = min(evals[s] for s in evals if s <= steps - 1)  # the step-by-step held-out losses, the last eval aside
+    best_step = next(s for s in sorted(evals) if evals[s] == best)
+    assert best_step == steps - EARLY["train.early_stopping_patience"]  # then 2 evaluations without a lower loss
+    assert all(evals[s] >= best for s in range(best_step + 1, steps + 1))
+    assert report["best_checkpoint"].endswith(f"checkpoint-{best_step}")
+    saved = load_file(str(out / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors"))
+    assert all(torch.equal(adapter[k], saved[k]) for k in adapter)
+    last = load_file(str(out / "checkpoints" / f"checkpoint-{steps}" / "adapter_model.safetensors"))
+    assert any(not torch.equal(adapter[k], last[k]) for k in adapter)
+
+
+@pytest.mark.parametrize("back", [1, 0])
+def test_an_early_stopped_run_killed_before_its_end_resumes_to_the_same_end(stopped_early, tiny_model, tiny_data,
+                                                                          tmp_path, back):
+    """Cut back to the checkpoint `back` steps before the stop (one evaluation without a lower loss counted, so
+    the count must come back from the checkpoint), or to the stop's own (only the wrap-up is left)."""
+    out, report, adapter, _ = stopped_early
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    cut = report["steps"] - back
+    for name in ("report.json", "loss.png", "adapter"):
+        shutil.rmtree(run / name) if (run / name).is_dir() else (run / name).unlink()
+    for ckpt in (run / "checkpoints").glob("checkpoint-*"):
+        if step_of(ckpt) > cut:
+            shutil.rmtree(ckpt)
+    assert main(["train", *overrides(tiny_model, tiny_data, run, resume="auto", **EARLY)]) == 0
+    again = json.loads((run / "report.json").read_text())
+    assert again["steps"] == report["steps"] and again["stopped_early"] is True
+    assert again["best_checkpoint"].endswith(Path(report["best_checkpoint"]).name)
+    resumed = load_file(str(run / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.equal(adapter[k], resumed[k]) for k in adapter)

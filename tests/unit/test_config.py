@@ -112,6 +112,10 @@ BAD = [
     (["train.lr_scheduler_type=warmup_stable_decay"], "give the steps of its decay, "
      "train.lr_scheduler_kwargs.num_decay_steps"),
     (["train.lr_scheduler_type=reduce_lr_on_plateau"], "follows the held-out loss: set train.eval_steps"),
+    (["train.early_stopping_patience=3"], "train.early_stopping_patience=3 counts evaluations: set train.eval_steps"),
+    (["train.early_stopping_patience=0"], "train.early_stopping_patience=0: must be >= 1"),
+    (["train.eval_steps=10", "train.save_steps=10", "train.early_stopping_threshold=-1"],
+     "train.early_stopping_threshold=-1.0: must be >= 0"),
     (["eval.batch_size=0"], "eval.batch_size=0: must be > 0"),
     (["eval.max_examples=0"], "eval.max_examples=0: must be > 0, or null for every example"),
     (["train.weight_decay=-0.1"], "train.weight_decay=-0.1: must be >= 0"),
