@@ -245,6 +245,8 @@ class TrainConfig:
     """Optimizer: auto (paged_adamw_8bit on one GPU, else adamw_torch_fused), or any transformers name."""
     max_grad_norm: float = 0.3
     """Gradient clipping norm (QLoRA paper: 0.3)."""
+    neftune_noise_alpha: float = 0.0
+    """NEFTune: uniform noise on the input embeddings while training, at most alpha / sqrt(length x hidden) per example (5 in the paper); 0 = off."""
     max_length: int = 512
     """Tokens per example; longer examples are truncated (and counted)."""
     seed: int = 42

@@ -66,6 +66,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.one_pass_head import head_one_pass
     from qlora.padding_free import padding_share, segment_attention_for
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
+    from qlora.neftune import embedding_noise
     from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, head_tiles_in_place, liger_wanted,
                              small_head_tiles, trained_positions_only_on_cpu)
     from qlora.tracking import (RunLogger, package_versions, peak_memory_gb, plot_losses, readable_progress,
@@ -204,6 +205,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
                     head_tiles_in_place(t.head_tiles_in_place and device == "cpu"), \
                     head_one_pass(t.head_one_pass and t.head_tiles_in_place and device == "cpu", bf16_base), \
                     fused_lora(fused, bf16_base), \
+                    embedding_noise(trainer.model, t.neftune_noise_alpha), \
                     segment_attention_for(trainer.model, one_row) as attentions, \
                     fast_dequant(t.fast_dequant and device == "cpu" and cfg.quant.load_in_4bit) as dequant_kernel:
                 trainer.train(resume_from_checkpoint=resume_from)

@@ -61,6 +61,8 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
     positive("train.max_grad_norm", t.max_grad_norm)
     if t.weight_decay < 0:
         p.append(f"train.weight_decay={t.weight_decay}: must be >= 0")
+    if t.neftune_noise_alpha < 0:
+        p.append(f"train.neftune_noise_alpha={t.neftune_noise_alpha}: must be >= 0 (0 = no noise)")
     if not 0 <= t.seed < 2 ** 32:
         p.append(f"train.seed={t.seed}: must be in [0, 2**32)")
     if d.show_examples < 0:

@@ -237,3 +237,20 @@ def test_the_schedule_takes_its_arguments(tiny_model, tiny_data, tmp_path):
     rates = [json.loads(line).get("learning_rate") for line in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
     peak = 5e-3  # tiny_overrides' learning rate: cosine from it to half of it over 3 steps
     assert [r for r in rates if r is not None] == pytest.approx([peak, peak * 0.875, peak * 0.625])
+
+
+def test_neftune_noise_changes_training_and_repeats_with_the_seed(tiny_run, tiny_model, tiny_data, tmp_path):
+    """train.neftune_noise_alpha: the first step's loss is already another (the noise is in its forward);
+    the same seed gives the same noise, so the same adapter."""
+    from safetensors.torch import load_file
+
+    plain, _ = tiny_run  # the same settings without noise
+    adapters, reports = [], []
+    for i in range(2):
+        out = tmp_path / f"noisy{i}"
+        assert main(["train", *tiny_overrides(tiny_model, tiny_data, out, **{"train.neftune_noise_alpha": 5})]) == 0
+        adapters.append(load_file(out / "adapter" / "adapter_model.safetensors"))
+        reports.append(json.loads((out / "report.json").read_text()))
+    assert reports[0]["loss_first"] != plain.report["loss_first"]
+    assert reports[0]["loss_first"] == reports[1]["loss_first"]
+    assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])

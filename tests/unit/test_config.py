@@ -119,6 +119,7 @@ BAD = [
     (["eval.batch_size=0"], "eval.batch_size=0: must be > 0"),
     (["eval.max_examples=0"], "eval.max_examples=0: must be > 0, or null for every example"),
     (["train.weight_decay=-0.1"], "train.weight_decay=-0.1: must be >= 0"),
+    (["train.neftune_noise_alpha=-1"], "train.neftune_noise_alpha=-1.0: must be >= 0"),
     (["train.seed=-5"], "train.seed=-5: must be in [0, 2**32)"),
     (["train.optim=sgdx"], "train.optim=sgdx: not an optimizer transformers knows; use auto or one of adafactor,"),
     (["train.optim=galore_adamw"], "train.optim=galore_adamw: GaLore and APOLLO train full weight matrices"),
