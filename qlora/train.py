@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
 import time
 import warnings
@@ -190,6 +191,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     say(f"training; run directory {run_dir}" + (f"; resuming from {resume_from}" if resume_from else "")
         + ("; all train.max_steps are done: evaluating and saving" if finished else "")
         + ("; compiling the decoder layers first (train.compile: a minute or so)" if compiling else ""))
+    if not finished:
+        say(schedule_line(t, steps, len(train_rows), "packed rows" if cfg.data.packing else "examples"))
     stopper.install()
     compiled, dequant_kernel, attentions = 0, False, set()
     try:
@@ -272,8 +275,20 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         + (f"{report['tokens_per_second']:,.1f} tokens/s, " if report["tokens_per_second"] else "")
         + (f"loss {report['loss_first']:.4g} -> {report['loss_last']:.4g}" if losses else "no loss logged")
         + (f", held-out exact match {em_before:.1%} -> {em_after:.1%}" if em_after is not None else ""))
+    say(f"talk to it: qlora chat adapter={shlex.quote(str(run_dir))}")
     print(run_dir)
     return Run(run_dir, trainer, tokenizer, report)
+
+
+def schedule_line(t, steps: int, rows: int, what: str) -> str:
+    """How many steps of how many rows, and what share of the data that is: a 10-hour run shows as one
+    before it starts."""
+    ranks = world_size()
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * ranks
+    return (f"{steps} optimizer steps of {per_step} {what} ({t.per_device_train_batch_size} a micro-batch"
+            + (f" x {t.gradient_accumulation_steps} accumulated" if t.gradient_accumulation_steps > 1 else "")
+            + (f" x {ranks} processes" if ranks > 1 else "") + f"): {steps * per_step / max(rows, 1):.2f} "
+            f"epoch(s) of {rows}")
 
 
 def prepare_run_dir(cfg: QLoraConfig):
@@ -327,7 +342,6 @@ def check_writable(key: str, folder: Path) -> None:
 
 def resume_command(run_dir: Path) -> str:
     """The command line that continues this run."""
-    import shlex
     import sys
 
     keep = [a for a in sys.argv[2:] if a.split("=")[0] not in ("output_dir", "resume", "overwrite")]

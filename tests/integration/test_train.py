@@ -254,3 +254,15 @@ def test_neftune_noise_changes_training_and_repeats_with_the_seed(tiny_run, tiny
     assert reports[0]["loss_first"] != plain.report["loss_first"]
     assert reports[0]["loss_first"] == reports[1]["loss_first"]
     assert all(torch.equal(adapters[0][k], adapters[1][k]) for k in adapters[0])
+
+
+def test_the_schedule_is_said_before_training():
+    """Steps, rows a step and epochs, from the settings: what a run will cost shows before it starts."""
+    from qlora.config import TrainConfig
+    from qlora.train import schedule_line
+
+    t = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    assert schedule_line(t, 60, 480, "examples") == \
+        "60 optimizer steps of 8 examples (4 a micro-batch x 2 accumulated): 1.00 epoch(s) of 480"
+    assert schedule_line(TrainConfig(per_device_train_batch_size=4), 6, 24, "packed rows") == \
+        "6 optimizer steps of 4 packed rows (4 a micro-batch): 1.00 epoch(s) of 24"
