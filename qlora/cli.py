@@ -52,6 +52,7 @@ verbs:
 Examples:
   qlora train                                   # the built-in demo (SmolLM2-135M, CPU or GPU)
   qlora train recipe=tinyllama_demo_t4 lora.r=32 train.max_steps=100
+  qlora train --multirun lora.r=8,16 train.learning_rate=1e-4,2e-4   # 4 runs, compared in a table
   qlora chat adapter=outputs/smollm2_demo/RUN
   qlora generate adapter=outputs/smollm2_demo/RUN prompt="What's the capital of France?"
 Errors exit 2 (bad input) or 1 (failed work); QLORA_DEBUG=1 shows tracebacks."""
@@ -91,6 +92,12 @@ def _dispatch(argv: List[str]) -> int:
     if "-h" in rest or "--help" in rest:
         print_config_help(verb)
         return 0
+    if "--multirun" in rest or "-m" in rest:
+        if verb != "train":
+            raise UserError(f"--multirun sweeps training runs: qlora train --multirun key=a,b ... (not {verb})")
+        from qlora.sweep import sweep
+
+        return sweep([a for a in rest if a not in ("--multirun", "-m")])
     cfg = compose(VERBS[verb][1], rest)
     runner: Callable = _runner(verb)
     return runner(cfg) or 0
@@ -185,6 +192,10 @@ def explain_config_error(e: Exception) -> str:
             return f"{key}: expects a list; write it as {key}=[a,b]"
         return f"{key}: {first}"
     text = str(e)
+    if text.startswith("Ambiguous value for argument"):  # key=a,b: Hydra's sweep syntax
+        arg = text.split("'")[1]
+        return (f"{arg}: several values; to train once for each, add --multirun (qlora train --multirun {arg}); "
+                f"for a list write {arg.partition('=')[0]}=[{arg.partition('=')[2]}]")
     if isinstance(e, MissingConfigException) and "Could not find" in text:
         missing = text.split("Could not find '")[1].split("'")[0]  # e.g. model/nope
         group, _, name = missing.rpartition("/")
