@@ -252,6 +252,9 @@ def print_config_help(verb: str) -> None:
             keep.append(line)
     print("\n".join(keep))
     print("\nrecipe=NAME applies a preset from `qlora recipes` first; later overrides win.")
+    if verb == "train":
+        print("--multirun (or -m) with a key given several values (lora.r=8,16) trains once for each combination "
+              "and compares the runs (README, Recipes and configuration).")
 
 
 def describe(cls: type, prefix: str = "") -> List[str]:
