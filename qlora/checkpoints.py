@@ -53,7 +53,7 @@ def data_digest(path: str, subset: Optional[str] = None, split: str = "train") -
 
 
 # keys the fingerprint gained after runs were made, with the value those runs had
-ADDED_KEYS: Dict[str, Any] = {"lora.use_rslora": False}
+ADDED_KEYS: Dict[str, Any] = {"lora.use_rslora": False, "lora.init": "default"}
 
 
 def fingerprint(cfg: QLoraConfig) -> Dict[str, Any]:

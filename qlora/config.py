@@ -57,6 +57,11 @@ class LoraBias(Enum):
     lora_only = "lora_only"
 
 
+class LoraInit(Enum):
+    default = "default"
+    loftq = "loftq"
+
+
 class DataFormat(Enum):
     auto = "auto"
     messages = "messages"
@@ -166,6 +171,8 @@ class LoraConfig:
     """Modules trained in full and saved with the adapter (e.g. [embed_tokens, lm_head] after adding tokens)."""
     use_dora: bool = False
     """Weight-decomposed LoRA (DoRA)."""
+    init: LoraInit = LoraInit.default
+    """Start: default (B = 0, from the 4-bit model) or loftq (LoRA = the best rank-r fix of the 4-bit error)."""
 
 
 @dataclass

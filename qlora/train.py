@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 
 from qlora.checkpoints import (check_resumable, drop_metrics_after, early_stopping_count, fingerprint,
                                latest_checkpoint, load_best_adapter, load_checkpoint, step_of)
-from qlora.config import DistStrategy, QLoraConfig, Resume
+from qlora.config import DistStrategy, LoraInit, QLoraConfig, Resume
 from qlora.validation import (bf16_base_on, check_schedule, checkpointing_on, fused_lora_on, padding_free_on,
                               optimizer_note, pick_optimizer, refuse, validate_train)
 from qlora.distributed import close_process_group, is_main, world_size
@@ -68,6 +68,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.padding_free import padding_share, segment_attention_for
     from qlora.guards import NonFinite, NonFiniteGuard, StopOnSignal
     from qlora.neftune import embedding_noise
+    from qlora.loftq import loftq_start
     from qlora.speed import (CheckpointedLayers, compile_wanted, compiled_layers, head_tiles_in_place, liger_wanted,
                              small_head_tiles, trained_positions_only_on_cpu)
     from qlora.tracking import (RunLogger, package_versions, peak_memory_gb, plot_losses, readable_progress,
@@ -131,6 +132,10 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         say(f"model.chat_template={cfg.model.chat_template} added tokens: embeddings resized to {len(tokenizer)}; "
             f"training {', '.join(cfg.lora.modules_to_save)} in full (lora.modules_to_save)")
     model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
+    if cfg.lora.init is LoraInit.loftq and not resume_from:  # a resumed run takes LoRA from its checkpoint
+        layers, left = loftq_start(model, path)
+        say(f"lora.init=loftq: LoRA in {layers} layers starts at the best rank-{cfg.lora.r} fix of their 4-bit "
+            f"error, which it cuts to {left:.0%} (Frobenius norm)")
     padding = padding_share([len(r["input_ids"]) for r in train_rows], t.per_device_train_batch_size)
     one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, model.config._attn_implementation,
                               compiling, padding)

@@ -120,6 +120,8 @@ BAD = [
     (["eval.max_examples=0"], "eval.max_examples=0: must be > 0, or null for every example"),
     (["train.weight_decay=-0.1"], "train.weight_decay=-0.1: must be >= 0"),
     (["train.neftune_noise_alpha=-1"], "train.neftune_noise_alpha=-1.0: must be >= 0"),
+    (["lora.init=loftq", "quant.load_in_4bit=false"], "lora.init=loftq starts LoRA at the 4-bit weights' error"),
+    (["lora.init=loftq", "lora.use_dora=true"], "lora.init=loftq with lora.use_dora=true"),
     (["train.seed=-5"], "train.seed=-5: must be in [0, 2**32)"),
     (["train.optim=sgdx"], "train.optim=sgdx: not an optimizer transformers knows; use auto or one of adafactor,"),
     (["train.optim=galore_adamw"], "train.optim=galore_adamw: GaLore and APOLLO train full weight matrices"),
