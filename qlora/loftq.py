@@ -25,7 +25,7 @@ def loftq_start(model, base_path: str) -> Tuple[int, float]:
 
     modules = dict(model.get_base_model().named_modules())
     layers, before, after = 0, 0.0, 0.0
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)  # the randomized SVD: the same start on every rank and every run
         for f in base_weight_files(base_path):
             with safe_open(str(f), framework="pt") as shard:
