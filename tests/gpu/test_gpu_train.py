@@ -155,3 +155,21 @@ def test_padding_free_attention_is_one_varlen_kernel_with_the_loop_s_numbers_on_
     for a, b in zip((ours, *torch.autograd.grad(ours, inputs, upstream)),
                     (loop, *torch.autograd.grad(loop, inputs, upstream))):
         assert (a.float() - b.float()).abs().max() <= tolerance * b.float().abs().max()
+
+
+def test_loftq_neftune_and_early_stopping_train_on_gpu(tiny_model, tiny_data, tmp_path):
+    """The training options whose code touches device tensors: LoftQ's start (the SVD on the GPU, the
+    original weights read on the CPU), NEFTune's noise (its lengths moved to the embeddings' device),
+    and early stopping's best adapter loaded back at the end. Not yet run on a GPU."""
+    run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / "run", **{
+        "lora.init": "loftq", "train.neftune_noise_alpha": 5, "train.max_steps": 40, "train.eval_steps": 1,
+        "train.save_steps": 1, "train.save_total_limit": 40, "train.early_stopping_patience": 2,
+        "train.learning_rate": 0.05})))
+    report = run.report
+    assert report["loss_first"] is not None and report["stopped_early"] in (True, False)
+    best = report["best_checkpoint"]
+    from safetensors.torch import load_file
+
+    saved = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
+    kept = load_file(f"{best}/adapter_model.safetensors")
+    assert all(torch.equal(saved[k], kept[k]) for k in saved)
