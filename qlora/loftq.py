@@ -14,9 +14,10 @@ import math
 from typing import Tuple
 
 
-def loftq_start(model, base_path: str) -> Tuple[int, float]:
+def loftq_start(model, base_path: str) -> Tuple[int, int, float]:
     """Sets the LoRA weights (adapter "default") of every 4-bit layer to LoftQ's start. Returns the
-    layers set and the quantization error left, as a share of what it was (Frobenius norm over them)."""
+    layers set, the 4-bit LoRA layers whose original weight the files do not hold under the layer's
+    name (left at B = 0), and the quantization error left, as a share of what it was (Frobenius norm)."""
     import bitsandbytes.functional as bnbf
     import torch
     from safetensors import safe_open
@@ -45,7 +46,9 @@ def loftq_start(model, base_path: str) -> Tuple[int, float]:
                     before += float(error.square().sum())
                     after += float((error - module.scaling["default"] * (b @ a)).square().sum())
                     layers += 1
-    return layers, math.sqrt(after / before) if before else 0.0
+    adapted = sum(1 for m in modules.values() if "default" in getattr(m, "lora_A", {})
+                  and getattr(m.get_base_layer().weight, "quant_state", None) is not None)
+    return layers, adapted - layers, math.sqrt(after / before) if before else 0.0
 
 
 def best_rank_r(error, r: int, scale: float):

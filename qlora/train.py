@@ -133,9 +133,11 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
             f"training {', '.join(cfg.lora.modules_to_save)} in full (lora.modules_to_save)")
     model = attach_lora(model, cfg.lora, checkpointing, one_dtype=dtype if fsdp else None, compute_dtype=dtype)
     if cfg.lora.init is LoraInit.loftq and not resume_from:  # a resumed run takes LoRA from its checkpoint
-        layers, left = loftq_start(model, path)
+        layers, missed, left = loftq_start(model, path)
         say(f"lora.init=loftq: LoRA in {layers} layers starts at the best rank-{cfg.lora.r} fix of their 4-bit "
-            f"error, which it cuts to {left:.0%} (Frobenius norm)")
+            f"error, which it cuts to {left:.0%} (Frobenius norm)"
+            + (f"; {missed} layers' original weights are not in the model's files under their names: "
+               "their LoRA starts at zero" if missed else ""))
     padding = padding_share([len(r["input_ids"]) for r in train_rows], t.per_device_train_batch_size)
     one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, model.config._attn_implementation,
                               compiling, padding)
