@@ -78,6 +78,14 @@ def train(*overrides: str) -> Path:
     return fit(compose("train", list(overrides))).run_dir
 
 
+def sweep(*overrides: str) -> Path:
+    """`qlora train --multirun` with these overrides (keys given several values, e.g. "lora.r=8,16");
+    returns the sweep folder, which holds sweep.json, sweep.md and sweep.png."""
+    from qlora.sweep import run_sweep
+
+    return run_sweep(list(overrides))
+
+
 def run(verb: str, *overrides: str) -> None:
     """Any verb as the command line runs it, e.g. run("data check", "data.path=my.jsonl")."""
     from qlora.cli import VERBS, _runner, compose

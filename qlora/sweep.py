@@ -55,6 +55,12 @@ def folder_name(index: int, run: List[str], swept: List[str]) -> str:
 
 def sweep(args: List[str]) -> int:
     """The `qlora train --multirun` verb."""
+    print(run_sweep(args))
+    return 0
+
+
+def run_sweep(args: List[str]) -> Path:
+    """Every run of the sweep these arguments give, one after another; returns the sweep folder."""
     from qlora.validation import refuse, validate_train
 
     runs, swept = expand(args)
@@ -100,8 +106,7 @@ def sweep(args: List[str]) -> int:
     if failed:
         raise WorkError(f"{len(failed)} of {len(rows)} runs failed: "
                         + "; ".join(f"{r['run']} ({r['status']})" for r in failed))
-    print(top)
-    return 0
+    return top
 
 
 def run_train(args: List[str]) -> Tuple[int, bool]:

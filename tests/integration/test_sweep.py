@@ -55,7 +55,11 @@ def test_a_sweep_runs_each_combination_compares_them_and_resumes(tiny_model, tin
     assert "1 of 2 runs failed: 02_train.learning_rate-1e+30 (failed (exit 1))" in capsys.readouterr().err
 
     made = (first / "report.json").stat().st_mtime_ns
-    assert main(["train", "--multirun", *args, "resume=auto"]) == 1
+    from qlora import api
+    from qlora.errors import WorkError
+
+    with pytest.raises(WorkError, match="1 of 2 runs failed"):  # from Python, as `qlora train --multirun`
+        api.sweep(*args, "resume=auto")
     assert "run 1 of 2 (train.learning_rate=0.005) is done; kept" in capsys.readouterr().err
     assert (first / "report.json").stat().st_mtime_ns == made
 
