@@ -154,17 +154,12 @@ def data_check_cli(cfg) -> int:
 
 
 def plot_lengths(lengths: List[int], max_length: int, path) -> None:
-    import matplotlib
+    from qlora.tracking import new_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    fig, ax = new_figure((7, 4))
     ax.hist(lengths, bins=40)
     ax.axvline(max_length, color="red", linestyle="--", label=f"train.max_length={max_length}")
     ax.set_xlabel("tokens per example (after truncation)")
     ax.set_ylabel("examples")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -94,13 +94,10 @@ def summarize(rows) -> List[Tuple[str, float, float, float, float]]:
 
 
 def plot(rows, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from qlora.tracking import new_figure, save_figure
 
     layers = list(dict.fromkeys(x["layer"] for x in rows))
-    fig, ax = plt.subplots(figsize=(11, 5), dpi=100)
+    fig, ax = new_figure((11, 5))
     for scheme in ("int4 affine / tensor", "int4 affine / channel", "int4 absmax / block 64", "fp4 / block 64",
                    "nf4 / block 64 + double quant", "int8 affine / channel"):
         by = {x["layer"]: x["sqnr_db"] for x in rows if x["scheme"] == scheme}
@@ -110,9 +107,7 @@ def plot(rows, path: Path) -> None:
     ax.set_title("Quantization error of each linear layer")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def quant_report_cli(cfg) -> int:

@@ -181,19 +181,14 @@ def write_summary(top: Path, rows: List[Dict[str, Any]], swept: List[str]) -> No
 
 
 def plot_runs(top: Path, rows: List[Dict[str, Any]]) -> None:
-    import os
+    """sweep.png: each run's training loss by step (a line) and held-out loss (dots), in one color."""
+    from qlora.tracking import loss_points, new_figure, save_figure
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    fig, ax = new_figure((8, 4.5))
     for i, r in enumerate(rows):
         path = top / r["run"] / "metrics.jsonl"
-        records = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
-        train = [(x["step"], x["loss"]) for x in records if isinstance(x.get("loss"), float)]
-        evals = [(x["step"], x["eval_loss"]) for x in records if isinstance(x.get("eval_loss"), float)]
+        train, evals = loss_points([json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+                                   if path.is_file() else [])
         if r["eval_loss"] is not None:  # the end of the run's, in its report
             evals.append((r["steps"], r["eval_loss"]))
         color = f"C{i % 10}"
@@ -207,8 +202,4 @@ def plot_runs(top: Path, rows: List[Dict[str, Any]]) -> None:
     ax.grid(alpha=0.3)
     if rows:
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = top / ".sweep.tmp.png"
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, top / "sweep.png")
+    save_figure(fig, top / "sweep.png")

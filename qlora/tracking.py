@@ -134,16 +134,38 @@ def package_versions() -> Dict[str, str]:
     return out
 
 
-def plot_losses(records: List[Dict[str, Any]], path: Path) -> None:
-    """loss.png: training loss by step, with held-out loss where it was measured."""
+def loss_points(records: List[Dict[str, Any]]):
+    """(training, held-out): the (step, loss) pairs of a run's metrics records."""
+    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float)]
+    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), float)]
+    return train, evals
+
+
+def new_figure(size):
+    """A matplotlib figure and axes, drawn off screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), float)]
-    evals = [(r["step"], r["eval_loss"]) for r in records if isinstance(r.get("eval_loss"), float)]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    return plt.subplots(figsize=size, dpi=100)
+
+
+def save_figure(fig, path: Path) -> None:
+    """Writes the figure as PNG aside, then renames it into place, and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_losses(records: List[Dict[str, Any]], path: Path) -> None:
+    """loss.png: training loss by step, with held-out loss where it was measured."""
+    train, evals = loss_points(records)
+    fig, ax = new_figure((7, 4))
     if train:
         ax.plot(*zip(*train), label="train loss")
     if evals:
@@ -152,8 +174,4 @@ def plot_losses(records: List[Dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("loss (trained tokens)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
