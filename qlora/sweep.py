@@ -61,7 +61,12 @@ def sweep(args: List[str]) -> int:
 
 def run_sweep(args: List[str]) -> Path:
     """Every run of the sweep these arguments give, one after another; returns the sweep folder."""
+    from qlora.distributed import world_size
     from qlora.validation import refuse, validate_train
+
+    if world_size() > 1:  # each rank would start the whole sweep, its runs without the launcher's processes
+        raise UserError("--multirun under torchrun / accelerate launch: start the sweep with plain `qlora train "
+                        "--multirun`; its runs are one process each")
 
     runs, swept = expand(args)
     if not swept:

@@ -29,6 +29,12 @@ def test_a_bad_value_in_any_run_is_refused_before_the_first_starts(tiny_model, t
     assert not out.exists()
 
 
+def test_a_sweep_under_torchrun_is_refused(monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--multirun", "lora.r=4,8"]) == 2
+    assert "--multirun under torchrun / accelerate launch" in capsys.readouterr().err
+
+
 def test_several_values_without_multirun_say_how_to_sweep(capsys):
     assert main(["train", "lora.r=8,16"]) == 2
     assert "add --multirun (qlora train --multirun lora.r=8,16); for a list write lora.r=[8,16]" in \
