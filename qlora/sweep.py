@@ -15,13 +15,13 @@ import re
 import signal
 import subprocess
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
 from qlora.cli import FREE_TEXT, compose
 from qlora.errors import Interrupted, UserError, WorkError
 from qlora.models import say
+from qlora.train import default_output_dir
 
 COLUMNS = ("steps", "loss_last", "eval_loss", "eval_exact_match", "tokens_per_second", "peak_memory_gb")
 
@@ -46,11 +46,15 @@ def expand(args: List[str]) -> Tuple[List[List[str]], List[str]]:
     return [list(run) for run in itertools.product(*choices)], swept
 
 
+def swept_values(run: List[str], swept: List[str]) -> List[str]:
+    """The run's key=value arguments of the swept keys."""
+    return [a for a in run if a.partition("=")[0] in swept]
+
+
 def folder_name(index: int, run: List[str], swept: List[str]) -> str:
     """`01_lora.r-8_train.learning_rate-0.0001`: the run's number and swept values, safe as a folder name
     (and as a value on Hydra's command line)."""
-    values = [a for a in run if a.partition("=")[0] in swept]
-    return re.sub(r"[^A-Za-z0-9._+-]", "-", "_".join([f"{index:02d}", *values]))[:120]
+    return re.sub(r"[^A-Za-z0-9._+-]", "-", "_".join([f"{index:02d}", *swept_values(run, swept)]))[:120]
 
 
 def sweep(args: List[str]) -> int:
@@ -72,7 +76,7 @@ def run_sweep(args: List[str]) -> Path:
     if not swept:
         raise UserError("--multirun: nothing to sweep; give a key several values, e.g. lora.r=8,16")
     base = compose("train", [a for a in args if a.partition("=")[0] not in swept])
-    top = Path(base.output_dir or f"outputs/{base.recipe or 'demo'}/{datetime.now():%Y%m%d-%H%M%S}-sweep")
+    top = Path(base.output_dir or default_output_dir(base, "-sweep"))
     top = top.expanduser().resolve()
     resume = base.resume == "auto"
     if top.exists() and any(top.iterdir()) and not (resume or base.overwrite):
@@ -86,14 +90,13 @@ def run_sweep(args: List[str]) -> Path:
             cfg = compose("train", run)
             refuse(validate_train(cfg))
         except UserError as e:
-            raise UserError(f"run {i} of {len(runs)} ({' '.join(a for a in run if a.partition('=')[0] in swept)}): "
-                            f"{e}") from None
+            raise UserError(f"run {i} of {len(runs)} ({' '.join(swept_values(run, swept))}): {e}") from None
         plan.append((folder, run, resume and finished_with(folder, cfg)))
     say(f"sweep: {len(plan)} runs of {', '.join(swept)} in {top}")
     rows: List[Dict[str, Any]] = []
     interrupted = False
     for i, (folder, run, done) in enumerate(plan, 1):
-        values = [a for a in run if a.partition("=")[0] in swept]
+        values = swept_values(run, swept)
         if done:
             say(f"sweep: run {i} of {len(plan)} ({' '.join(values)}) is done; kept")
             code = 0
@@ -105,7 +108,7 @@ def run_sweep(args: List[str]) -> Path:
         if interrupted or code == 130:
             raise Interrupted(f"sweep stopped at run {i} of {len(plan)}; continue it with the same command and "
                               f"resume=auto output_dir={top}")
-    print_table(rows, swept)
+    print(table(rows, swept), file=sys.stderr)
     say(f"sweep: table in {top / 'sweep.md'}, plot in {top / 'sweep.png'}")
     failed = [r for r in rows if r["status"] != "done"]
     if failed:
@@ -169,10 +172,6 @@ def table(rows: List[Dict[str, Any]], swept: List[str]) -> str:
 
 def fmt(value) -> str:
     return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def print_table(rows: List[Dict[str, Any]], swept: List[str]) -> None:
-    print(table(rows, swept), file=sys.stderr)
 
 
 def write_summary(top: Path, rows: List[Dict[str, Any]], swept: List[str]) -> None:

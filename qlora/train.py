@@ -298,12 +298,17 @@ def schedule_line(t, steps: int, rows: int, what: str) -> str:
             f"epoch(s) of {rows}")
 
 
+def default_output_dir(cfg: QLoraConfig, suffix: str = "") -> str:
+    """outputs/<recipe>/<YYYYmmdd-HHMMSS><suffix>: where a run (or a sweep, suffix -sweep) goes unless told."""
+    return f"outputs/{cfg.recipe or 'demo'}/{datetime.now():%Y%m%d-%H%M%S}{suffix}"
+
+
 def prepare_run_dir(cfg: QLoraConfig):
     """The run directory (not created yet) and the checkpoint to resume from, if any."""
     from qlora.models import say
 
     resume = cfg.resume
-    default = f"outputs/{cfg.recipe or 'demo'}/{datetime.now():%Y%m%d-%H%M%S}"
+    default = default_output_dir(cfg)
     if cfg.output_dir is None and resume not in (Resume.none.value, Resume.auto.value):
         default = str(Path(resume).resolve().parent.parent)  # RUN/checkpoints/checkpoint-N
     if cfg.output_dir is None and world_size() > 1:

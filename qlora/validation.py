@@ -52,15 +52,16 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         p.append(f"lora.lora_dropout={lo.lora_dropout}: must be in [0, 1)")
     if not lo.target_modules:
         p.append("lora.target_modules=[]: name at least one module, or use [all-linear]")
-    if lo.init is LoraInit.loftq and not cfg.quant.load_in_4bit:
-        p.append("lora.init=loftq starts LoRA at the 4-bit weights' error, and quant.load_in_4bit=false leaves "
-                 "none; use lora.init=default")
-    if lo.init is LoraInit.loftq and cfg.dist.strategy is DistStrategy.fsdp_qlora:
-        p.append("lora.init=loftq is not available under dist.strategy=fsdp_qlora (the weights are on one rank "
-                 "while the model loads); use lora.init=default")
-    if lo.init is LoraInit.loftq and lo.use_dora:
-        p.append("lora.init=loftq with lora.use_dora=true: DoRA's magnitudes are taken from the layer with "
-                 "B = 0; use one of the two")
+    if lo.init is LoraInit.loftq:
+        if not cfg.quant.load_in_4bit:
+            p.append("lora.init=loftq starts LoRA at the 4-bit weights' error, and quant.load_in_4bit=false "
+                     "leaves none; use lora.init=default")
+        if cfg.dist.strategy is DistStrategy.fsdp_qlora:
+            p.append("lora.init=loftq is not available under dist.strategy=fsdp_qlora (the weights are on one "
+                     "rank while the model loads); use lora.init=default")
+        if lo.use_dora:
+            p.append("lora.init=loftq with lora.use_dora=true: DoRA's magnitudes are taken from the layer with "
+                     "B = 0; use one of the two")
     positive("train.per_device_train_batch_size", t.per_device_train_batch_size)
     positive("train.gradient_accumulation_steps", t.gradient_accumulation_steps)
     positive("train.learning_rate", t.learning_rate)
