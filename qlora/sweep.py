@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Tuple
 from qlora.cli import FREE_TEXT, compose
 from qlora.errors import Interrupted, UserError, WorkError
 from qlora.models import say
-from qlora.train import default_output_dir
+from qlora.run_dir import default_output_dir
 
 COLUMNS = ("steps", "loss_last", "eval_loss", "eval_exact_match", "tokens_per_second", "peak_memory_gb")
 

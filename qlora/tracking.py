@@ -112,6 +112,19 @@ def progress_line(step: int, max_steps: int, logs: Dict[str, Any]) -> Optional[s
     return f"step {step}/{max_steps}  " + "  ".join(parts)
 
 
+def schedule_line(t, steps: int, rows: int, what: str) -> str:
+    """How many steps of how many rows, and what share of the data that is: a 10-hour run shows as one
+    before it starts."""
+    from qlora.distributed import world_size
+
+    ranks = world_size()
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps * ranks
+    return (f"{steps} optimizer steps of {per_step} {what} ({t.per_device_train_batch_size} a micro-batch"
+            + (f" x {t.gradient_accumulation_steps} accumulated" if t.gradient_accumulation_steps > 1 else "")
+            + (f" x {ranks} processes" if ranks > 1 else "") + f"): {steps * per_step / max(rows, 1):.2f} "
+            f"epoch(s) of {rows}")
+
+
 def peak_memory_gb(device: str) -> float:
     """CUDA peak allocation on GPU, process peak RSS on CPU."""
     if device == "cuda":

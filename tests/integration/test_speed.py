@@ -286,3 +286,32 @@ def test_liger_kernels_stop_before_the_model_loads_where_they_cannot_run(tiny_mo
         with pytest.raises(UserError, match="Liger has no kernels for model type 'no-such-model'"):
             liger_wanted(True, "cuda", str(other))
         assert liger_wanted(True, "cuda", str(tiny_model)) is True
+
+
+@pytest.mark.slow
+def test_neftune_noise_under_compiled_layers_trains_as_under_eager_ones(tiny_model, tiny_data, tmp_path,
+                                                                       monkeypatch):
+    """train.neftune_noise_alpha with train.compile: the noise is added by a hook on the input embeddings,
+    outside the compiled layers, so a compiled run gets it at every training forward, draws the same
+    noise and trains as the eager run does."""
+    from qlora.neftune import EmbeddingNoise
+
+    compile_problem("cpu")
+    noised, add = [], EmbeddingNoise.add_noise  # noised: one entry per forward that got noise
+
+    def counted(self, module, args, output):
+        noised.append(module.training)
+        return add(self, module, args, output)
+
+    monkeypatch.setattr(EmbeddingNoise, "add_noise", counted)
+    runs, counts = {}, {}
+    for on in ("true", "false"):
+        runs[on] = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / on, **PADDED, **{
+            "train.compile": on, "train.max_steps": 8, "train.neftune_noise_alpha": 5})))
+        counts[on], noised[:] = sum(noised), []
+    assert runs["true"].report["compiled_layers"] == 1
+    assert counts["true"] == counts["false"] >= 8  # every step's training forward
+    assert losses(runs["true"]) == pytest.approx(losses(runs["false"]), abs=1e-5)
+    a = load_file(str(runs["true"].run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(runs["false"].run_dir / "adapter" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

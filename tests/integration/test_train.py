@@ -259,7 +259,7 @@ def test_neftune_noise_changes_training_and_repeats_with_the_seed(tiny_run, tiny
 def test_the_schedule_is_said_before_training():
     """Steps, rows a step and epochs, from the settings: what a run will cost shows before it starts."""
     from qlora.config import TrainConfig
-    from qlora.train import schedule_line
+    from qlora.tracking import schedule_line
 
     t = TrainConfig(per_device_train_batch_size=4, gradient_accumulation_steps=2)
     assert schedule_line(t, 60, 480, "examples") == \

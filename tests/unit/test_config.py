@@ -167,7 +167,7 @@ def test_the_scheduler_and_optimizer_names_checked_are_transformers_own():
 
 
 def test_fsdp_qlora_recipe_asks_the_trainer_for_peft_aware_full_sharding():
-    from qlora.train import fsdp_args
+    from qlora.trainer_args import fsdp_args
 
     cfg = compose("train", ["recipe=llama3.1_70b_fsdp_2x24gb"])
     args = fsdp_args(cfg)
