@@ -43,7 +43,6 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
     from qlora.models import (compute_dtype, load_base_model, load_tokenizer, pick_device, resize_for_tokenizer,
                               resolve_model)
 
-    device = pick_device()
     model_cfg, quant = cfg.model, cfg.quant
     if cfg.adapter:
         adir = adapter_dir(cfg.adapter)
@@ -63,6 +62,7 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
     else:
         path = resolve_model(model_cfg.name_or_path)
         tokenizer = load_tokenizer(path, model_cfg, chat)
+    device = pick_device()
     model = load_base_model(path, model_cfg, quant, device, compute_dtype(quant, device))
     resize_for_tokenizer(model, tokenizer)  # a run that added tokens (model.chat_template=chatml)
     if cfg.adapter:

@@ -88,19 +88,18 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
     """The model's shape from its config.json (local, built-in or cached), else from KNOWN."""
     from qlora.models import BUILTIN, resolve_model
 
-    folder: Optional[Path] = None
     if name_or_path in BUILTIN or Path(name_or_path).expanduser().is_dir():
         folder = Path(resolve_model(name_or_path))
-    if folder is None:
-        if name_or_path in KNOWN:
-            return KNOWN[name_or_path], None
+    elif name_or_path in KNOWN:
+        return KNOWN[name_or_path], None
+    else:
         try:
-            from huggingface_hub import hf_hub_download
+            resolve_model(name_or_path)  # a hub id: its config.json in the cache or fetched, else why not
+        except UserError as e:
+            raise UserError(f"{e}; plan knows the shapes of {', '.join(KNOWN)} without their files") from None
+        from huggingface_hub import hf_hub_download
 
-            folder = Path(hf_hub_download(name_or_path, "config.json")).parent
-        except Exception:
-            raise UserError(f"model.name_or_path={name_or_path}: cannot read its config.json (offline?); "
-                            f"plan knows {', '.join(KNOWN)} without it") from None
+        folder = Path(hf_hub_download(name_or_path, "config.json")).parent
     c = json.loads((folder / "config.json").read_text())
     c = c.get("text_config", c)
     sliding = c.get("use_sliding_window", True) and "sliding_attention" in c.get("layer_types", ["sliding_attention"])

@@ -22,7 +22,7 @@ from qlora.checkpoints import (check_resumable, drop_metrics_after, early_stoppi
 from qlora.config import DistStrategy, LoraInit, QLoraConfig
 from qlora.distributed import close_process_group, is_main, world_size
 from qlora.errors import Interrupted, UserError, WorkError
-from qlora.models import say
+from qlora.models import resolve_model, say
 from qlora.run_dir import prepare_run_dir, resume_command, save_adapter
 from qlora.validation import (bf16_base_on, check_schedule, checkpointing_on, fused_lora_on, padding_free_on,
                               optimizer_note, pick_optimizer, refuse, validate_train)
@@ -88,6 +88,8 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     fp = fingerprint(cfg)  # as given: resuming compares the command line's config with it
     if resume_from:
         check_resumable(run_dir, cfg)
+    t_load = time.perf_counter()
+    path = resolve_model(cfg.model.name_or_path)  # before the heavy imports: a hub id's problems in a second
 
     import datasets
     from transformers import set_seed
@@ -95,7 +97,6 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     from qlora.adapters import check_targets
     from qlora.dequant import use_for_inference
     from qlora.evaluate import exact_match
-    from qlora.models import resolve_model
     from qlora.speed import compile_wanted, liger_wanted
     from qlora.tracking import schedule_line
 
@@ -103,9 +104,6 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
     t = cfg.train
     setup = choose_setup(cfg)
     set_seed(t.seed)
-
-    t_load = time.perf_counter()
-    path = resolve_model(cfg.model.name_or_path)
     setup.liger = liger_wanted(t.liger_kernels, setup.device, path)
     data = read_data(cfg, path)
     steps = t.max_steps if t.max_steps > 0 else math.ceil(
