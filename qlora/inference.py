@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from qlora.adapters import adapter_dir
 from qlora.config import QLoraConfig
@@ -49,15 +49,8 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
         trained = run_config(adir)
         if trained is not None:
             model_cfg, quant = trained.model, trained.quant
-        else:
-            import json
-
-            base = json.loads((adir / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base:
-                raise UserError(f"adapter={cfg.adapter}: adapter_config.json names no base model; "
-                                "give model.name_or_path")
-            model_cfg = replace(model_cfg, name_or_path=base)
-        path = resolve_model(model_cfg.name_or_path)
+        name, path = adapter_base(cfg, adir, model_cfg.name_or_path if trained else None)
+        model_cfg = replace(model_cfg, name_or_path=name)
         tokenizer = load_tokenizer(str(adir), model_cfg, chat)  # the tokenizer saved with the adapter
     else:
         path = resolve_model(model_cfg.name_or_path)
@@ -70,6 +63,7 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
 
         try:
             model = PeftModel.from_pretrained(model, str(adir))
+            model.peft_config["default"].base_model_name_or_path = path  # where it is now: merge reads it
         except (RuntimeError, ValueError, KeyError) as e:
             detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
             raise UserError(f"adapter={cfg.adapter} does not fit the base model {model_cfg.name_or_path}: "
@@ -81,6 +75,31 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
 
         use_for_inference(cfg.gen.fast_dequant, bf16=not exact and bf16_products_on(cfg.gen.bf16_base_products))
     return Loaded(model, tokenizer, bool(cfg.adapter), cfg.adapter or model_cfg.name_or_path, device)
+
+
+def adapter_base(cfg: QLoraConfig, adir: Path, trained_on: Optional[str]) -> Tuple[str, str]:
+    """The base model an adapter goes on, and where it is (resolve_model's answer): model.name_or_path where
+    it is given (a base that moved; a line says so), else the one it was trained on (its run's config.yaml,
+    or adapter_config.json). A base no longer there is refused with how to point at it."""
+    import json
+
+    from qlora.config import ModelConfig
+    from qlora.models import resolve_model, say
+
+    if trained_on is None:
+        trained_on = json.loads((adir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    given = cfg.model.name_or_path if cfg.model.name_or_path != ModelConfig.name_or_path else None
+    if given:
+        if trained_on and given != trained_on:
+            say(f"adapter={cfg.adapter} on model.name_or_path={given} (trained on {trained_on})")
+        return given, resolve_model(given)
+    if not trained_on:
+        raise UserError(f"adapter={cfg.adapter}: adapter_config.json names no base model; give model.name_or_path")
+    try:
+        return trained_on, resolve_model(trained_on)
+    except UserError as e:
+        raise UserError(f"{e}. adapter={cfg.adapter} was trained on that base; if it has moved, give "
+                        "model.name_or_path=WHERE_IT_IS_NOW") from None
 
 
 def conversation(prompt: str, system: Optional[str] = None,

@@ -208,3 +208,33 @@ def test_gen_bf16_base_products_multiply_in_bf16_but_not_for_merge_and_export(ti
     with torch.no_grad():
         loaded.model(input_ids=torch.tensor([[1, 2, 3]]))
     assert set(dtypes) == {torch.float32}
+
+
+def test_a_run_whose_base_moved_is_refused_with_the_fix_and_runs_on_the_new_place(tiny_model, tiny_data, tmp_path,
+                                                                                  capsys):
+    """The run's config.yaml names the base it trained on. Once that folder is gone, generate says so and
+    how to point at it; with model.name_or_path=NEW_PLACE, generate answers as before the move and merge
+    reads the base's weights from the new place."""
+    import shutil
+
+    old = shutil.copytree(tiny_model, tmp_path / "base")
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(old, tiny_data, run, **{"train.max_steps": 2})]) == 0
+    capsys.readouterr()
+    ask = ["generate", f"adapter={run}", "prompt=Ana is 9.", "gen.max_new_tokens=6"]
+    assert main(ask) == 0
+    before = capsys.readouterr().out
+    shutil.move(old, tmp_path / "moved")
+
+    assert main(ask) == 2
+    err = capsys.readouterr().err
+    assert f"model.name_or_path={old}: no such folder or file" in err
+    assert f"adapter={run} was trained on that base; if it has moved, give model.name_or_path=" in err
+
+    moved = [f"model.name_or_path={tmp_path / 'moved'}"]
+    assert main(ask + moved) == 0
+    out, err = capsys.readouterr()
+    assert out == before
+    assert f"adapter={run} on model.name_or_path={tmp_path / 'moved'} (trained on {old})" in err
+    assert main(["merge", f"adapter={run}", f"output_dir={tmp_path / 'merged'}", *moved]) == 0
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
