@@ -93,11 +93,7 @@ def check_hub_model(repo_id: str) -> None:
     unreachable = None if offline else hub_unreachable(constants.ENDPOINT)
     if cached:
         if unreachable:
-            constants.HF_HUB_OFFLINE = True  # read at each call by huggingface_hub and transformers
-            # PEFT, saving an adapter, looks the base's config.json up online to see whether the vocabulary
-            # grew, and says twice that it cannot; embeddings that grow are saved as lora.modules_to_save
-            for message in ("Unable to fetch remote file", "Could not find a config file in"):
-                warnings.filterwarnings("ignore", message=message, category=UserWarning)
+            go_offline()
             say(f"the Hugging Face hub cannot be reached ({unreachable}): reading {repo_id} from the cache")
         return
     fix = (f"fetch it where there is a network (`hf download {repo_id}`) and copy the Hugging Face cache "
@@ -119,6 +115,21 @@ def check_hub_model(repo_id: str) -> None:
     except (LocalEntryNotFoundError, OSError) as e:  # the network failed on the way (after the hub's retries)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{key}: could not fetch its config.json from the hub ({reason}); {fix}") from None
+
+
+def go_offline() -> None:
+    """This process reads the Hugging Face caches only, as under HF_HUB_OFFLINE=1: huggingface_hub,
+    transformers and datasets read the switch at each call. Online, each file they look for on a hub that
+    cannot be reached is retried for about 25 s before they fall back to the cache."""
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = True
+    if "datasets.config" in sys.modules:  # else datasets takes it from huggingface_hub when imported
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = True
+    # PEFT, saving an adapter, looks the base's config.json up online to see whether the vocabulary grew,
+    # and says twice that it cannot; embeddings that grow are trained and saved as lora.modules_to_save
+    for message in ("Unable to fetch remote file", "Could not find a config file in"):
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 def hub_unreachable(endpoint: str) -> Optional[str]:

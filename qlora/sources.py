@@ -144,14 +144,24 @@ def parquet_rows(f: Path) -> Iterator[Tuple[str, Row]]:
 
 
 def hub_rows(name: str, subset: Optional[str], split: str) -> Iterator[Tuple[str, Row]]:
-    """Rows of a Hugging Face dataset (needs the network, or the datasets cache)."""
+    """Rows of a Hugging Face dataset (needs the network, or the datasets cache: where the hub's host does
+    not resolve, the cache is read at once)."""
     import datasets
+    from huggingface_hub import constants
 
+    from qlora.models import go_offline, hub_unreachable, say
+
+    unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable(constants.ENDPOINT)
+    if unreachable:
+        go_offline()
+        say(f"the Hugging Face hub cannot be reached ({unreachable}): reading {name} from the datasets cache")
     try:
         ds = datasets.load_dataset(name, subset, split=split)
     except Exception as e:  # offline, unknown name, gated, bad split: the library's message says which
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"data.path={name}: not a local file, folder or glob, and loading it as a Hugging Face "
-                        f"dataset (subset={subset}, split={split}) failed: {first}") from None
+                        f"dataset (subset={subset}, split={split}) failed: {first}"
+                        + (f"; the hub cannot be reached ({unreachable}), so only the datasets cache was read"
+                           if unreachable else "")) from None
     for i, row in enumerate(ds, 1):
         yield f"{name}[{split}]:row {i}", row

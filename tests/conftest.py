@@ -120,6 +120,21 @@ def tiny_merged(tiny_run, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def hub_switch_kept():
+    """qlora puts the process offline where the hub's host does not resolve (models.go_offline), as it
+    does not here: no test leaves that switch changed for the next."""
+    import sys
+
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    yield
+    constants.HF_HUB_OFFLINE = was
+    if "datasets.config" in sys.modules:
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = was
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run the slow tests (real model, multi-process)")
 

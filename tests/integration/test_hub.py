@@ -107,3 +107,20 @@ def test_a_malformed_hub_id_is_refused_before_any_lookup(no_hub):
     with pytest.raises(UserError, match="not a folder here, and not a valid hub id"):
         check_hub_model("org/two words")
     assert no_hub == []
+
+
+def test_a_hub_dataset_with_the_hub_unreachable_is_read_from_the_cache_only(no_hub):
+    """data.path=org/name: where the hub's host does not resolve, datasets goes offline at once (its
+    retries, file by file, took ~25 s each) and the error says why it found nothing."""
+    import sys
+
+    from qlora.config import DataConfig
+    from qlora.data import read_examples
+
+    with pytest.raises(UserError) as caught:
+        read_examples("org/dataset", DataConfig())
+    message = str(caught.value)
+    assert message.startswith("data.path=org/dataset: not a local file, folder or glob, and loading it as a Hugging")
+    assert message.endswith(f"; the hub cannot be reached ({HOST} does not resolve), so only the datasets cache "
+                            "was read")
+    assert no_hub == [HOST] and sys.modules["datasets.config"].HF_HUB_OFFLINE
