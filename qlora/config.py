@@ -213,7 +213,7 @@ class DataConfig:
     eval_split: str = "test"
     """Hugging Face datasets: the split of data.eval_path."""
     eval_fraction: float = 0.0
-    """Share of the training rows held out for evaluation when eval_path is null, in [0, 1)."""
+    """Share of the training rows held out for evaluation, in [0, 1); instead of eval_path (the demo's yields)."""
     loss_on: LossOn = LossOn.assistant
     """Trained tokens: assistant (every assistant turn + end-of-turn), completion (the last one / the completion), all."""
     packing: bool = False
@@ -418,10 +418,11 @@ def on_demo_data(d: DataConfig) -> bool:
 
 
 def held_out_follows_data(cfg: QLoraConfig) -> QLoraConfig:
-    """The demo's held-out file goes with the demo's training file only: a config that trains on other
-    data (data.path or data.sources) and leaves data.eval_path at the demo's holds nothing out unless
-    it says what (data.eval_path or data.eval_fraction)."""
+    """The demo's held-out file goes with the demo's training file only, and only where no share is held
+    out instead: a config that trains on other data (data.path or data.sources), or asks for
+    data.eval_fraction, and leaves data.eval_path at the demo's, holds out what it says (the share, or
+    nothing)."""
     d = cfg.data
-    if not on_demo_data(d) and d.eval_path == str(DEMO_DIR / "people_eval.jsonl"):
+    if d.eval_path == str(DEMO_DIR / "people_eval.jsonl") and (not on_demo_data(d) or d.eval_fraction > 0):
         d.eval_path = None
     return cfg

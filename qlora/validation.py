@@ -130,6 +130,9 @@ def validate_train(cfg: QLoraConfig) -> List[str]:
         p.append(f"train.report_to: unknown tracker {bad[0]!r}; choose from {', '.join(sorted(TRACKERS))}")
     if not 0 <= d.eval_fraction < 1:
         p.append(f"data.eval_fraction={d.eval_fraction}: must be in [0, 1)")
+    elif d.eval_fraction > 0 and d.eval_path:
+        p.append(f"data.eval_fraction={d.eval_fraction} holds out a share of the training rows, and "
+                 f"data.eval_path={d.eval_path} is held-out data too: give one (data.eval_path=null for the share)")
     if not 0 <= d.max_bad_fraction < 1:
         p.append(f"data.max_bad_fraction={d.max_bad_fraction}: must be in [0, 1)")
     for i, src in enumerate(d.sources):

@@ -48,6 +48,8 @@ def test_the_demo_held_out_file_goes_only_with_the_demo_data(tmp_path):
     assert compose("train", [f"data.sources=[{{path:{mine}}}]"]).data.eval_path is None
     assert compose("train", [f"data.path={mine}", f"data.eval_path={mine}"]).data.eval_path == mine
     assert compose("train", [f"data.path={demo.data.path}"]).data.eval_path == demo.data.eval_path
+    share = compose("train", ["data.eval_fraction=0.2"]).data  # a share asked for on the demo's data
+    assert share.eval_path is None and share.eval_fraction == 0.2
 
 
 def test_free_text_is_taken_as_typed():
@@ -128,6 +130,8 @@ BAD = [
     (["train.optim=adamw_torch_npu_fused"], "train.optim=adamw_torch_npu_fused needs the Python module torch_npu"),
     (["data.path=/nonexistent/train.jsonl"], "data.path=/nonexistent/train.jsonl: no such file"),
     (["data.eval_path=null", "eval.exact_match=true"], "needs held-out data"),
+    ([f"data.eval_path={__file__}", "data.eval_fraction=0.1"], f"data.eval_fraction=0.1 holds out a share of the "
+     f"training rows, and data.eval_path={__file__} is held-out data too: give one (data.eval_path=null"),
     (["lora.target_modules=q_proj"], "expects a list"),
     (["data.sources=[{path:/nonexistent/a.jsonl,weight:0}]"], "data.sources[0].weight=0.0: must be > 0"),
     (["data.sources=[{path:/nonexistent/a.jsonl}]"], "data.sources[0].path=/nonexistent/a.jsonl: no such file"),
