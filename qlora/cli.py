@@ -6,6 +6,7 @@ Heavy libraries (torch, transformers, bitsandbytes) are imported by the verbs, n
 """
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import warnings
@@ -187,7 +188,9 @@ def explain_config_error(e: Exception) -> str:
     if keyed is not None:
         key, first = keyed.full_key, str(keyed).splitlines()[0]
         if isinstance(keyed, (ConfigKeyError, ConfigAttributeError)):
-            return f"{key}: no such key; see `qlora VERB --help` for the keys of each group"
+            near = difflib.get_close_matches(key, config_keys(), n=1, cutoff=0.8)
+            return (f"{key}: no such key; " + (f"did you mean {near[0]}? " if near else "")
+                    + "see `qlora VERB --help` for the keys of each group")
         if "is not a ListConfig" in first:
             return f"{key}: expects a list; write it as {key}=[a,b]"
         return f"{key}: {first}"
@@ -255,6 +258,23 @@ def print_config_help(verb: str) -> None:
     if verb == "train":
         print("--multirun (or -m) with a key given several values (lora.r=8,16) trains once for each combination "
               "and compares the runs (README, Recipes and configuration).")
+
+
+def config_keys() -> List[str]:
+    """Every key a command line can set (group.key; data.columns' fields too), for "did you mean"."""
+    from dataclasses import fields
+
+    from qlora.config import QLoraConfig
+
+    keys = []
+    for f in fields(QLoraConfig):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        if hasattr(default, "__dataclass_fields__"):
+            keys += [f"{f.name}.{g.name}" for g in fields(default)]
+            keys += [f"{f.name}.columns.{c}" for c in getattr(default, "columns", {})]
+        else:
+            keys.append(f.name)
+    return keys
 
 
 def describe(cls: type, prefix: str = "") -> List[str]:

@@ -96,7 +96,10 @@ def test_bitsandbytes_cpu_kernel_warning_does_not_reach_the_user(caplog):
 
 BAD = [
     # (overrides, words the one-line message must contain)
-    (["lora.rr=3"], "lora.rr: no such key"),
+    (["lora.rr=3"], "lora.rr: no such key; did you mean lora.r? see `qlora VERB --help`"),
+    (["lora.zzz=3"], "lora.zzz: no such key; see `qlora VERB --help`"),
+    (["train.max_step=3"], "train.max_step: no such key; did you mean train.max_steps? see `qlora VERB --help`"),
+    (["data.columns.promt=question"], "data.columns.promt: no such key; did you mean data.columns.prompt?"),
     (["lora.r=abc"], "lora.r:"),
     (["lora.r=0"], "lora.r=0: must be > 0"),
     (["lora.lora_dropout=1.5"], "lora.lora_dropout=1.5"),
@@ -136,7 +139,6 @@ BAD = [
     (["data.sources=[{path:/nonexistent/a.jsonl,weight:0}]"], "data.sources[0].weight=0.0: must be > 0"),
     (["data.sources=[{path:/nonexistent/a.jsonl}]"], "data.sources[0].path=/nonexistent/a.jsonl: no such file"),
     (["data.path=/nonexistent/*.csv"], "the pattern matches no file"),
-    (["data.columns.promt=question"], "data.columns.promt: no such key"),
     (["data.format=csv"], "data.format"),
     (["train.warmup_ratio=1.5"], "train.warmup_ratio=1.5"),
     (["resume=/nonexistent/checkpoint-3"], "no such checkpoint folder"),
