@@ -1,20 +1,40 @@
 """Held-out quality: greedy exact match of the last assistant turn."""
 from __future__ import annotations
 
-from typing import List
+from typing import Any, Dict, List, Optional
 
 from qlora.config import EvalConfig, GenConfig
 from qlora.data import Example, prompt_and_answer
 from qlora.generate import generate_answers
 
 
-def exact_match(model, tokenizer, examples: List[Example], cfg: EvalConfig, desc: str = "exact match") -> float:
-    """Share of examples whose greedy answer equals the reference (whitespace-trimmed)."""
+def graded_answers(model, tokenizer, examples: List[Example], cfg: EvalConfig,
+                   desc: str = "exact match") -> List[Dict[str, Any]]:
+    """Greedy answers to the examples (the first eval.max_examples), each with its prompt, the reference
+    and whether the two are equal, whitespace-trimmed: what exact match counts, and what a person reads
+    to see where a run goes wrong."""
     examples = examples[: cfg.max_examples] if cfg.max_examples else examples
     prompts, refs = zip(*(prompt_and_answer(ex) for ex in examples))
     answers = generate_answers(model, tokenizer, list(prompts), GenConfig(do_sample=False),
                                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, desc=desc)
-    return sum(a == r.strip() for a, r in zip(answers, refs)) / len(refs)
+    return [{"prompt": p, "reference": r.strip(), "answer": a, "match": a == r.strip()}
+            for p, r, a in zip(prompts, refs, answers)]
+
+
+def matched_share(graded: List[Dict[str, Any]]) -> float:
+    """Exact match: the share of graded answers equal to their reference."""
+    return sum(g["match"] for g in graded) / len(graded)
+
+
+def write_answers(path, graded: List[Dict[str, Any]], before: Optional[List[Dict[str, Any]]] = None) -> None:
+    """One JSON line per graded answer; with `before` (the base's answers to the same prompts), those too."""
+    import json
+
+    from qlora.tracking import write_atomic
+
+    rows = [dict(g, answer_before=b["answer"], match_before=b["match"]) for g, b in zip(graded, before)] \
+        if before else graded
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 LOGITS_BYTES = 1 << 30
@@ -111,9 +131,9 @@ def evaluate_cli(cfg) -> int:
     result = {
         "model": loaded.name, "data": str(what), "examples": len(examples),
         "loss": round(mean_loss(loaded.model, rows), 6),
-        "exact_match": exact_match(loaded.model, loaded.tokenizer, examples, cfg.eval, desc="exact match"),
-        "exact_match_examples": min(len(examples), cfg.eval.max_examples or len(examples)),
     }
+    graded = graded_answers(loaded.model, loaded.tokenizer, examples, cfg.eval)
+    result.update(exact_match=matched_share(graded), exact_match_examples=len(graded))
     text = json.dumps(result, indent=2)
     if cfg.output_dir:
         from qlora.tracking import write_atomic
@@ -121,5 +141,6 @@ def evaluate_cli(cfg) -> int:
         out = Path(cfg.output_dir).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         write_atomic(out / "eval.json", text + "\n")
+        write_answers(out / "answers.jsonl", graded)
     print(text)
     return 0

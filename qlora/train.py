@@ -96,7 +96,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
 
     from qlora.adapters import check_targets
     from qlora.dequant import use_for_inference
-    from qlora.evaluate import exact_match
+    from qlora.evaluate import graded_answers, matched_share
     from qlora.speed import compile_wanted, liger_wanted
     from qlora.tracking import schedule_line
 
@@ -127,11 +127,11 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
 
     write_run_start(cfg, run_dir, fp, resume_from)
     trainer, watch = make_trainer(cfg, run_dir, model, data, setup, resume_from, started)
-    em_before = None
-    if cfg.eval.exact_match and data.eval_ex and is_main():  # the base alone: the same whether resumed or not
+    before = None  # the base's answers to the held-out prompts: the same whether resumed or not
+    if cfg.eval.exact_match and data.eval_ex and is_main():
         with trainer.model.disable_adapter():
-            em_before = exact_match(trainer.model, data.tokenizer, data.eval_ex, cfg.eval, desc="exact match before")
-        say(f"held-out exact match before training: {em_before:.1%}")
+            before = graded_answers(trainer.model, data.tokenizer, data.eval_ex, cfg.eval, desc="exact match before")
+        say(f"held-out exact match before training: {matched_share(before):.1%}")
 
     say(f"training; run directory {run_dir}" + (f"; resuming from {resume_from}" if resume_from else "")
         + ("; all train.max_steps are done: evaluating and saving" if finished else "")
@@ -143,7 +143,7 @@ def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
         say(f"train.nan_policy=skip: skipped {watch.guard.skipped} step(s) with non-finite gradients")
     if not is_main():
         return Run(run_dir, trainer, data.tokenizer, {})
-    report = finish(cfg, run_dir, trainer, data, setup, watch, used, em_before, load_seconds)
+    report = finish(cfg, run_dir, trainer, data, setup, watch, used, before, load_seconds)
     return Run(run_dir, trainer, data.tokenizer, report)
 
 
@@ -363,12 +363,13 @@ def train_steps(cfg: QLoraConfig, trainer, setup: Setup, watch: Watchers, run_di
 
 
 def finish(cfg: QLoraConfig, run_dir: Path, trainer, data: Data, setup: Setup, watch: Watchers,
-           used: Dict[str, Any], em_before: Optional[float], load_seconds: float) -> Dict[str, Any]:
-    """After the last step: the adapter saved, the held-out loss and exact match, report.json, loss.png
-    and the closing lines. Returns the report."""
+           used: Dict[str, Any], before: Optional[List[Dict[str, Any]]], load_seconds: float) -> Dict[str, Any]:
+    """After the last step: the adapter saved, the held-out loss and exact match (the answers, with the
+    base's from `before`, in eval_answers.jsonl), report.json, loss.png and the closing lines. Returns the
+    report."""
     import torch
 
-    from qlora.evaluate import exact_match, mean_loss
+    from qlora.evaluate import graded_answers, matched_share, mean_loss, write_answers
     from qlora.tracking import package_versions, peak_memory_gb, plot_losses, write_atomic
 
     t, logger, state = cfg.train, watch.logger, trainer.state
@@ -383,8 +384,10 @@ def finish(cfg: QLoraConfig, run_dir: Path, trainer, data: Data, setup: Setup, w
     save_adapter(trainer.model, data.tokenizer, run_dir / "adapter")  # first: whatever the evaluation meets
     # the same code as `qlora eval`: mean loss per trained token
     eval_loss = mean_loss(trainer.model, data.eval_rows, t.per_device_train_batch_size) if data.eval_rows else None
-    em_after = (exact_match(trainer.model, data.tokenizer, data.eval_ex, cfg.eval)
-                if (cfg.eval.exact_match and data.eval_ex) else None)
+    graded = graded_answers(trainer.model, data.tokenizer, data.eval_ex, cfg.eval) if before is not None else None
+    if graded:
+        write_answers(run_dir / "eval_answers.jsonl", graded, before)
+    em_before, em_after = (matched_share(before), matched_share(graded)) if graded else (None, None)
 
     losses = [r["loss"] for r in logger.records if isinstance(r.get("loss"), float)]
     tokens = max([r.get("tokens", 0) for r in logger.records] or [0])  # over the whole run, resumed or not
@@ -420,6 +423,8 @@ def finish(cfg: QLoraConfig, run_dir: Path, trainer, data: Data, setup: Setup, w
         + (f"{report['tokens_per_second']:,.1f} tokens/s, " if report["tokens_per_second"] else "")
         + (f"loss {report['loss_first']:.4g} -> {report['loss_last']:.4g}" if losses else "no loss logged")
         + (f", held-out exact match {em_before:.1%} -> {em_after:.1%}" if em_after is not None else ""))
+    if graded:
+        say(f"the held-out answers beside their references, before and after: {run_dir / 'eval_answers.jsonl'}")
     say(f"talk to it: qlora chat adapter={shlex.quote(str(run_dir))}")
     print(run_dir)
     return report

@@ -238,3 +238,33 @@ def test_a_run_whose_base_moved_is_refused_with_the_fix_and_runs_on_the_new_plac
     assert f"adapter={run} on model.name_or_path={tmp_path / 'moved'} (trained on {old})" in err
     assert main(["merge", f"adapter={run}", f"output_dir={tmp_path / 'merged'}", *moved]) == 0
     assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_the_held_out_answers_are_kept_beside_their_references(tiny_model, tiny_data, tmp_path, capsys):
+    """With eval.exact_match, the run writes each scored answer (after training, and the base's before)
+    beside its prompt and reference in eval_answers.jsonl, and the report's exact match is their share;
+    `qlora eval output_dir=DIR` writes the same answers to DIR/answers.jsonl."""
+    from qlora.config import DataConfig
+    from qlora.data import prompt_and_answer, read_examples
+
+    run = tmp_path / "run"
+    scored = {"eval.exact_match": "true", "eval.max_examples": 4, "eval.max_new_tokens": 4}
+    assert main(["train", *tiny_overrides(tiny_model, tiny_data, run, **scored, **{"train.max_steps": 2})]) == 0
+    assert f"the held-out answers beside their references, before and after: {run / 'eval_answers.jsonl'}" \
+        in capsys.readouterr().err
+    rows = [json.loads(line) for line in (run / "eval_answers.jsonl").read_text().splitlines()]
+    report = json.loads((run / "report.json").read_text())
+    held = read_examples(str(tiny_data[1]), DataConfig())[:4]
+    assert [(r["prompt"], r["reference"]) for r in rows] == [
+        (prompt, reference.strip()) for prompt, reference in map(prompt_and_answer, held)]
+    assert all(r["match"] == (r["answer"] == r["reference"]) for r in rows)
+    assert all(r["match_before"] == (r["answer_before"] == r["reference"]) for r in rows)
+    assert report["eval_exact_match"] == sum(r["match"] for r in rows) / 4
+    assert report["eval_exact_match_before"] == sum(r["match_before"] for r in rows) / 4
+
+    out = tmp_path / "eval"
+    assert main(["eval", f"adapter={run}", f"output_dir={out}", "gen.bf16_base_products=false",
+                 *[f"{k}={v}" for k, v in scored.items()]]) == 0
+    again = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert again == [{k: r[k] for k in ("prompt", "reference", "answer", "match")} for r in rows]
+    assert json.loads((out / "eval.json").read_text())["exact_match"] == report["eval_exact_match"]
