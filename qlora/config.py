@@ -109,7 +109,12 @@ class ExportFormat(Enum):
 class GgufType(Enum):
     f32 = "f32"
     f16 = "f16"
+    bf16 = "bf16"
     q8_0 = "q8_0"
+    q5_1 = "q5_1"
+    q5_0 = "q5_0"
+    q4_1 = "q4_1"
+    q4_0 = "q4_0"
 
 
 class NanPolicy(Enum):
@@ -363,7 +368,7 @@ class ExportConfig:
     format: ExportFormat = ExportFormat.safetensors
     """safetensors (HF folder), gguf (llama.cpp), ollama (GGUF + Modelfile), nf4 (4-bit bitsandbytes)."""
     gguf_type: GgufType = GgufType.f16
-    """Tensor type of GGUF weights: f32, f16 or q8_0 (norms stay f32)."""
+    """Tensor type of GGUF weights, f32 to q4_0 (norms stay f32; under q5/q4 the embeddings and LM head are q8_0)."""
 
 
 @dataclass

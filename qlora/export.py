@@ -1,8 +1,8 @@
 """`qlora export`: a run (merged first) or a merged folder, written for another runtime.
 
 - safetensors: the merged HF folder (as `qlora merge`).
-- gguf: one .gguf file written in Python with the `gguf` package (F32, F16 or Q8_0), with the
-  tokenizer, chat template and stop tokens in its metadata: no llama.cpp build to break.
+- gguf: one .gguf file written in Python with the `gguf` package (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1
+  or Q4_0), with the tokenizer, chat template and stop tokens in its metadata: no llama.cpp build to break.
 - ollama: the GGUF file plus a Modelfile whose TEMPLATE, SYSTEM and stop parameters come from the
   chat template.
 - nf4: the fp32 merged weights re-quantized to NF4 (double quant) and saved through bitsandbytes'
@@ -88,6 +88,8 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
 
+    from qlora.models import say
+
     config = AutoConfig.from_pretrained(folder)
     if config.model_type not in GGUF_ARCH:
         raise UserError(f"GGUF export supports {', '.join(GGUF_ARCH)} models, not {config.model_type!r}; "
@@ -109,8 +111,8 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    ftype = {GgufType.f32: gguf.LlamaFileType.ALL_F32, GgufType.f16: gguf.LlamaFileType.MOSTLY_F16,
-             GgufType.q8_0: gguf.LlamaFileType.MOSTLY_Q8_0}[kind]
+    ftype = gguf.LlamaFileType.ALL_F32 if kind is GgufType.f32 else getattr(gguf.LlamaFileType,
+                                                                           f"MOSTLY_{kind.value.upper()}")
     writer.add_file_type(ftype)
     add_tokenizer(writer, tokenizer, config)
 
@@ -122,6 +124,7 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
                 tensors[key] = shard.get_tensor(key).float()
     if config.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # llama.cpp reuses token_embd
+    in_f16 = []  # tensors whose rows are no whole number of the type's blocks
     for key, t in tensors.items():
         name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if name is None:
@@ -131,17 +134,39 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
         elif permute_qk and key.endswith("self_attn.k_proj.weight"):
             t = rope_permute(t, kv_heads)
         data = t.numpy().astype(np.float32)
-        if data.ndim == 1 or kind is GgufType.f32:  # norms and biases stay f32
+        qtype = tensor_type(name, data, kind)
+        if qtype is gguf.GGMLQuantizationType.F16 and kind is not GgufType.f16:
+            in_f16.append(name)
+        if qtype is gguf.GGMLQuantizationType.F32:  # norms and biases stay f32
             writer.add_tensor(name, data)
-        elif kind is GgufType.f16:
+        elif qtype is gguf.GGMLQuantizationType.F16:
             writer.add_tensor(name, data.astype(np.float16))
         else:
-            q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            q = gguf.quants.quantize(data, qtype)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+    if in_f16:
+        say(f"export.gguf_type={kind.value}: {len(in_f16)} tensor(s) written f16, their rows not a whole number "
+            f"of the type's blocks ({', '.join(in_f16[:3])}{', ...' if len(in_f16) > 3 else ''})")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def tensor_type(name: str, data, kind: GgufType):
+    """The GGML type a tensor is written in: f32 for vectors (norms, biases); for the 4- and 5-bit kinds, q8_0
+    for the token embeddings and the LM head (llama.cpp's own quantizer keeps the output layer at more bits
+    too, and a tied head is the embeddings); f16 where a row is not a whole number of the type's blocks."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if data.ndim == 1 or kind is GgufType.f32:
+        return Q.F32
+    qtype = Q[kind.value.upper()]
+    if kind.value.startswith(("q4", "q5")) and name.split(".")[0] in ("token_embd", "output"):
+        qtype = Q.Q8_0
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return qtype if data.shape[-1] % block == 0 else Q.F16
 
 
 def rope_permute(weight, n_heads: int):

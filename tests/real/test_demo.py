@@ -67,7 +67,7 @@ def test_gguf_export_of_a_real_run_loads_back(demo_run, tmp_path):
     tok = AutoTokenizer.from_pretrained(merged)
     texts = ["What is the capital of France?", "Extract the person's name, age and city as JSON.\n"
              "Lena is 31 and lives in Oslo.", "Write a haiku about autumn leaves."]
-    for kind, floor in (("f16", 0.99), ("q8_0", 0.8)):
+    for kind, floor in (("f16", 0.99), ("q8_0", 0.8), ("q4_0", 0.4)):  # q4_0 measured 54% (its NF4 base: 64%)
         assert main(["export", f"model.name_or_path={merged}", "export.format=gguf", f"export.gguf_type={kind}",
                      f"output_dir={out / kind}"]) == 0
         back = AutoModelForCausalLM.from_pretrained(out / kind, gguf_file=f"model-{kind}.gguf")
