@@ -111,9 +111,8 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(config.vocab_size)
-    ftype = gguf.LlamaFileType.ALL_F32 if kind is GgufType.f32 else getattr(gguf.LlamaFileType,
-                                                                           f"MOSTLY_{kind.value.upper()}")
-    writer.add_file_type(ftype)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind is GgufType.f32
+                         else gguf.LlamaFileType[f"MOSTLY_{kind.value.upper()}"])
     add_tokenizer(writer, tokenizer, config)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
