@@ -82,6 +82,7 @@ def train(cfg: QLoraConfig) -> int:
 
 
 def fit(cfg: QLoraConfig, started: Optional[float] = None) -> Run:
+    """Train as `qlora train` does (from Python too: api.train); the run stays in memory for the caller."""
     started = started or time.perf_counter()
     refuse(validate_train(cfg))
     run_dir, resume_from = prepare_run_dir(cfg)

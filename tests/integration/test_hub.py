@@ -1,7 +1,8 @@
-"""Models named by a Hugging Face hub id (model.name_or_path=org/name): read from the cache when the hub
-cannot be reached, and each way of not getting one (no network, offline mode, no such or a private
-model, a gated one, a repository without config.json) is a one-line error that says what to do.
-No test here touches the network: the hub's host name is made not to resolve, or the download raises."""
+"""Models and datasets named by a Hugging Face hub id (model.name_or_path=org/name, data.path=org/name):
+read from the cache when the hub cannot be reached, and each way of not getting one (no network,
+offline mode, no such or a private model, a gated one, a repository without config.json) is a one-line
+error that says what to do. No test here touches the network: the hub's host name is made not to
+resolve, or the download raises."""
 import shutil
 import socket
 from pathlib import Path
