@@ -90,7 +90,7 @@ def check_hub_model(repo_id: str) -> None:
         raise UserError(f"{key}: not a folder here, and not a valid hub id ({str(e).splitlines()[0]})") from None
     cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
     offline = constants.HF_HUB_OFFLINE
-    unreachable = None if offline else hub_unreachable(constants.ENDPOINT)
+    unreachable = hub_unreachable()
     if cached:
         if unreachable:
             go_offline()
@@ -132,16 +132,18 @@ def go_offline() -> None:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
-def hub_unreachable(endpoint: str) -> Optional[str]:
-    """Why the hub cannot be reached at all (its host name does not resolve), or None. Behind a proxy, which
-    resolves names itself, nothing is judged here."""
+def hub_unreachable() -> Optional[str]:
+    """Why the hub cannot be reached at all (its host name does not resolve), or None. Under offline mode,
+    which asks nothing of the hub, and behind a proxy, which resolves names itself, nothing is judged."""
     import socket
     from urllib.parse import urlparse
 
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                       "all_proxy")):
+    from huggingface_hub import constants
+
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if constants.HF_HUB_OFFLINE or any(os.environ.get(k) for k in proxies):
         return None
-    host = urlparse(endpoint).hostname or endpoint
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
     try:
         socket.getaddrinfo(host, 443)
     except OSError:

@@ -97,9 +97,9 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
             resolve_model(name_or_path)  # a hub id: its config.json in the cache or fetched, else why not
         except UserError as e:
             raise UserError(f"{e}; plan knows the shapes of {', '.join(KNOWN)} without their files") from None
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import try_to_load_from_cache
 
-        folder = Path(hf_hub_download(name_or_path, "config.json")).parent
+        folder = Path(try_to_load_from_cache(name_or_path, "config.json")).parent  # no second request
     c = json.loads((folder / "config.json").read_text())
     c = c.get("text_config", c)
     sliding = c.get("use_sliding_window", True) and "sliding_attention" in c.get("layer_types", ["sliding_attention"])

@@ -147,11 +147,10 @@ def hub_rows(name: str, subset: Optional[str], split: str) -> Iterator[Tuple[str
     """Rows of a Hugging Face dataset (needs the network, or the datasets cache: where the hub's host does
     not resolve, the cache is read at once)."""
     import datasets
-    from huggingface_hub import constants
 
     from qlora.models import go_offline, hub_unreachable, say
 
-    unreachable = None if constants.HF_HUB_OFFLINE else hub_unreachable(constants.ENDPOINT)
+    unreachable = hub_unreachable()
     if unreachable:
         go_offline()
         say(f"the Hugging Face hub cannot be reached ({unreachable}): reading {name} from the datasets cache")

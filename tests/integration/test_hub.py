@@ -97,7 +97,7 @@ def test_what_the_hub_answers_becomes_one_line_with_the_fix(no_hub, monkeypatch,
     def download(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("qlora.models.hub_unreachable", lambda endpoint: None)  # as if the host resolved
+    monkeypatch.setattr("qlora.models.hub_unreachable", lambda: None)  # as if the host resolved
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     with pytest.raises(UserError, match="^model.name_or_path=org/name: ") as caught:
         check_hub_model("org/name")
