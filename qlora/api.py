@@ -6,7 +6,8 @@
     bot.ask("What is the capital of France?")
     api.run("merge", f"adapter={run_dir}", "output_dir=merged")
 
-Mistakes raise qlora.errors.UserError with the same one-line message the command line prints.
+Mistakes raise qlora.errors.UserError with the same one-line message the command line prints. A call
+that finds the hub unreachable reads the cache only until it returns (models.hub_switch_restored).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from typing import Dict, List, Optional
 from qlora.config import GenConfig
 from qlora.generate import generate_answers
 from qlora.inference import Loaded, conversation, load_for_inference
+from qlora.models import hub_switch_restored
 
 
 class Model:
@@ -56,6 +58,7 @@ def _checked_sampling(sampling: Dict[str, object]) -> Dict[str, object]:
     return sampling
 
 
+@hub_switch_restored()
 def load(*overrides: str, adapter: Optional[str] = None, model: Optional[str] = None) -> Model:
     """Load a run (adapter=RUN_DIR) on its 4-bit base, or a model (a hub id, folder, .gguf or built-in;
     add "quant=none" for a merged model in 16 bits), with any other overrides ("gen.max_new_tokens=64")."""
@@ -70,6 +73,7 @@ def load(*overrides: str, adapter: Optional[str] = None, model: Optional[str] = 
     return Model(load_for_inference(cfg), cfg.gen)
 
 
+@hub_switch_restored()
 def train(*overrides: str) -> Path:
     """`qlora train` with these overrides; returns the run directory."""
     from qlora.cli import compose
@@ -78,6 +82,7 @@ def train(*overrides: str) -> Path:
     return fit(compose("train", list(overrides))).run_dir
 
 
+@hub_switch_restored()
 def sweep(*overrides: str) -> Path:
     """`qlora train --multirun` with these overrides (keys given several values, e.g. "lora.r=8,16");
     returns the sweep folder, which holds sweep.json, sweep.md and sweep.png."""
@@ -86,6 +91,7 @@ def sweep(*overrides: str) -> Path:
     return run_sweep(list(overrides))
 
 
+@hub_switch_restored()
 def run(verb: str, *overrides: str) -> None:
     """Any verb as the command line runs it, e.g. run("data check", "data.path=my.jsonl")."""
     from qlora.cli import VERBS, _runner, compose

@@ -14,9 +14,10 @@ import sys
 import tempfile
 import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 from qlora.config import ComputeDtype, ModelConfig, QuantConfig
 from qlora.errors import UserError
@@ -130,6 +131,22 @@ def go_offline() -> None:
     # and says twice that it cannot; embeddings that grow are trained and saved as lora.modules_to_save
     for message in ("Unable to fetch remote file", "Could not find a config file in"):
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
+@contextmanager
+def hub_switch_restored() -> Iterator[None]:
+    """Whatever go_offline sets within, the process's offline switch is as before after it: a notebook's
+    next call, once the network is back, asks the hub again (and is not told HF_HUB_OFFLINE is set)."""
+    from huggingface_hub import constants
+
+    was = constants.HF_HUB_OFFLINE
+    datasets_was = getattr(sys.modules.get("datasets.config"), "HF_HUB_OFFLINE", was)  # its own env variable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+        if "datasets.config" in sys.modules:
+            sys.modules["datasets.config"].HF_HUB_OFFLINE = datasets_was
 
 
 def hub_unreachable() -> Optional[str]:

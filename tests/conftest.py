@@ -124,15 +124,10 @@ def tiny_merged(tiny_run, tmp_path_factory) -> Path:
 def hub_switch_kept():
     """qlora puts the process offline where the hub's host does not resolve (models.go_offline), as it
     does not here: no test leaves that switch changed for the next."""
-    import sys
+    from qlora.models import hub_switch_restored
 
-    from huggingface_hub import constants
-
-    was = constants.HF_HUB_OFFLINE
-    yield
-    constants.HF_HUB_OFFLINE = was
-    if "datasets.config" in sys.modules:
-        sys.modules["datasets.config"].HF_HUB_OFFLINE = was
+    with hub_switch_restored():
+        yield
 
 
 def pytest_addoption(parser):

@@ -63,6 +63,20 @@ def test_a_cached_hub_model_trains_with_the_hub_unreachable(no_hub, tiny_model, 
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_a_notebook_call_that_went_offline_leaves_the_next_call_online(no_hub, tiny_model, tiny_data, tmp_path):
+    """api.train reads a cached model offline; the kernel's next call asks the hub again, and is told the
+    hub cannot be reached, not that HF_HUB_OFFLINE is set (which the user never set)."""
+    from qlora import api
+
+    put_in_cache(tiny_model, "org/tiny")
+    api.train(*tiny_overrides(tiny_model, tiny_data, tmp_path / "run", **{
+        "model.name_or_path": "org/tiny", "train.max_steps": 1}))
+    assert constants.HF_HUB_OFFLINE is False
+    with pytest.raises(UserError, match=f"not in the Hugging Face cache, and the hub cannot be reached: {HOST} does"):
+        api.load(model="org/missing")
+    assert no_hub == [HOST, HOST]
+
+
 @pytest.mark.parametrize("offline", [False, True])
 def test_a_hub_model_neither_cached_nor_reachable_is_refused_with_what_to_do(no_hub, monkeypatch, tiny_data,
                                                                           tmp_path, capsys, offline):
