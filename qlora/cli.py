@@ -13,6 +13,7 @@ import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 from qlora.errors import UserError, WorkError
+from qlora.recipe_files import list_recipes, recipe_file, recipe_overrides, recipes_found
 
 # verb: (one-line description, primary config in conf/, config groups shown by --help)
 VERBS: Dict[str, Tuple[str, str, Tuple[str, ...]]] = {
@@ -134,8 +135,7 @@ def split_overrides(args: List[str]) -> Tuple[List[str], Dict[str, str]]:
         elif key.split(".")[:2] == ["train", "lr_scheduler_kwargs"]:  # keys of the user's: added, or replaced
             overrides.append(f"++{arg}")
         elif key == "recipe":
-            overrides += [f"+recipes={value}", f"recipe={value}"]
-            _check_recipe(value)
+            overrides += recipe_overrides(value)
         elif value.lower() in ("true", "false") and key in switch_keys():
             overrides.append(f"{key}='{value.lower()}'")  # the choice named true/false, not a bool
         else:
@@ -160,19 +160,21 @@ def compose(config_name: str, args: List[str]):
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from qlora.config import CONF_DIR, RECIPES_DIR, held_out_follows_data, register
+    from qlora.config import CONF_DIR, held_out_follows_data, register
 
     register()
     overrides, texts = split_overrides(args)
-    search = f"hydra.searchpath=[file://{RECIPES_DIR.parent}]"
+    file = next((recipe_file(v) for k, _, v in (a.partition("=") for a in args) if k == "recipe"), None)
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="qlora"):
+        with recipes_found(file) as search, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3",
+                                                                   job_name="qlora"):
             cfg = hydra_compose(config_name=config_name, overrides=[search] + overrides)
         for key, value in texts.items():
             OmegaConf.update(cfg, key, value, merge=False)
         return held_out_follows_data(OmegaConf.to_object(cfg))
     except (HydraException, OmegaConfBaseException) as e:
-        raise UserError(explain_config_error(e)) from None
+        message = explain_config_error(e)
+        raise UserError(f"recipe={file}: {message}" if file and str(file) not in message else message) from None
 
 
 def explain_config_error(e: Exception) -> str:
@@ -213,33 +215,6 @@ def explain_config_error(e: Exception) -> str:
     return first
 
 
-def _check_recipe(name: str) -> None:
-    from qlora.config import RECIPES_DIR
-
-    if not (RECIPES_DIR / f"{name}.yaml").is_file():
-        names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-        raise UserError(f"recipe={name}: no such recipe; choose one of: {names} (qlora recipes)")
-
-
-def recipe_description(path) -> str:
-    """The first comment line of a recipe that is not the package directive."""
-    for line in path.read_text().splitlines():
-        if line.startswith("#") and "@package" not in line:
-            return line.lstrip("# ").strip()
-    return ""
-
-
-def list_recipes() -> int:
-    from qlora.config import RECIPES_DIR
-
-    paths = sorted(RECIPES_DIR.glob("*.yaml"))
-    width = max(len(p.stem) for p in paths)
-    for p in paths:
-        print(f"{p.stem:<{width}}  {recipe_description(p)}")
-    print("\nrun one: qlora train recipe=NAME [key=value ...]")
-    return 0
-
-
 def print_config_help(verb: str) -> None:
     from qlora.config import QLoraConfig
 
@@ -254,7 +229,8 @@ def print_config_help(verb: str) -> None:
         if show:
             keep.append(line)
     print("\n".join(keep))
-    print("\nrecipe=NAME applies a preset from `qlora recipes` first; later overrides win.")
+    print("\nrecipe=NAME applies a preset from `qlora recipes` first (recipe=FILE.yaml one of your own, of the "
+          "same keys); later overrides win.")
     if verb == "train":
         print("--multirun (or -m) with a key given several values (lora.r=8,16) trains once for each combination "
               "and compares the runs (README, Recipes and configuration).")

@@ -384,7 +384,7 @@ class DistConfig:
 @dataclass
 class QLoraConfig:
     recipe: Optional[str] = None
-    """The preset from recipes/ this config started from (set by `recipe=NAME`)."""
+    """The preset this config started from: a name from recipes/, or a YAML file's path (`recipe=FILE`)."""
     output_dir: Optional[str] = None
     """Where results go; train defaults to outputs/<recipe>/<YYYYmmdd-HHMMSS>."""
     resume: str = "none"

@@ -3,6 +3,7 @@ and the adapter it leaves (the README's "The run directory" lists the files)."""
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import shutil
 from datetime import datetime
@@ -16,8 +17,10 @@ from qlora.errors import UserError
 
 
 def default_output_dir(cfg: QLoraConfig, suffix: str = "") -> str:
-    """outputs/<recipe>/<YYYYmmdd-HHMMSS><suffix>: where a run (or a sweep, suffix -sweep) goes unless told."""
-    return f"outputs/{cfg.recipe or 'demo'}/{datetime.now():%Y%m%d-%H%M%S}{suffix}"
+    """outputs/<recipe>/<YYYYmmdd-HHMMSS><suffix>: where a run (or a sweep, suffix -sweep) goes unless told;
+    a recipe file's name without .yaml stands for it (outputs/mine/... for recipe=path/to/mine.yaml)."""
+    recipe = re.sub(r"\.ya?ml$", "", Path(cfg.recipe).name) if cfg.recipe else "demo"
+    return f"outputs/{recipe}/{datetime.now():%Y%m%d-%H%M%S}{suffix}"
 
 
 def prepare_run_dir(cfg: QLoraConfig) -> Tuple[Path, Optional[str]]:

@@ -32,6 +32,52 @@ def test_overrides_win_over_the_recipe():
     assert cfg.train.learning_rate == 1e-3  # from the recipe
 
 
+def test_a_recipe_of_your_own_is_a_yaml_file_of_keys(tmp_path, monkeypatch):
+    """recipe=FILE: the file's keys (no `# @package` line needed), its config-group choices, the command
+    line over both; the run goes to outputs/<file name>/ and the config records the file's full path."""
+    from qlora.run_dir import default_output_dir
+
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "mine.yaml").write_text(
+        "# our extraction task\ndefaults:\n  - override /model: tinyllama_1.1b_chat\n\n"
+        "lora:\n  r: 4\ntrain:\n  max_steps: 30\n  learning_rate: 5e-5\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = compose("train", ["recipe=team/mine.yaml", "train.max_steps=7"])
+    assert (cfg.lora.r, cfg.train.max_steps, cfg.train.learning_rate) == (4, 7, 5e-5)
+    assert cfg.model.name_or_path == compose("train", ["model=tinyllama_1.1b_chat"]).model.name_or_path
+    assert cfg.recipe == str(tmp_path / "team" / "mine.yaml")
+    assert default_output_dir(cfg).startswith("outputs/mine/")
+    assert validate_train(cfg) == []
+
+
+def test_a_built_in_recipe_given_as_its_file_is_the_same_recipe():
+    by_file = compose("train", [f"recipe={RECIPES_DIR / 'tinyllama_demo_t4.yaml'}"])
+    by_name = compose("train", ["recipe=tinyllama_demo_t4"])
+    assert by_file.recipe != by_name.recipe
+    by_file.recipe = by_name.recipe
+    assert by_file == by_name
+
+
+@pytest.mark.parametrize("text, words", [
+    (None, "recipe=nope/mine.yaml: no such file"),
+    ("train:\n  max_steps: [1\n", "mine.yaml:3: not valid YAML"),
+    ("- lora.r=8\n", "mine.yaml: holds a list, not keys"),
+    ("train:\n  max_step: 10\n", "mine.yaml: train.max_step: no such key; did you mean train.max_steps?"),
+    ("lora:\n  r: many\n", "mine.yaml: lora.r: Value 'many' of type 'str' could not be converted to Integer"),
+    ("defaults:\n  - override /model: nope\n", "mine.yaml: model=nope: no such model config"),
+])
+def test_a_bad_recipe_file_is_refused_with_the_file_and_the_key(tmp_path, capsys, text, words):
+    recipe = tmp_path / "mine.yaml"
+    if text is None:
+        recipe = "nope/mine.yaml"
+    else:
+        recipe.write_text(text)
+    assert main(["train", f"recipe={recipe}", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qlora: error: recipe=") and words in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_schedule_arguments_are_the_users_keys_set_one_by_one_or_as_a_dict():
     cfg = compose("train", ["train.lr_scheduler_kwargs.min_lr_rate=0.1", "train.lr_scheduler_kwargs.num_cycles=0.5"])
     assert cfg.train.lr_scheduler_kwargs == {"min_lr_rate": 0.1, "num_cycles": 0.5}
