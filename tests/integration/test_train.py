@@ -84,6 +84,19 @@ def test_loss_goes_down_and_seeded_losses_are_pinned(tiny_run):
 PINNED_LOSSES = [6.0683, 6.0821, 5.9074, 5.7604, 5.7241, 5.7014]  # seed 0, CPU, fp32
 
 
+def test_a_runs_config_yaml_is_a_recipe_that_trains_it_again(tiny_run, tmp_path):
+    """recipe=RUN/config.yaml output_dir=NEW: every setting of the run, the recipe and the folder aside."""
+    from qlora.cli import compose
+    from qlora.inference import run_config
+
+    run_dir = tiny_run[0].run_dir
+    again = compose("train", [f"recipe={run_dir / 'config.yaml'}", f"output_dir={tmp_path / 'again'}"])
+    trained = run_config(run_dir / "adapter")
+    assert again.recipe == str(run_dir / "config.yaml") and again.output_dir == str(tmp_path / "again")
+    again.recipe, again.output_dir = trained.recipe, trained.output_dir
+    assert again == trained
+
+
 def test_existing_output_dir_is_refused_with_the_resume_hint(tiny_run, capsys):
     _, overrides = tiny_run
     assert main(["train", *overrides]) == 2
