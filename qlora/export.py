@@ -42,6 +42,10 @@ def export_cli(cfg: QLoraConfig) -> int:
         merge_run(cfg, out)
         print(out)
         return 0
+    if cfg.adapter and fmt is not ExportFormat.nf4:  # before the merge, which takes minutes on large models
+        from qlora.inference import adapter_base_folder
+
+        check_gguf_arch(adapter_base_folder(cfg))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
@@ -80,20 +84,28 @@ def plain_output(cfg: QLoraConfig) -> Path:
 
 # --------------------------------------------------------------------------------------------- GGUF
 
+def check_gguf_arch(folder):
+    """The model's config, refused unless GGUF export writes its architecture."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in GGUF_ARCH:
+        raise UserError(f"GGUF export supports {', '.join(GGUF_ARCH)} models, not {config.model_type!r}; "
+                        "use export.format=safetensors")
+    return config
+
+
 def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
     """Write an HF folder (llama/mistral/qwen2 with a byte-level BPE tokenizer) as one GGUF file."""
     import gguf
     import numpy as np
     import torch
     from safetensors import safe_open
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from qlora.models import say
 
-    config = AutoConfig.from_pretrained(folder)
-    if config.model_type not in GGUF_ARCH:
-        raise UserError(f"GGUF export supports {', '.join(GGUF_ARCH)} models, not {config.model_type!r}; "
-                        "use export.format=safetensors")
+    config = check_gguf_arch(folder)
     arch, permute_qk = GGUF_ARCH[config.model_type]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     writer = gguf.GGUFWriter(str(path), arch)

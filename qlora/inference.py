@@ -77,6 +77,13 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
     return Loaded(model, tokenizer, bool(cfg.adapter), cfg.adapter or model_cfg.name_or_path, device)
 
 
+def adapter_base_folder(cfg: QLoraConfig) -> str:
+    """Where the base of adapter=RUN is (adapter_base's answer), without loading anything."""
+    adir = adapter_dir(cfg.adapter)
+    trained = run_config(adir)
+    return adapter_base(cfg, adir, trained.model.name_or_path if trained else None)[1]
+
+
 def adapter_base(cfg: QLoraConfig, adir: Path, trained_on: Optional[str]) -> Tuple[str, str]:
     """The base model an adapter goes on, and where it is (resolve_model's answer): model.name_or_path where
     it is given (a base that moved; a line says so), else the one it was trained on (its run's config.yaml,

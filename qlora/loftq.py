@@ -17,21 +17,23 @@ from typing import Tuple
 def loftq_start(model, base_path: str) -> Tuple[int, int, float]:
     """Sets the LoRA weights (adapter "default") of every 4-bit layer to LoftQ's start. Returns the
     layers set, the 4-bit LoRA layers whose original weight the files do not hold under the layer's
-    name (left at B = 0), and the quantization error left, as a share of what it was (Frobenius norm)."""
+    name (as transformers renames them on load; left at B = 0), and the quantization error left, as a
+    share of what it was (Frobenius norm)."""
     import bitsandbytes.functional as bnbf
     import torch
     from safetensors import safe_open
 
-    from qlora.merge import base_weight_files
+    from qlora.merge import base_weight_files, checkpoint_names
 
     modules = dict(model.get_base_model().named_modules())
+    rename = checkpoint_names(model.get_base_model())
     layers, before, after = 0, 0.0, 0.0
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)  # the randomized SVD: the same start on every rank and every run
         for f in base_weight_files(base_path):
             with safe_open(str(f), framework="pt") as shard:
                 for key in shard.keys():
-                    name, _, leaf = key.rpartition(".")
+                    name, _, leaf = rename(key).rpartition(".")
                     module = modules.get(name)
                     if leaf != "weight" or "default" not in getattr(module, "lora_A", {}):
                         continue

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List
 
 from qlora.config import MergeInto, QLoraConfig
 from qlora.validation import refuse, validate_merge
@@ -64,6 +64,44 @@ def base_weight_files(path: str) -> List[Path]:
     return files
 
 
+def checkpoint_names(model) -> Callable[[str], str]:
+    """The model's own name for each key of its safetensors files. transformers renames some checkpoints'
+    keys as it loads them, by the model's conversion mapping (multimodal models: the files' language_model.
+    model.layers.0... is the model's model.language_model.layers.0...); the same renamings are applied here.
+    Keys that transformers fuses or splits on load (converted, not only renamed) keep their own name."""
+    identity = lambda key: key  # noqa: E731
+    try:
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # another transformers: the names as they are, and check_all_found says what is missing
+        return identity
+    renamings = [m for m in getattr(model, "_weight_conversions", None) or [] if isinstance(m, WeightRenaming)]
+    if not renamings:
+        return identity
+    known = {f"{name}.weight": True for name, _ in model.named_modules()}
+    known.update((name, True) for name, _ in model.named_parameters())
+
+    def rename(key: str) -> str:
+        renamed, _ = rename_source_key(key, renamings, [], model.base_model_prefix, known)
+        return renamed if renamed in known else key
+    return rename
+
+
+def check_all_found(files: List[Path], modules: Dict[str, object], rename: Callable[[str], str]) -> None:
+    """Refuses a merge in which a LoRA layer's base weight is in none of the files under the layer's name
+    (its LoRA would be left out of the merged model)."""
+    from safetensors import safe_open
+
+    found = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as shard:
+            found.update(rename(key).rpartition(".")[0] for key in shard.keys() if key.endswith(".weight"))
+    missing = [name for name, m in modules.items() if "default" in getattr(m, "lora_A", {}) and name not in found]
+    if missing:
+        raise WorkError(f"the base's safetensors files hold no weight named for {len(missing)} LoRA layer(s), e.g. "
+                        f"{missing[0]} (transformers converts this model's weights as it loads them, or the weight "
+                        "is tied to another); merge cannot fold their LoRA in: serve the run with adapter=RUN")
+
+
 def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     """Write the merged model to `out` (aside, then renamed) and its merge_report.json."""
     import torch
@@ -84,13 +122,15 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     files = base_weight_files(base_path)
+    rename = checkpoint_names(peft_model.get_base_model())
+    check_all_found(files, modules, rename)
     say(f"merging {cfg.adapter} into the {cfg.merge.into.value} base, {len(files)} shard(s) -> "
         f"{cfg.merge.dtype.value}")
     writer = ShardWriter(tmp, parse_size(cfg.merge.max_shard_size))
     for f in files:
         with safe_open(str(f), framework="pt") as shard:
             for key in shard.keys():
-                tensor = merged_tensor(key, shard.get_tensor(key), modules, cfg.merge.into)
+                tensor = merged_tensor(rename(key), shard.get_tensor(key), modules, cfg.merge.into)
                 writer.add(key, tensor.to(dtype).contiguous())
     index = writer.close()
     write_model_files(peft_model, tokenizer, tmp, dtype, index)
@@ -120,7 +160,7 @@ def check_compatible(peft_model) -> None:
 
 
 def merged_tensor(key: str, tensor, modules: Dict[str, object], into: MergeInto):
-    """A base tensor with the adapter folded in, in fp32."""
+    """A base tensor (key: the model's name for it) with the adapter folded in, in fp32."""
     import bitsandbytes.functional as bnbf
     import torch
 
