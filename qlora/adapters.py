@@ -1,7 +1,9 @@
 """Attach LoRA adapters with PEFT and keep their weights in fp32."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import List
 
 from qlora.config import LoraConfig
 from qlora.errors import UserError
@@ -29,9 +31,16 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype
         for p in model.parameters():
             p.requires_grad_(False)
     targets = lora.target_modules
+    beside = outside_the_decoder(model) if targets == ["all-linear"] else []
+    if beside:
+        from qlora.models import say
+
+        say(f"lora.target_modules=[all-linear]: the language model's linear layers; not those of "
+            f"{', '.join(beside)}, which training on text never runs")
     peft_cfg = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.lora_alpha, use_rslora=lora.use_rslora, lora_dropout=lora.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        exclude_modules="(" + "|".join(re.escape(b) for b in beside) + r")\..*" if beside else None,
         bias=lora.bias.value, modules_to_save=lora.modules_to_save, use_dora=lora.use_dora,
         task_type="CAUSAL_LM")
     try:
@@ -47,6 +56,27 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype
         if gradient_checkpointing:
             model.enable_input_require_grads()
     return model
+
+
+def outside_the_decoder(model) -> List[str]:
+    """The modules beside the text decoder that hold linear layers, such as a vision tower and its
+    projector (model.vision_tower, model.multi_modal_projector): empty for a plain causal LM."""
+    import torch
+
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return []
+    root = next((n for n, m in model.named_modules() if m is decoder), "")
+    if not root:
+        return []
+    head, beside = model.get_output_embeddings(), set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module is not head and not name.startswith(root + "."):
+            parts, ours = name.split("."), root.split(".")
+            depth = next(i for i, part in enumerate(parts) if i >= len(ours) or part != ours[i])
+            beside.add(".".join(parts[:depth + 1]))
+    return sorted(beside)
 
 
 def check_targets(path: str, lora: LoraConfig, trust_remote_code: bool = False) -> None:
