@@ -59,6 +59,7 @@ class Shape:
     tied: bool
     window: Optional[int] = None  # the sliding window of layers that have one
     softcap: bool = False  # attention logits soft-capped (Gemma 2)
+    beside: int = 0  # weights of the linear layers beside the decoder (a vision tower): 4-bit, no LoRA
 
     @property
     def kv_dim(self) -> int:
@@ -101,12 +102,17 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
 
         folder = Path(try_to_load_from_cache(name_or_path, "config.json")).parent  # no second request
     c = json.loads((folder / "config.json").read_text())
+    v = c.get("vision_config") or {}
     c = c.get("text_config", c)
+    vision = ("hidden_size", "intermediate_size", "num_hidden_layers")
+    # a ViT layer's q, k, v and output projections and its two MLP matrices
+    beside = v["num_hidden_layers"] * (4 * v["hidden_size"] ** 2 + 2 * v["hidden_size"] * v["intermediate_size"]) \
+        if all(isinstance(v.get(k), int) for k in vision) else 0
     sliding = c.get("use_sliding_window", True) and "sliding_attention" in c.get("layer_types", ["sliding_attention"])
     return Shape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
                  c.get("num_key_value_heads") or c["num_attention_heads"], c["vocab_size"],
                  bool(c.get("tie_word_embeddings", False)), c.get("sliding_window") if sliding else None,
-                 c.get("attn_logit_softcapping") is not None), folder
+                 c.get("attn_logit_softcapping") is not None, beside), folder
 
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep smaller tensors' state in 32 bits
@@ -160,7 +166,7 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
                                                                if bf16_products and checkpointing else 0.0)
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
-        "base weights": (linear * bits / 8 + other * b) / GiB,
+        "base weights": ((linear + s.beside) * bits / 8 + other * b) / GiB,
         "LoRA weights + grads + optimizer": (lora * (4 + 4) + state) / GiB,
         "activations": act / GiB,
         **({"attention mask": mask * mask_bytes / GiB} if mask * mask_bytes else {}),
@@ -251,7 +257,8 @@ def plan_cli(cfg) -> int:
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")
-    print(f"  {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}; LoRA r={cfg.lora.r} on every "
+    tower = f" (and a vision tower of {shape.beside / 1e6:.3g}M weights, 4-bit, no LoRA)" if shape.beside else ""
+    print(f"  {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}{tower}; LoRA r={cfg.lora.r} on every "
           f"linear layer; micro-batch {t.per_device_train_batch_size} x {t.max_length} tokens; gradient "
           f"checkpointing {checkpoint_words(t, shape) if ckpt else 'off'}; {optim}")
     if gpu and not BF16[gpu]:

@@ -54,6 +54,26 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def make_tiny_gemma3_with_vision(folder: Path) -> Path:
+    """A tiny random Gemma 3 with its vision tower (Gemma3ForConditionalGeneration, which AutoModelForCausalLM
+    loads for its config): its files hold language_model.model.layers.0..., its modules are named
+    model.language_model.layers.0..., transformers renaming the keys as it loads them."""
+    import torch
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    config = Gemma3Config(
+        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                         sliding_window=64),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8, vision_use_head=False),  # as Gemma 3's
+        mm_tokens_per_image=4, boi_token_index=500, eoi_token_index=501, image_token_index=502)
+    torch.manual_seed(0)
+    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

@@ -8,7 +8,7 @@ from qlora.cli import compose, main
 from qlora.inference import load_for_inference
 from qlora.errors import UserError
 from qlora.merge import compare_logits, parse_size
-from tests.conftest import make_tokenizer, tiny_overrides
+from tests.conftest import make_tiny_gemma3_with_vision, tiny_overrides
 
 
 def test_merged_folder_loads_without_peft_and_matches_the_adapter(tiny_run, tiny_merged):
@@ -136,25 +136,6 @@ def test_rank_stabilized_lora_trains_and_merges_with_its_scale(tiny_model, tiny_
     assert report["top1_agreement"] == 1.0 and report["max_logit_diff"] < 1e-4, report
 
 
-def tiny_gemma3_with_vision(folder):
-    """A tiny random Gemma 3 with its vision tower (Gemma3ForConditionalGeneration, which AutoModelForCausalLM
-    loads for its config): its files hold language_model.model.layers.0..., its modules are named
-    model.language_model.layers.0..., transformers renaming the keys as it loads them."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
-
-    config = Gemma3Config(
-        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         sliding_window=64),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
-        mm_tokens_per_image=4, boi_token_index=500, eoi_token_index=501, image_token_index=502)
-    torch.manual_seed(0)
-    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
 def test_a_model_whose_weights_are_renamed_on_load_merges_and_starts_loftq(tiny_data, tmp_path, capsys,
                                                                            monkeypatch):
     """Merge and LoftQ find each LoRA layer's weight in the files under the name transformers loads it by;
@@ -162,7 +143,7 @@ def test_a_model_whose_weights_are_renamed_on_load_merges_and_starts_loftq(tiny_
     goes on the language model only; GGUF export, which cannot write this architecture, says so first."""
     from safetensors import safe_open
 
-    base = tiny_gemma3_with_vision(tmp_path / "gemma3")
+    base = make_tiny_gemma3_with_vision(tmp_path / "gemma3")
     with safe_open(str(base / "model.safetensors"), framework="pt") as f:
         assert "language_model.model.layers.0.self_attn.q_proj.weight" in f.keys()  # the files' names
     run = tmp_path / "run"

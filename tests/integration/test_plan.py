@@ -10,7 +10,7 @@ import torch
 
 from qlora.cli import main
 from qlora.plan import GPUS, KNOWN, Shape, estimate, model_file_gb, model_shape
-from tests.conftest import write_jsonl
+from tests.conftest import make_tiny_gemma3_with_vision, write_jsonl
 
 SHAPE = KNOWN["meta-llama/Llama-3.1-8B-Instruct"]
 
@@ -210,6 +210,25 @@ def test_the_activation_count_is_what_a_layer_saves_for_backward(tmp_path, fused
                        device="cpu").parts["activations"] * 2**30 / tokens / 4
     print(f"fused {fused}: measured {measured:.0f} floats a token, planned {planned:.0f}")
     assert abs(planned - measured) <= 0.03 * measured
+
+
+def test_a_vision_towers_linear_weights_are_counted_in_the_4bit_base(tmp_path, capsys):
+    """Gemma 3 from 4B up has a vision tower beside its language model: its linear layers load in 4 bits
+    too (no LoRA), and the plan counts them from config.json's vision_config."""
+    from dataclasses import replace
+
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_gemma3_with_vision(tmp_path / "gemma3")
+    shape, _ = model_shape(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tower = sum(m.weight.numel() for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and ".vision_tower." in f".{n}.")
+    assert tower and shape.beside == tower
+    added = est(shape).parts["base weights"] - est(replace(shape, beside=0)).parts["base weights"]
+    assert added * 2**30 == pytest.approx(tower * 4.127 / 8)
+    assert main(["plan", f"model.name_or_path={folder}"]) == 0
+    assert "and a vision tower of 0.00819M weights, 4-bit, no LoRA" in capsys.readouterr().out
 
 
 def test_the_8bit_optimizer_state_is_counted_as_bitsandbytes_keeps_it():
