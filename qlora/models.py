@@ -306,10 +306,35 @@ def stop_token_ids(tok, generation_config=None) -> List[int]:
     return sorted(set(ids))
 
 
-def attention_implementation(model_cfg: ModelConfig) -> str:
-    """model.attn_implementation as transformers gets it: auto is SDPA."""
+def attention_implementation(model_cfg: ModelConfig, config=None) -> str:
+    """model.attn_implementation as transformers gets it: auto is SDPA, or eager for a model (given its
+    config) that transformers has no SDPA path for (Gemma 2, gpt-oss)."""
     attn = model_cfg.attn_implementation.value
-    return "sdpa" if attn == "auto" else attn
+    if attn != "auto":
+        return attn
+    return "sdpa" if config is None or sdpa_supported(config) else "eager"
+
+
+def model_config(path: str, model_cfg: ModelConfig):
+    """The model's transformers config, or None where it cannot be read (loading the model says why)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    except Exception:  # noqa: BLE001 - from_pretrained, next, reports it with the model's name
+        return None
+
+
+def sdpa_supported(config) -> bool:
+    """Whether transformers' causal LM class for this config computes attention through SDPA (a model
+    with code of its own is taken to: transformers says at load if not)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model_class = AutoModelForCausalLM._model_mapping[type(config)]
+    except (KeyError, ValueError):
+        return True
+    return bool(getattr(model_class, "_supports_sdpa", True))
 
 
 def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, device: str, dtype, place: bool = True):
@@ -328,7 +353,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
         del kwargs["device_map"]
     if model_cfg.trust_remote_code:
         say("model.trust_remote_code=true: running Python code shipped with the model")
-    kwargs["attn_implementation"] = attention_implementation(model_cfg)
+    kwargs["attn_implementation"] = attention_implementation(model_cfg, model_config(path, model_cfg))
     if quant.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
@@ -342,6 +367,11 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     except OSError as e:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot load it "
                         f"({str(e).splitlines()[0]})") from None
+    except ValueError as e:
+        if "does not support an attention implementation" not in str(e):
+            raise
+        raise UserError(f"model.attn_implementation={kwargs['attn_implementation']}: "
+                        f"{str(e).split(' yet.')[0]}; use model.attn_implementation=auto") from None
     keep_4bit_layout(model)
     return model
 

@@ -217,7 +217,7 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
     from qlora.config import DistStrategy
-    from qlora.models import attention_implementation, compute_dtype
+    from qlora.models import attention_implementation, compute_dtype, model_config
     from qlora.validation import (bf16_base_on, checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer,
                                   refuse, validate_train)
 
@@ -231,7 +231,7 @@ def plan_cli(cfg) -> int:
     ckpt = checkpointing_on(t, device)
     optim = pick_optimizer(t.optim, device, cfg.dist.strategy is DistStrategy.fsdp_qlora)
 
-    attn = attention_implementation(cfg.model)
+    attn = attention_implementation(cfg.model, model_config(str(folder), cfg.model) if folder else None)
     one_row = padding_free_on(cfg.data.padding_free, device, cfg.data.packing, attn, False, 1.0)  # at most
     mask_bytes = {"flash_attention_2": 0, "eager": 4 if device == "cpu" else 2}.get(attn, 1)
     fused = fused_lora_on(t, device) and cfg.quant.load_in_4bit and cfg.lora.lora_dropout == 0 and not cfg.lora.use_dora

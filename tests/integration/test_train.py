@@ -7,7 +7,7 @@ import torch
 
 from qlora.cli import main
 from qlora.models import keep_4bit_layout
-from tests.conftest import tiny_overrides, write_jsonl
+from tests.conftest import make_tokenizer, tiny_overrides, write_jsonl
 
 
 def load_4bit(path):
@@ -95,6 +95,26 @@ def test_a_runs_config_yaml_is_a_recipe_that_trains_it_again(tiny_run, tmp_path)
     assert again.recipe == str(run_dir / "config.yaml") and again.output_dir == str(tmp_path / "again")
     again.recipe, again.output_dir = trained.recipe, trained.output_dir
     assert again == trained
+
+
+def test_a_model_without_sdpa_trains_with_eager_attention_under_auto(tiny_data, tmp_path, capsys):
+    """Gemma 2 (and gpt-oss) have no SDPA path in transformers: auto picks eager there, where it asked for
+    SDPA and ended in transformers' traceback; asking for SDPA by name is refused in one line."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    base = tmp_path / "gemma2"
+    torch.manual_seed(0)
+    Gemma2ForCausalLM(Gemma2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16)).save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    overrides = tiny_overrides(base, tiny_data, tmp_path / "run", **{"train.max_steps": 2})
+    assert main(["train", *overrides]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["steps"] == 2
+    assert main(["train", *overrides, f"output_dir={tmp_path / 'sdpa'}", "model.attn_implementation=sdpa"]) == 2
+    err = capsys.readouterr().err
+    assert "model.attn_implementation=sdpa: Gemma2ForCausalLM does not support an attention implementation through " \
+           "torch.nn.functional.scaled_dot_product_attention; use model.attn_implementation=auto" in err, err
+    assert "Traceback" not in err and not (tmp_path / "sdpa").exists()
 
 
 def test_existing_output_dir_is_refused_with_the_resume_hint(tiny_run, capsys):
