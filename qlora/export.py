@@ -24,7 +24,7 @@ from qlora.merge import merge_run, output_folder
 from qlora.outputs import claim_output_dir
 
 # HF model_type -> GGUF architecture, and whether q/k rows are permuted for llama.cpp's RoPE layout
-GGUF_ARCH = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+GGUF_ARCH = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
 
 
 def export_cli(cfg: QLoraConfig) -> int:
@@ -96,7 +96,7 @@ def check_gguf_arch(folder):
 
 
 def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
-    """Write an HF folder (llama/mistral/qwen2 with a byte-level BPE tokenizer) as one GGUF file."""
+    """Write an HF folder (llama, mistral, qwen2, qwen3 with a byte-level BPE tokenizer) as one GGUF file."""
     import gguf
     import numpy as np
     import torch
@@ -118,6 +118,8 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(heads)
     writer.add_head_count_kv(kv_heads)
+    writer.add_key_length(head_dim)  # Qwen3's head_dim is not hidden / heads
+    writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     rope = getattr(config, "rope_parameters", None) or {}
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))

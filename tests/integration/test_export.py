@@ -41,6 +41,33 @@ def test_gguf_loads_back_through_transformers_with_close_logits(tiny_merged, tmp
     assert types == expected
 
 
+@pytest.mark.parametrize("kind,tol,top1", [("f32", 1e-5, 1.0), ("q8_0", 0.05, 0.9)])
+def test_a_qwen3_model_exports_to_gguf_with_its_qk_norms_and_head_size(tmp_path, kind, tol, top1):
+    """Qwen3: q and k normalized per head (attn_q_norm, attn_k_norm) and a head size that is not
+    hidden / heads (128 against 64 / 4 here, as in Qwen3-0.6B's 128 against 1024 / 16: GGUF's key_length)."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    from tests.conftest import make_tokenizer
+
+    base = tmp_path / "qwen3"
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=128)).save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    out = tmp_path / "gguf"
+    assert main(["export", f"model.name_or_path={base}", "export.format=gguf", f"export.gguf_type={kind}",
+                 f"output_dir={out}"]) == 0
+    name = f"model-{kind}.gguf"
+    reader = gguf.GGUFReader(str(out / name))
+    assert reader.fields["qwen3.attention.key_length"].contents() == 128
+    assert {"blk.0.attn_q_norm.weight", "blk.0.attn_k_norm.weight"} <= {t.name for t in reader.tensors}
+    back = AutoModelForCausalLM.from_pretrained(out, gguf_file=name, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    stats = compare_logits(ref, back, AutoTokenizer.from_pretrained(base), TEXTS)
+    assert stats["max_logit_diff"] < tol and stats["top1_agreement"] >= top1 and stats["kl"] < 1e-3, stats
+
+
 def test_gguf_files_shrink_with_the_bits(tiny_merged, tmp_path):
     sizes = {}
     for kind in ("f16", "q8_0", "q5_0", "q4_0"):

@@ -165,7 +165,7 @@ def test_a_model_whose_weights_are_renamed_on_load_merges_and_starts_loftq(tiny_
 
     assert main(["export", f"adapter={run}", "export.format=gguf", f"output_dir={tmp_path / 'gguf'}"]) == 2
     err = capsys.readouterr().err  # refused before the merge, which takes minutes on a large model
-    assert "GGUF export supports llama, mistral, qwen2 models, not 'gemma3'" in err and "merging" not in err, err
+    assert "GGUF export supports llama, mistral, qwen2, qwen3 models, not 'gemma3'" in err and "merging" not in err, err
     assert not (tmp_path / "gguf").exists()
 
     monkeypatch.setattr("qlora.merge.checkpoint_names", lambda model: lambda key: key)  # the names as in the files
