@@ -22,6 +22,10 @@ def quiet_libraries() -> None:
     # bitsandbytes, at a paged optimizer's first step on CPU, says it runs unpaged: qlora says so when
     # training starts (validation.optimizer_note).
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU", category=UserWarning)
+    # PEFT, putting LoRA on a mixture of experts' fused gate-and-up tensors (all-linear), says its own rank and
+    # alpha patterns for them matched no module: they apply to the tensor (its LoRA has rank 2r, measured).
+    warnings.filterwarnings("ignore", message=r"The following (rank|alpha)_pattern keys did not match any "
+                            r"targeted module and were ignored: \['[^']*gate_up_proj'\]", category=RuntimeWarning)
 
 
 quiet_libraries()

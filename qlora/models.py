@@ -373,7 +373,19 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
         raise UserError(f"model.attn_implementation={kwargs['attn_implementation']}: "
                         f"{str(e).split(' yet.')[0]}; use model.attn_implementation=auto") from None
     keep_4bit_layout(model)
+    if quant.load_in_4bit:
+        experts = [p for p in model.parameters() if p.dim() == 3 and p.dtype.is_floating_point]
+        if experts:
+            size = sum(p.numel() * p.element_size() for p in experts) / 2**30
+            say(f"a mixture of experts: its {weight_count(sum(p.numel() for p in experts))} expert weights "
+                f"({size:.2f} GiB) stay in {str(experts[0].dtype).replace('torch.', '')}; transformers holds them "
+                "as 3-D tensors, which bitsandbytes does not quantize (qlora plan counts them)")
     return model
+
+
+def weight_count(n: int) -> str:
+    """29.0B, 417.3M or 8,192: a number of weights as people say it."""
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
 
 
 def keep_4bit_layout(model) -> None:

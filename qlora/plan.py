@@ -60,19 +60,39 @@ class Shape:
     window: Optional[int] = None  # the sliding window of layers that have one
     softcap: bool = False  # attention logits soft-capped (Gemma 2)
     beside: int = 0  # weights of the linear layers beside the decoder (a vision tower): 4-bit, no LoRA
+    experts: int = 0  # a mixture of experts: experts a layer (intermediate is then the dense MLP's, 0 for none)
+    expert_size: int = 0  # each expert's intermediate size
+    experts_per_token: int = 0
+    head_dim: int = 0  # where it is not hidden / heads (Qwen3: 128 at hidden 1024 and 16 heads)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
 
     @property
     def kv_dim(self) -> int:
-        return self.kv_heads * (self.hidden // self.heads)
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
 
     def checkpointed(self, first: Optional[int]) -> int:
         """Layers checkpointed with train.checkpoint_layers=first (None = all)."""
         return min(self.layers, first or self.layers)
 
     def linears(self) -> List[Tuple[int, int]]:
-        """(in, out) of the adapted linear layers of one decoder layer."""
-        h, i, kv = self.hidden, self.intermediate, self.kv_dim
-        return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+        """(in, out) of the adapted linear layers of one decoder layer (a mixture of experts' dense MLP,
+        its shared expert, only where it has one)."""
+        h, i, q, kv = self.hidden, self.intermediate, self.q_dim, self.kv_dim
+        return [(h, q), (h, kv), (h, kv), (q, h)] + ([(h, i), (h, i), (i, h)] if i else [])
+
+    def expert_weights(self) -> int:
+        """A layer's expert weights: transformers holds each layer's experts as 3-D tensors (gate and
+        up, down), which bitsandbytes does not quantize, so they stay in the compute dtype."""
+        return self.experts * 3 * self.hidden * self.expert_size
+
+    def expert_lora(self, r: int) -> int:
+        """A layer's LoRA weights on its experts, as PEFT's all-linear puts them (rank 2r on the fused gate
+        and up, r on down, each expert its own) and on the router."""
+        h, i, e = self.hidden, self.expert_size, self.experts
+        return e * (2 * r * (h + 2 * i) + r * (i + h)) + r * (h + e) if e else 0
 
 
 # Published shapes of the recipes' models, for planning without downloading their config.json.
@@ -104,15 +124,23 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
     c = json.loads((folder / "config.json").read_text())
     v = c.get("vision_config") or {}
     c = c.get("text_config", c)
+    experts = next((c[k] for k in ("num_local_experts", "num_experts", "n_routed_experts")
+                    if isinstance(c.get(k), int) and c[k] > 1), 0)
+    expert_size = (c.get("moe_intermediate_size") or c["intermediate_size"]) if experts else 0
+    # beside the experts, a dense MLP only where a shared expert is (Qwen2-MoE, DeepSeek)
+    dense = c["intermediate_size"] if not experts else \
+        c.get("shared_expert_intermediate_size") or (c.get("n_shared_experts") or 0) * expert_size
     vision = ("hidden_size", "intermediate_size", "num_hidden_layers")
     # a ViT layer's q, k, v and output projections and its two MLP matrices
     beside = v["num_hidden_layers"] * (4 * v["hidden_size"] ** 2 + 2 * v["hidden_size"] * v["intermediate_size"]) \
         if all(isinstance(v.get(k), int) for k in vision) else 0
     sliding = c.get("use_sliding_window", True) and "sliding_attention" in c.get("layer_types", ["sliding_attention"])
-    return Shape(c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"], c["num_attention_heads"],
+    heads, head_dim = c["num_attention_heads"], c.get("head_dim") or 0
+    return Shape(c["hidden_size"], dense, c["num_hidden_layers"], c["num_attention_heads"],
                  c.get("num_key_value_heads") or c["num_attention_heads"], c["vocab_size"],
                  bool(c.get("tie_word_embeddings", False)), c.get("sliding_window") if sliding else None,
-                 c.get("attn_logit_softcapping") is not None, beside), folder
+                 c.get("attn_logit_softcapping") is not None, beside, experts, expert_size,
+                 c.get("num_experts_per_tok") or 0, head_dim if head_dim != c["hidden_size"] // heads else 0), folder
 
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep smaller tensors' state in 32 bits
@@ -144,15 +172,18 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     linear = s.layers * sum(i * o for i, o in s.linears())
     other = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden * (2 * s.layers + 1)
     bits = (4.127 if double_quant else 4.5) if load_in_4bit else 8 * b
-    lora = s.layers * sum(r * (i + o) for i, o in s.linears())
+    lora = s.layers * (sum(r * (i + o) for i, o in s.linears()) + s.expert_lora(r))
     # bitsandbytes' 8-bit optimizers keep two uint8 moments a weight and two fp32 scales a block of
     # 256, but AdamW's 8 bytes for tensors under min_8bit_size
     state = s.layers * sum(n * (8 if "8bit" not in optim or n < BNB_MIN_8BIT_SIZE else 2 + 8 / 256)
                            for i, o in s.linears() for n in (r * i, r * o))
+    state += s.layers * s.expert_lora(r) * (8 if "8bit" not in optim else 2 + 8 / 256)
     tokens = batch * max_length
     # values one decoder layer keeps per token for backward: the normalized inputs, q/k/v, the
     # attention output, the MLP's gate, up, activation and product, each LoRA's rank-r intermediate
-    per_layer = 6 * s.hidden + 2 * s.kv_dim + 4 * s.intermediate + 7 * r
+    # (a mixture of experts: those of each expert a token goes to, and its router's scores)
+    mlp = s.intermediate + s.experts_per_token * s.expert_size
+    per_layer = 4 * s.hidden + 2 * s.q_dim + 2 * s.kv_dim + 4 * mlp + 7 * r + s.experts
     # with checkpointing, the first n layers keep only their input (train.checkpoint_layers=n)
     checkpointed = s.checkpointed(checkpoint_layers) if checkpointing else 0
     kept = (0 if offload_checkpoints else s.hidden) + (s.hidden if checkpoint_attention else 0)
@@ -167,6 +198,7 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
         "base weights": ((linear + s.beside) * bits / 8 + other * b) / GiB,
+        **({"experts (not quantized)": s.layers * s.expert_weights() * b / GiB} if s.experts else {}),
         "LoRA weights + grads + optimizer": (lora * (4 + 4) + state) / GiB,
         "activations": act / GiB,
         **({"attention mask": mask * mask_bytes / GiB} if mask * mask_bytes else {}),
@@ -217,7 +249,7 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
     from qlora.config import DistStrategy
-    from qlora.models import attention_implementation, compute_dtype, model_config
+    from qlora.models import attention_implementation, compute_dtype, model_config, weight_count
     from qlora.validation import (bf16_base_on, checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer,
                                   refuse, validate_train)
 
@@ -257,7 +289,10 @@ def plan_cli(cfg) -> int:
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")
-    tower = f" (and a vision tower of {shape.beside / 1e6:.3g}M weights, 4-bit, no LoRA)" if shape.beside else ""
+    tower = f" (and a vision tower of {weight_count(shape.beside)} weights, 4-bit, no LoRA)" if shape.beside else ""
+    if shape.experts:
+        tower += (f"; {shape.experts} experts a layer, {shape.experts_per_token} a token "
+                  f"({weight_count(shape.layers * shape.expert_weights())} weights, with LoRA on each)")
     print(f"  {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}{tower}; LoRA r={cfg.lora.r} on every "
           f"linear layer; micro-batch {t.per_device_train_batch_size} x {t.max_length} tokens; gradient "
           f"checkpointing {checkpoint_words(t, shape) if ckpt else 'off'}; {optim}")

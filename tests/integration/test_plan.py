@@ -228,7 +228,36 @@ def test_a_vision_towers_linear_weights_are_counted_in_the_4bit_base(tmp_path, c
     added = est(shape).parts["base weights"] - est(replace(shape, beside=0)).parts["base weights"]
     assert added * 2**30 == pytest.approx(tower * 4.127 / 8)
     assert main(["plan", f"model.name_or_path={folder}"]) == 0
-    assert "and a vision tower of 0.00819M weights, 4-bit, no LoRA" in capsys.readouterr().out
+    assert "and a vision tower of 8,192 weights, 4-bit, no LoRA" in capsys.readouterr().out
+
+
+def test_a_mixture_of_experts_is_planned_with_its_experts_unquantized_and_their_lora(tmp_path, capsys):
+    """transformers holds a mixture of experts' weights as 3-D tensors, which bitsandbytes does not
+    quantize, and PEFT's all-linear puts LoRA on each expert and the router: the plan counts both as the
+    loaded model holds them (on a 30B-A3B shape the experts are 54 of its 65 GiB), and loading says so."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from qlora.adapters import attach_lora
+    from qlora.cli import compose
+    from qlora.models import load_base_model
+    from tests.conftest import make_tokenizer
+
+    folder = tmp_path / "moe"
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(Qwen3MoeConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8,
+                                       num_experts_per_tok=2, moe_intermediate_size=64)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    shape, _ = model_shape(str(folder))
+    assert (shape.experts, shape.expert_size, shape.experts_per_token, shape.intermediate) == (8, 64, 2, 0)
+    cfg = compose("train", [f"model.name_or_path={folder}", "lora.r=8"])
+    model = load_base_model(str(folder), cfg.model, cfg.quant, "cpu", torch.float32)
+    assert "a mixture of experts: its 196,608 expert weights (0.00 GiB) stay in float32" in capsys.readouterr().err
+    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 3)
+    assert est(shape, device="cpu").parts["experts (not quantized)"] * 2**30 == held
+    lora = attach_lora(model, cfg.lora, False)
+    trained = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    assert trained == shape.layers * (sum(8 * (i + o) for i, o in shape.linears()) + shape.expert_lora(8))
 
 
 def test_the_8bit_optimizer_state_is_counted_as_bitsandbytes_keeps_it():
