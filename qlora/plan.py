@@ -63,6 +63,7 @@ class Shape:
     experts: int = 0  # a mixture of experts: experts a layer (intermediate is then the dense MLP's, 0 for none)
     expert_size: int = 0  # each expert's intermediate size
     experts_per_token: int = 0
+    expert_lora_per_rank: int = 0  # a layer's LoRA weights on its experts and router, per unit of lora.r
     head_dim: int = 0  # where it is not hidden / heads (Qwen3: 128 at hidden 1024 and 16 heads)
 
     @property
@@ -89,10 +90,8 @@ class Shape:
         return self.experts * 3 * self.hidden * self.expert_size
 
     def expert_lora(self, r: int) -> int:
-        """A layer's LoRA weights on its experts, as PEFT's all-linear puts them (rank 2r on the fused gate
-        and up, r on down, each expert its own) and on the router."""
-        h, i, e = self.hidden, self.expert_size, self.experts
-        return e * (2 * r * (h + 2 * i) + r * (i + h)) + r * (h + e) if e else 0
+        """A layer's LoRA weights on its experts and router, where PEFT's all-linear puts them."""
+        return r * self.expert_lora_per_rank
 
 
 # Published shapes of the recipes' models, for planning without downloading their config.json.
@@ -136,11 +135,32 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
         if all(isinstance(v.get(k), int) for k in vision) else 0
     sliding = c.get("use_sliding_window", True) and "sliding_attention" in c.get("layer_types", ["sliding_attention"])
     heads, head_dim = c["num_attention_heads"], c.get("head_dim") or 0
-    return Shape(c["hidden_size"], dense, c["num_hidden_layers"], c["num_attention_heads"],
+    shape = Shape(c["hidden_size"], dense, c["num_hidden_layers"], c["num_attention_heads"],
                  c.get("num_key_value_heads") or c["num_attention_heads"], c["vocab_size"],
                  bool(c.get("tie_word_embeddings", False)), c.get("sliding_window") if sliding else None,
                  c.get("attn_logit_softcapping") is not None, beside, experts, expert_size,
-                 c.get("num_experts_per_tok") or 0, head_dim if head_dim != c["hidden_size"] // heads else 0), folder
+                 c.get("num_experts_per_tok") or 0, 0, head_dim if head_dim != c["hidden_size"] // heads else 0)
+    if experts:
+        shape.expert_lora_per_rank = expert_lora_per_rank(folder, shape)
+    return shape, folder
+
+
+def expert_lora_per_rank(folder: Path, shape: Shape) -> int:
+    """A layer's LoRA weights on its experts and router per unit of rank, as PEFT's all-linear places them
+    on this model (on each expert and the router of Qwen3-MoE and Mixtral, rank 2r on the fused gate and
+    up; on none of gpt-oss's): counted on an empty copy of the model (no weights, a few seconds)."""
+    import warnings
+
+    from accelerate import init_empty_weights
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with init_empty_weights(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)),
+                               LoraConfig(r=1, target_modules="all-linear"))
+    lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return lora // shape.layers - sum(i + o for i, o in shape.linears())
 
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes' 8-bit optimizers keep smaller tensors' state in 32 bits
@@ -292,7 +312,8 @@ def plan_cli(cfg) -> int:
     tower = f" (and a vision tower of {weight_count(shape.beside)} weights, 4-bit, no LoRA)" if shape.beside else ""
     if shape.experts:
         tower += (f"; {shape.experts} experts a layer, {shape.experts_per_token} a token "
-                  f"({weight_count(shape.layers * shape.expert_weights())} weights, with LoRA on each)")
+                  f"({weight_count(shape.layers * shape.expert_weights())} weights, "
+                  f"{'with LoRA on each' if shape.expert_lora_per_rank else 'no LoRA on them'})")
     print(f"  {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}{tower}; LoRA r={cfg.lora.r} on every "
           f"linear layer; micro-batch {t.per_device_train_batch_size} x {t.max_length} tokens; gradient "
           f"checkpointing {checkpoint_words(t, shape) if ckpt else 'off'}; {optim}")

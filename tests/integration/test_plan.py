@@ -258,6 +258,20 @@ def test_a_mixture_of_experts_is_planned_with_its_experts_unquantized_and_their_
     lora = attach_lora(model, cfg.lora, False)
     trained = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert trained == shape.layers * (sum(8 * (i + o) for i, o in shape.linears()) + shape.expert_lora(8))
+    assert shape.expert_lora(8) > 0
+
+
+def test_gpt_oss_experts_are_planned_without_lora_as_peft_leaves_them(tmp_path, capsys):
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    folder = tmp_path / "gpt_oss"
+    GptOssForCausalLM(GptOssConfig(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                                   num_experts_per_tok=2)).save_pretrained(folder)
+    shape, _ = model_shape(str(folder))
+    assert (shape.experts, shape.expert_lora_per_rank) == (4, 0)
+    assert main(["plan", f"model.name_or_path={folder}"]) == 0
+    assert "4 experts a layer, 2 a token (98,304 weights, no LoRA on them)" in capsys.readouterr().out
 
 
 def test_the_8bit_optimizer_state_is_counted_as_bitsandbytes_keeps_it():
