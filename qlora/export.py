@@ -189,6 +189,36 @@ def rope_permute(weight, n_heads: int):
             .transpose(1, 2).reshape(weight.shape))
 
 
+# The splitting rules of Llama 3's and Qwen2's tokenizers (tokenizer.json's Split pattern), which llama.cpp
+# knows by the names llama-bpe and qwen2; they differ in digits: up to three a piece, or one.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def llama_cpp_pre(pre: Optional[dict]) -> str:
+    """The name llama.cpp knows a tokenizer's pre-tokenizer by (GGUF's tokenizer.ggml.pre): it splits the
+    text by that name's rules before the merges. Its default splits runs of punctuation off the space
+    before them, so that JSON such as ` {"` would be tokenized otherwise than in training."""
+    parts = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    if splits == [LLAMA3_SPLIT] and len(parts) == 2 and byte_level:
+        return "llama-bpe"
+    if splits == [QWEN2_SPLIT] and len(parts) == 2 and byte_level:
+        return "qwen2"
+    if byte_level and byte_level[0].get("use_regex", True) and len(parts) == 1:
+        return "gpt-2"  # GPT-2's rules, as SmolLM2's tokenizer converted from its GGUF file has them
+    if byte_level and byte_level[0].get("use_regex", True) and len(parts) == 2 and \
+            any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts):
+        return "smollm"  # GPT-2's, each digit apart (SmolLM's own tokenizer.json)
+    from qlora.models import say
+
+    say("export: llama.cpp does not know this tokenizer's pre-tokenizer by name, so it splits text by its "
+        "default rules, which may tokenize some text otherwise than training did")
+    return "default"
+
+
 def add_tokenizer(writer, tokenizer, config) -> None:
     """Byte-level BPE vocabulary, merges, special ids and the chat template, as llama.cpp reads them."""
     import gguf
@@ -210,7 +240,7 @@ def add_tokenizer(writer, tokenizer, config) -> None:
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(llama_cpp_pre(spec.get("pre_tokenizer")))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -90,6 +90,7 @@ def test_gguf_metadata(tiny_merged, tmp_path):
     assert fields["general.architecture"] == "llama"
     assert fields["llama.block_count"] == 2
     assert fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.pre"] == "gpt-2"  # the tiny tokenizer splits text by GPT-2's rules
     assert fields["tokenizer.ggml.eos_token_id"] == tok.eos_token_id
     assert fields["tokenizer.ggml.padding_token_id"] != tok.eos_token_id
     assert fields["tokenizer.chat_template"] == tok.chat_template
@@ -180,3 +181,32 @@ def test_gguf_tensor_types_by_kind_name_and_shape():
     assert tensor_type("output.weight", rows64, GgufType.q8_0) is Q.Q8_0
     assert tensor_type("blk.0.attn_norm.weight", np.zeros(64, np.float32), GgufType.q4_0) is Q.F32
     assert tensor_type("blk.0.attn_q.weight", rows48, GgufType.bf16) is Q.BF16
+
+
+@pytest.mark.parametrize("kind, name", [("llama3", "llama-bpe"), ("qwen2", "qwen2"), ("smollm", "smollm"),
+                                        ("gpt2", "gpt-2"), ("whitespace", "default")])
+def test_the_gguf_pre_tokenizer_is_named_as_llama_cpp_knows_it(kind, name, capsys):
+    """llama.cpp splits text before the merges by the rules GGUF's tokenizer.ggml.pre names; its default
+    splits punctuation off the space before it (' {"' in two), where the tokenizers trained on keep it
+    whole. Built as the tokenizers library writes each into tokenizer.json."""
+    import json
+
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+
+    from qlora.export import LLAMA3_SPLIT, QWEN2_SPLIT, llama_cpp_pre
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    pre = {"llama3": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"), byte_level]),
+           "qwen2": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"), byte_level]),
+           "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                              pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+           "gpt2": pre_tokenizers.ByteLevel(add_prefix_space=False),
+           "whitespace": pre_tokenizers.Whitespace()}[kind]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre
+    assert llama_cpp_pre(json.loads(tokenizer.to_str())["pre_tokenizer"]) == name
+    said = "llama.cpp does not know this tokenizer's pre-tokenizer by name" in capsys.readouterr().err
+    assert said == (name == "default")
+    if kind in ("llama3", "qwen2"):  # the two differ in digits
+        pieces = [p for p, _ in pre.pre_tokenize_str(' {"age": 1234}')]
+        assert pieces[0] == 'Ġ{"' and pieces[-3:-1] == (["123", "4"] if kind == "llama3" else ["3", "4"])
