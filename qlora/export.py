@@ -157,6 +157,9 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
         else:
             q = gguf.quants.quantize(data, qtype)
             writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+    factors = llama3_rope_factors(config, head_dim)
+    if factors is not None:  # Llama 3.1 and 3.2: llama.cpp divides each frequency by its factor
+        writer.add_tensor(f"{gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS]}.weight", factors)
     if in_f16:
         say(f"export.gguf_type={kind.value}: {len(in_f16)} tensor(s) written f16, their rows not a whole number "
             f"of the type's blocks ({', '.join(in_f16[:3])}{', ...' if len(in_f16) > 3 else ''})")
@@ -180,6 +183,22 @@ def tensor_type(name: str, data, kind: GgufType):
         qtype = Q.Q8_0
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     return qtype if data.shape[-1] % block == 0 else Q.F16
+
+
+def llama3_rope_factors(config, head_dim: int):
+    """Llama 3.1's rotary scaling (rope_type llama3) as GGUF holds it: a factor for each frequency, by
+    which llama.cpp divides it (rope_freqs), the base frequencies over those transformers computes.
+    None for a model without it."""
+    import numpy as np
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return (base / scaled.double()).numpy().astype(np.float32)
 
 
 def rope_permute(weight, n_heads: int):

@@ -68,6 +68,38 @@ def test_a_qwen3_model_exports_to_gguf_with_its_qk_norms_and_head_size(tmp_path,
     assert stats["max_logit_diff"] < tol and stats["top1_agreement"] >= top1 and stats["kl"] < 1e-3, stats
 
 
+def test_llama_3_1_rotary_scaling_goes_into_the_gguf_as_llama_cpp_reads_it(tmp_path):
+    """Llama 3.1 and 3.2 scale their rotary frequencies (rope_type llama3): GGUF holds a factor a frequency
+    (rope_freqs), by which llama.cpp divides it; without it llama.cpp would run the model with the plain
+    frequencies. transformers' GGUF reader leaves the tensor aside, so the file still loads there."""
+    import gguf
+    import numpy as np
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from tests.conftest import make_tokenizer
+
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=131072,
+                         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                          "original_max_position_embeddings": 8192})
+    base = tmp_path / "llama31"
+    LlamaForCausalLM(config).save_pretrained(base)
+    make_tokenizer().save_pretrained(base)
+    assert main(["export", f"model.name_or_path={base}", "export.format=gguf", "export.gguf_type=f32",
+                 f"output_dir={tmp_path / 'gguf'}"]) == 0
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "gguf" / "model-f32.gguf")).tensors}
+    factors = np.asarray(tensors["rope_freqs.weight"].data)
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    plain = 1.0 / 500000.0 ** (np.arange(0, 32, 2) / 32)
+    np.testing.assert_allclose(plain / factors, scaled.numpy(), rtol=1e-6)
+    # high frequencies kept, low ones divided by the factor 8, those between smoothed
+    np.testing.assert_allclose(factors[[0, -1]], [1.0, 8.0], rtol=1e-6)
+    assert np.all(np.diff(factors) > -1e-6) and 1.5 < factors[8] < 7
+    AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model-f32.gguf")
+
+
 def test_gguf_files_shrink_with_the_bits(tiny_merged, tmp_path):
     sizes = {}
     for kind in ("f16", "q8_0", "q5_0", "q4_0"):
