@@ -24,7 +24,8 @@ from qlora.merge import merge_run, output_folder
 from qlora.outputs import claim_output_dir
 
 # HF model_type -> GGUF architecture, and whether q/k rows are permuted for llama.cpp's RoPE layout
-GGUF_ARCH = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False), "qwen3": ("qwen3", False)}
+GGUF_ARCH = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False),
+             "qwen3": ("qwen3", False)}
 
 
 def export_cli(cfg: QLoraConfig) -> int:

@@ -374,7 +374,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
                         f"{str(e).split(' yet.')[0]}; use model.attn_implementation=auto") from None
     keep_4bit_layout(model)
     if quant.load_in_4bit:
-        experts = [p for p in model.parameters() if p.dim() == 3 and p.dtype.is_floating_point]
+        experts = [p for n, p in model.named_parameters() if "expert" in n and p.dim() == 3]
         if experts:
             size = sum(p.numel() * p.element_size() for p in experts) / 2**30
             say(f"a mixture of experts: its {weight_count(sum(p.numel() for p in experts))} expert weights "

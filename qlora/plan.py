@@ -135,11 +135,12 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
         if all(isinstance(v.get(k), int) for k in vision) else 0
     sliding = c.get("use_sliding_window", True) and "sliding_attention" in c.get("layer_types", ["sliding_attention"])
     heads, head_dim = c["num_attention_heads"], c.get("head_dim") or 0
-    shape = Shape(c["hidden_size"], dense, c["num_hidden_layers"], c["num_attention_heads"],
-                 c.get("num_key_value_heads") or c["num_attention_heads"], c["vocab_size"],
-                 bool(c.get("tie_word_embeddings", False)), c.get("sliding_window") if sliding else None,
-                 c.get("attn_logit_softcapping") is not None, beside, experts, expert_size,
-                 c.get("num_experts_per_tok") or 0, 0, head_dim if head_dim != c["hidden_size"] // heads else 0)
+    shape = Shape(c["hidden_size"], dense, c["num_hidden_layers"], heads, c.get("num_key_value_heads") or heads,
+                  c["vocab_size"], bool(c.get("tie_word_embeddings", False)),
+                  window=c.get("sliding_window") if sliding else None,
+                  softcap=c.get("attn_logit_softcapping") is not None, beside=beside, experts=experts,
+                  expert_size=expert_size, experts_per_token=c.get("num_experts_per_tok") or 0,
+                  head_dim=head_dim if head_dim != c["hidden_size"] // heads else 0)
     if experts:
         shape.expert_lora_per_rank = expert_lora_per_rank(folder, shape)
     return shape, folder
