@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import replace
@@ -97,7 +98,7 @@ def check_gguf_arch(folder):
 
 
 def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
-    """Write an HF folder (llama, mistral, qwen2, qwen3 with a byte-level BPE tokenizer) as one GGUF file."""
+    """Write an HF folder (llama, mistral, qwen2, qwen3 with a byte-level or SentencePiece BPE tokenizer) as one GGUF file."""
     import gguf
     import numpy as np
     import torch
@@ -240,30 +241,43 @@ def llama_cpp_pre(pre: Optional[dict]) -> str:
 
 
 def add_tokenizer(writer, tokenizer, config) -> None:
-    """Byte-level BPE vocabulary, merges, special ids and the chat template, as llama.cpp reads them."""
+    """The vocabulary, special ids and chat template, as llama.cpp reads them: a byte-level BPE tokenizer
+    (SmolLM2, Llama 3, Qwen) with its merges, or a SentencePiece one (Llama 2, TinyLlama, Mistral) with a
+    score a piece."""
     import gguf
 
     spec = json.loads(tokenizer.backend_tokenizer.to_str())
     model = spec["model"]
-    pre = json.dumps(spec.get("pre_tokenizer") or {})
-    if model.get("type") != "BPE" or "ByteLevel" not in pre:
-        raise UserError("GGUF export supports byte-level BPE tokenizers (SmolLM2, Llama-3, Qwen2.5) for now; "
-                        "use export.format=safetensors for this model")
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        sentencepiece_vocab(writer, spec)
+    elif model.get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer") or {}):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(llama_cpp_pre(spec.get("pre_tokenizer")))
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    else:
+        raise UserError(f"GGUF export writes byte-level BPE and SentencePiece BPE tokenizers, not this "
+                        f"{model.get('type')} one; use export.format=safetensors for this model")
     vocab = model["vocab"]
     size = max(config.vocab_size, max(vocab.values()) + 1, len(tokenizer))
     tokens = [f"[PAD{i}]" for i in range(size)]
     types = [gguf.TokenType.UNUSED] * size
     for tok, i in vocab.items():
-        tokens[i], types[i] = tok, gguf.TokenType.NORMAL
+        tokens[i] = tok
+        types[i] = gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", tok) and model.get("byte_fallback") \
+            else gguf.TokenType.NORMAL
     for added in spec.get("added_tokens", []):
         tokens[added["id"]] = added["content"]
         types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(llama_cpp_pre(spec.get("pre_tokenizer")))
+    if tokenizer.unk_token_id is not None and model.get("byte_fallback"):
+        types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
+    if model.get("byte_fallback"):
+        merged = {"".join(m.split(" ") if isinstance(m, str) else m): -rank
+                  for rank, m in reversed(list(enumerate(model.get("merges", []))))}
+        # a piece's score is its first merge's rank, negated: llama.cpp joins the best-scored pair first, as
+        # the merges go in order; pieces no merge makes (characters, bytes, specials) are never joined into
+        writer.add_token_scores([float(merged.get(t, -1e9)) for t in tokens])
     for kind, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
                       ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
         if tid is not None:
@@ -271,6 +285,15 @@ def add_tokenizer(writer, tokenizer, config) -> None:
     writer.add_add_bos_token(False)  # chat templates write BOS themselves where they need it
     if tokenizer.chat_template:
         writer.add_chat_template(tokenizer.chat_template)
+
+
+def sentencepiece_vocab(writer, spec: dict) -> None:
+    """A SentencePiece tokenizer's settings in GGUF: llama.cpp's own SentencePiece model, which puts a space
+    before the text where the tokenizer does (its normalizer prepends '▁', or its Metaspace does)."""
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    prepends = '"Prepend"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text)
+    writer.add_tokenizer_model("llama")
+    writer.add_add_space_prefix(prepends)
 
 
 # ------------------------------------------------------------------------------------------- Ollama

@@ -100,6 +100,68 @@ def test_llama_3_1_rotary_scaling_goes_into_the_gguf_as_llama_cpp_reads_it(tmp_p
     AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model-f32.gguf")
 
 
+def sentencepiece_tokenizer():
+    """Llama 2's kind of tokenizer (TinyLlama's, Mistral's) as transformers holds it: SentencePiece BPE, '▁'
+    for each space and one before the text, a byte piece for each character not in the vocabulary, and
+    <unk> <s> </s> first; learned on the tiny tokenizer's lines."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.conftest import CORPUS
+
+    specials = ["<unk>", "<s>", "</s>"]
+    spaces = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    learned = Tokenizer(models.BPE(unk_token="<unk>"))
+    learned.normalizer, learned.pre_tokenizer = spaces, pre_tokenizers.Metaspace(prepend_scheme="never")
+    learned.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(vocab_size=220, special_tokens=specials))
+    model = json.loads(learned.to_str())["model"]
+    pieces = [t for t, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if t not in specials]
+    vocab = {t: i for i, t in enumerate(specials + [f"<0x{b:02X}>" for b in range(256)] + pieces)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m) for m in model["merges"]], unk_token="<unk>",
+                               byte_fallback=True, fuse_unk=True))
+    tok.normalizer = spaces
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   chat_template="{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}"
+                                                 "</s>\n{% endfor %}")
+
+
+def test_a_sentencepiece_tokenizer_exports_to_gguf_as_llama_cpp_tokenizes(tmp_path):
+    """TinyLlama's and Mistral's SentencePiece tokenizers: GGUF's "llama" tokenizer, a score a piece (llama.cpp
+    joins the best-scored pair first) from the merges' order, byte pieces typed as bytes, a space put
+    before the text. transformers' GGUF reader rebuilds the merges from those scores alone: its tokens
+    are the tokenizer's, byte fallback ("ü") included."""
+    import gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = sentencepiece_tokenizer()
+    base = tmp_path / "llama2"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2)).save_pretrained(base)
+    tok.save_pretrained(base)
+    out = tmp_path / "gguf"
+    assert main(["export", f"model.name_or_path={base}", "export.format=gguf", "export.gguf_type=f32",
+                 f"output_dir={out}"]) == 0
+    reader = gguf.GGUFReader(str(out / "model-f32.gguf"))
+    assert reader.fields["tokenizer.ggml.model"].contents() == "llama"
+    assert reader.fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert "tokenizer.ggml.merges" not in reader.fields
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[:4] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL, gguf.TokenType.BYTE]
+    back = AutoTokenizer.from_pretrained(out, gguf_file="model-f32.gguf")
+    for text in TEXTS + ["Ünïcödé: ü is not in the vocabulary, so its bytes are"]:
+        assert back(text, add_special_tokens=False).input_ids == tok(text).input_ids
+    stats = compare_logits(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
+                           AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f32.gguf", dtype=torch.float32),
+                           tok, TEXTS)
+    assert stats["max_logit_diff"] < 1e-5, stats
+
+
 def test_gguf_files_shrink_with_the_bits(tiny_merged, tmp_path):
     sizes = {}
     for kind in ("f16", "q8_0", "q5_0", "q4_0"):
