@@ -98,7 +98,8 @@ def check_gguf_arch(folder):
 
 
 def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
-    """Write an HF folder (llama, mistral, qwen2, qwen3 with a byte-level or SentencePiece BPE tokenizer) as one GGUF file."""
+    """Write an HF folder (llama, mistral, qwen2, qwen3; a byte-level or SentencePiece BPE tokenizer) as one
+    GGUF file."""
     import gguf
     import numpy as np
     import torch
