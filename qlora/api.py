@@ -7,7 +7,7 @@
     api.run("merge", f"adapter={run_dir}", "output_dir=merged")
 
 Mistakes raise qlora.errors.UserError with the same one-line message the command line prints. A call
-that finds the hub unreachable reads the cache only until it returns (models.hub_switch_restored).
+that finds the hub unreachable reads the cache only until it returns (hub.hub_switch_restored).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 from qlora.config import GenConfig
 from qlora.generate import generate_answers
 from qlora.inference import Loaded, conversation, load_for_inference
-from qlora.models import hub_switch_restored
+from qlora.hub import hub_switch_restored
 
 
 class Model:

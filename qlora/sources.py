@@ -148,7 +148,8 @@ def hub_rows(name: str, subset: Optional[str], split: str) -> Iterator[Tuple[str
     not resolve, the cache is read at once)."""
     import datasets
 
-    from qlora.models import go_offline, hub_unreachable, say
+    from qlora.hub import go_offline, hub_unreachable
+    from qlora.models import say
 
     unreachable = hub_unreachable()
     if unreachable:

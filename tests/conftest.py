@@ -142,9 +142,9 @@ def tiny_merged(tiny_run, tmp_path_factory) -> Path:
 
 @pytest.fixture(autouse=True)
 def hub_switch_kept():
-    """qlora puts the process offline where the hub's host does not resolve (models.go_offline), as it
+    """qlora puts the process offline where the hub's host does not resolve (hub.go_offline), as it
     does not here: no test leaves that switch changed for the next."""
-    from qlora.models import hub_switch_restored
+    from qlora.hub import hub_switch_restored
 
     with hub_switch_restored():
         yield

@@ -14,7 +14,7 @@ from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, Rem
 
 from qlora.cli import main
 from qlora.errors import UserError
-from qlora.models import check_hub_model
+from qlora.hub import check_hub_model
 from tests.conftest import tiny_overrides
 
 HOST = "huggingface.co"
@@ -111,7 +111,7 @@ def test_what_the_hub_answers_becomes_one_line_with_the_fix(no_hub, monkeypatch,
     def download(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr("qlora.models.hub_unreachable", lambda: None)  # as if the host resolved
+    monkeypatch.setattr("qlora.hub.hub_unreachable", lambda: None)  # as if the host resolved
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
     with pytest.raises(UserError, match="^model.name_or_path=org/name: ") as caught:
         check_hub_model("org/name")
