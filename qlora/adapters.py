@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 from qlora.config import LoraConfig
 from qlora.errors import UserError
@@ -40,7 +40,7 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype
     peft_cfg = PeftLoraConfig(
         r=lora.r, lora_alpha=lora.lora_alpha, use_rslora=lora.use_rslora, lora_dropout=lora.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        exclude_modules="(" + "|".join(re.escape(b) for b in beside) + r")\..*" if beside else None,
+        exclude_modules=exclusion(beside),
         bias=lora.bias.value, modules_to_save=lora.modules_to_save, use_dora=lora.use_dora,
         task_type="CAUSAL_LM")
     try:
@@ -77,6 +77,11 @@ def outside_the_decoder(model) -> List[str]:
             depth = next(i for i, part in enumerate(parts) if i >= len(ours) or part != ours[i])
             beside.add(".".join(parts[:depth + 1]))
     return sorted(beside)
+
+
+def exclusion(beside: List[str]) -> Optional[str]:
+    """PEFT's exclude_modules for every module under these (outside_the_decoder's answer), or None."""
+    return "(" + "|".join(re.escape(b) for b in beside) + r")\..*" if beside else None
 
 
 def check_targets(path: str, lora: LoraConfig, trust_remote_code: bool = False) -> None:

@@ -156,10 +156,13 @@ def expert_lora_per_rank(folder: Path, shape: Shape) -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from qlora.adapters import exclusion, outside_the_decoder
+
     with init_empty_weights(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = get_peft_model(AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder)),
-                               LoraConfig(r=1, target_modules="all-linear"))
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+        model = get_peft_model(model, LoraConfig(r=1, target_modules="all-linear",  # as adapters.attach_lora
+                                                 exclude_modules=exclusion(outside_the_decoder(model))))
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return lora // shape.layers - sum(i + o for i, o in shape.linears())
 
