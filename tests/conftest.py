@@ -54,7 +54,7 @@ def make_tiny_llama(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def make_tiny_gemma3_with_vision(folder: Path) -> Path:
+def make_tiny_gemma3_with_vision(folder: Path, head_dim: int = 16) -> Path:
     """A tiny random Gemma 3 with its vision tower (Gemma3ForConditionalGeneration, which AutoModelForCausalLM
     loads for its config): its files hold language_model.model.layers.0..., its modules are named
     model.language_model.layers.0..., transformers renaming the keys as it loads them."""
@@ -63,8 +63,8 @@ def make_tiny_gemma3_with_vision(folder: Path) -> Path:
 
     config = Gemma3Config(
         text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                         sliding_window=64),
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         max_position_embeddings=512, sliding_window=64),
         vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                            image_size=32, patch_size=8, vision_use_head=False),  # as Gemma 3's
         mm_tokens_per_image=4, boi_token_index=500, eoi_token_index=501, image_token_index=502)

@@ -1,0 +1,381 @@
+"""GGUF files as llama.cpp reads them, written in Python with the `gguf` package (no llama.cpp build): each
+family's settings and the conventions llama.cpp assumes of it (`Family`, `check_gguf_arch`), its tensors under
+llama.cpp's names, and the tokenizer with its chat template and stop tokens."""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from qlora.config import GgufType
+from qlora.errors import UserError, WorkError
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one HF model type is written as GGUF."""
+
+    arch: str  # the architecture llama.cpp knows the model by
+    permute_qk: bool = False  # llama.cpp's llama layout interleaves each head's rotary halves; HF's holds them apart
+    norm_shift: float = 0.0  # Gemma's norms scale by 1 + weight, llama.cpp's by the weight: add this to each
+    swa_every: int = 0  # llama.cpp's fixed pattern: of each `swa_every` layers, all but the last slide (0: none)
+
+
+FAMILIES = {
+    "llama": Family("llama", permute_qk=True),
+    "mistral": Family("llama", permute_qk=True),
+    "qwen2": Family("qwen2"),
+    "qwen3": Family("qwen3"),
+    "phi3": Family("phi3"),
+    "gemma2": Family("gemma2", norm_shift=1.0, swa_every=2),
+    "gemma3_text": Family("gemma3", norm_shift=1.0, swa_every=6),
+    "gemma3": Family("gemma3", norm_shift=1.0, swa_every=6),  # with its vision tower: the language model alone
+}
+# the layer counts llama.cpp takes for Gemma's 27B, which scales attention by hidden / heads, not head_dim
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+# rotary scalings written as llama.cpp reads them (longrope: Phi-3's, the only family llama.cpp reads it for)
+ROPE_TYPES = ("default", "llama3", "linear", "yarn")
+
+
+def text_config(config):
+    """The language model's config: Gemma 3 with vision holds it as text_config."""
+    return config.text_config if config.model_type == "gemma3" else config
+
+
+def rope_settings(config):
+    """(the rotary settings of the global-attention layers, those of the sliding-window ones or None); Gemma 3
+    holds one of each, by layer type."""
+    rope = getattr(config, "rope_parameters", None) or {"rope_theta": getattr(config, "rope_theta", 10000.0)}
+    if "full_attention" in rope:
+        return rope["full_attention"], rope.get("sliding_attention")
+    return rope, None
+
+
+def check_gguf_arch(folder):
+    """The model's config, refused unless GGUF export writes its architecture and the model holds to what
+    llama.cpp assumes of that architecture without reading it from the file."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder)
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        raise UserError(f"GGUF export supports {', '.join(FAMILIES)} models, not {config.model_type!r}; "
+                        "use export.format=safetensors")
+    text = text_config(config)
+    glob, local = rope_settings(text)
+    kind = glob.get("rope_type", "default")
+    if kind not in ROPE_TYPES and not (kind == "longrope" and family.arch == "phi3"):
+        raise UserError(f"GGUF export: llama.cpp does not read {kind!r} rotary scaling for {family.arch}; "
+                        "use export.format=safetensors")
+    if family.swa_every:
+        check_gemma(text, family, local)
+    return config
+
+
+def check_gemma(config, family: Family, local) -> None:
+    """llama.cpp fixes Gemma's layer pattern, local rotary base and attention scale by the architecture; a
+    model that differs would load and compute another function, so it is refused."""
+    def refuse(what: str, key: str, value):
+        raise UserError(f"GGUF export: llama.cpp assumes {what} of {family.arch}, where this model has "
+                        f"{key}={value}; its GGUF would compute another function: use export.format=safetensors")
+
+    expected = ["full_attention" if (i + 1) % family.swa_every == 0 else "sliding_attention"
+                for i in range(config.num_hidden_layers)]
+    if list(getattr(config, "layer_types", expected)) != expected:
+        refuse(f"one global-attention layer in every {family.swa_every}", "layer_types", config.layer_types)
+    if local is not None and (local.get("rope_type", "default") != "default" or local.get("rope_theta") != 10000.0):
+        refuse("a rotary base of 10000, unscaled, in the sliding-window layers",
+               "rope_parameters.sliding_attention", local)
+    head_dim = config.head_dim
+    if config.num_hidden_layers == GEMMA_27B_LAYERS[family.arch]:
+        head_dim = config.hidden_size // config.num_attention_heads
+    if config.query_pre_attn_scalar != head_dim:
+        refuse(f"attention scaled by 1/sqrt({head_dim})", "query_pre_attn_scalar", config.query_pre_attn_scalar)
+
+
+def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
+    """Write an HF folder (see FAMILIES; a byte-level or SentencePiece BPE tokenizer) as one GGUF file."""
+    import gguf
+    import numpy as np
+
+    from qlora.models import say
+
+    full = check_gguf_arch(folder)
+    family, config = FAMILIES[full.model_type], text_config(full)
+    writer = gguf.GGUFWriter(str(path), family.arch)
+    writer.add_name(folder.name)
+    head_dim = add_settings(writer, config, family)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind is GgufType.f32
+                         else gguf.LlamaFileType[f"MOSTLY_{kind.value.upper()}"])
+    from transformers import AutoTokenizer
+
+    add_tokenizer(writer, AutoTokenizer.from_pretrained(folder), config)
+
+    in_f16 = []  # tensors whose rows are no whole number of the type's blocks
+    for name, data in gguf_tensors(folder, config, family).items():
+        qtype = tensor_type(name, data, kind)
+        if qtype is gguf.GGMLQuantizationType.F16 and kind is not GgufType.f16:
+            in_f16.append(name)
+        if qtype is gguf.GGMLQuantizationType.F32:  # norms and biases stay f32
+            writer.add_tensor(name, data)
+        elif qtype is gguf.GGMLQuantizationType.F16:
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(data, qtype)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+    for name, data in rope_tensors(config, head_dim).items():
+        writer.add_tensor(name, data)
+    if in_f16:
+        say(f"export.gguf_type={kind.value}: {len(in_f16)} tensor(s) written f16, their rows not a whole number "
+            f"of the type's blocks ({', '.join(in_f16[:3])}{', ...' if len(in_f16) > 3 else ''})")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def add_settings(writer, config, family: Family) -> int:
+    """The model's sizes, rotary and attention settings under the family's GGUF keys; returns the head size."""
+    import gguf
+
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(head_dim)  # Qwen3's and Gemma's head_dim is not hidden / heads
+    writer.add_value_length(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(config.vocab_size)
+    rope, _ = rope_settings(config)
+    writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+    writer.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", "default")
+    if kind in ("linear", "yarn"):
+        writer.add_rope_scaling_type(gguf.RopeScalingType(kind))
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    if kind == "yarn":
+        writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings")
+                                                 or config.max_position_embeddings / rope["factor"]))
+    if family.arch == "phi3":  # llama.cpp takes the long factors beyond the original context
+        original = rope.get("original_max_position_embeddings") or \
+            getattr(config, "original_max_position_embeddings", None) or config.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+        writer.add_sliding_window(config.sliding_window or 0)  # 0: none (Phi-4)
+        if kind == "longrope":
+            writer.add_rope_scaling_attn_factors(longrope_attention_factor(config))
+    if family.swa_every:
+        writer.add_sliding_window(config.sliding_window)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(config, key, None):
+                getattr(writer, f"add_{key}")(float(getattr(config, key)))
+    return head_dim
+
+
+def gguf_tensors(folder: Path, config, family: Family) -> dict:
+    """The folder's weights as fp32 arrays under llama.cpp's names, in llama.cpp's layout."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    from qlora.models import say
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch.upper()], config.num_hidden_layers)
+    out, left_out = {}, 0
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as shard:
+            for key in shard.keys():
+                hf_key = language_model_key(key)
+                if hf_key is None:
+                    left_out += 1
+                    continue
+                if hf_key == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # llama.cpp reuses token_embd
+                name = names.get_name(hf_key, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise WorkError(f"GGUF export: no GGUF name for tensor {key}")
+                t = shard.get_tensor(key).float()
+                if family.permute_qk and hf_key.endswith("self_attn.q_proj.weight"):
+                    t = rope_permute(t, config.num_attention_heads)
+                elif family.permute_qk and hf_key.endswith("self_attn.k_proj.weight"):
+                    t = rope_permute(t, config.num_key_value_heads)
+                if family.norm_shift and hf_key.endswith("norm.weight"):
+                    t = t + family.norm_shift
+                out[name] = t.numpy().astype(np.float32)
+    if left_out:
+        say(f"export: the GGUF holds the language model; {left_out} tensor(s) of the vision tower and its "
+            "projector are left out (llama.cpp reads those from a separate mmproj file, which qlora does not write)")
+    return out
+
+
+def language_model_key(key: str) -> Optional[str]:
+    """A checkpoint key as the text model names it; None for the vision tower of a model with one. Gemma 3's
+    files hold language_model.model.layers... (or model.language_model.layers...)."""
+    if key.startswith(("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                       "model.multi_modal_projector.")):
+        return None
+    if key.startswith("language_model."):
+        return key[len("language_model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key
+
+
+def tensor_type(name: str, data, kind: GgufType):
+    """The GGML type a tensor is written in: f32 for vectors (norms, biases); for the 4- and 5-bit kinds, q8_0
+    for the token embeddings and the LM head (llama.cpp's own quantizer keeps the output layer at more bits
+    too, and a tied head is the embeddings); f16 where a row is not a whole number of the type's blocks."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    if data.ndim == 1 or kind is GgufType.f32:
+        return Q.F32
+    qtype = Q[kind.value.upper()]
+    if kind.value.startswith(("q4", "q5")) and name.split(".")[0] in ("token_embd", "output"):
+        qtype = Q.Q8_0
+    block, _ = gguf.GGML_QUANT_SIZES[qtype]
+    return qtype if data.shape[-1] % block == 0 else Q.F16
+
+
+def rope_tensors(config, head_dim: int) -> dict:
+    """The per-frequency rotary factors llama.cpp reads as tensors: Llama 3.1's (rope_freqs), Phi-3's long
+    context ones (rope_factors_long and _short)."""
+    import gguf
+    import numpy as np
+
+    def name(tensor):
+        return f"{gguf.TENSOR_NAMES[tensor]}.weight"
+
+    rope, _ = rope_settings(config)
+    factors = llama3_rope_factors(config, head_dim)
+    if factors is not None:  # Llama 3.1 and 3.2: llama.cpp divides each frequency by its factor
+        return {name(gguf.MODEL_TENSOR.ROPE_FREQS): factors}
+    if rope.get("rope_type") == "longrope":
+        return {name(gguf.MODEL_TENSOR.ROPE_FACTORS_LONG): np.asarray(rope["long_factor"], np.float32),
+                name(gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT): np.asarray(rope["short_factor"], np.float32)}
+    return {}
+
+
+def longrope_attention_factor(config) -> float:
+    """Phi-3's attention scale under its long-context rotary factors, as transformers computes it."""
+    rope, _ = rope_settings(config)
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    original = rope.get("original_max_position_embeddings") or config.original_max_position_embeddings
+    scale = config.max_position_embeddings / original
+    return math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0
+
+
+def llama3_rope_factors(config, head_dim: int):
+    """Llama 3.1's rotary scaling (rope_type llama3) as GGUF holds it: a factor for each frequency, by
+    which llama.cpp divides it (rope_freqs), the base frequencies over those transformers computes.
+    None for a model without it."""
+    import numpy as np
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") != "llama3":
+        return None
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    base = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return (base / scaled.double()).numpy().astype(np.float32)
+
+
+def rope_permute(weight, n_heads: int):
+    """HF stores each head's rotary halves apart; llama.cpp interleaves them (GGUF's llama layout)."""
+    rows = weight.shape[0]
+    return (weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
+            .transpose(1, 2).reshape(weight.shape))
+
+
+# The splitting rules of Llama 3's and Qwen2's tokenizers (tokenizer.json's Split pattern), which llama.cpp
+# knows by the names llama-bpe and qwen2; they differ in digits: up to three a piece, or one.
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def llama_cpp_pre(pre: Optional[dict]) -> str:
+    """The name llama.cpp knows a tokenizer's pre-tokenizer by (GGUF's tokenizer.ggml.pre): it splits the
+    text by that name's rules before the merges. Its default splits runs of punctuation off the space
+    before them, so that JSON such as ` {"` would be tokenized otherwise than in training."""
+    parts = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    splits = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+    byte_level = [p for p in parts if p.get("type") == "ByteLevel"]
+    if splits == [LLAMA3_SPLIT] and len(parts) == 2 and byte_level:
+        return "llama-bpe"
+    if splits == [QWEN2_SPLIT] and len(parts) == 2 and byte_level:
+        return "qwen2"
+    if byte_level and byte_level[0].get("use_regex", True) and len(parts) == 1:
+        return "gpt-2"  # GPT-2's rules, as SmolLM2's tokenizer converted from its GGUF file has them
+    if byte_level and byte_level[0].get("use_regex", True) and len(parts) == 2 and \
+            any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts):
+        return "smollm"  # GPT-2's, each digit apart (SmolLM's own tokenizer.json)
+    from qlora.models import say
+
+    say("export: llama.cpp does not know this tokenizer's pre-tokenizer by name, so it splits text by its "
+        "default rules, which may tokenize some text otherwise than training did")
+    return "default"
+
+
+def add_tokenizer(writer, tokenizer, config) -> None:
+    """The vocabulary, special ids and chat template, as llama.cpp reads them: a byte-level BPE tokenizer
+    (SmolLM2, Llama 3, Qwen) with its merges, or a SentencePiece one (Llama 2, TinyLlama, Mistral, Phi-3,
+    Gemma) with a score a piece."""
+    import gguf
+
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    model = spec["model"]
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        sentencepiece_vocab(writer, spec)
+    elif model.get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer") or {}):
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(llama_cpp_pre(spec.get("pre_tokenizer")))
+        writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])])
+    else:
+        raise UserError(f"GGUF export writes byte-level BPE and SentencePiece BPE tokenizers, not this "
+                        f"{model.get('type')} one; use export.format=safetensors for this model")
+    vocab = model["vocab"]
+    size = max(config.vocab_size, max(vocab.values()) + 1, len(tokenizer))
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [gguf.TokenType.UNUSED] * size
+    for tok, i in vocab.items():
+        tokens[i] = tok
+        types[i] = gguf.TokenType.BYTE if re.fullmatch(r"<0x[0-9A-F]{2}>", tok) and model.get("byte_fallback") \
+            else gguf.TokenType.NORMAL
+    for added in spec.get("added_tokens", []):
+        tokens[added["id"]] = added["content"]
+        types[added["id"]] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+    if tokenizer.unk_token_id is not None and model.get("byte_fallback"):
+        types[tokenizer.unk_token_id] = gguf.TokenType.UNKNOWN
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    if model.get("byte_fallback"):
+        merged = {"".join(m.split(" ") if isinstance(m, str) else m): -rank
+                  for rank, m in reversed(list(enumerate(model.get("merges", []))))}
+        # a piece's score is its first merge's rank, negated: llama.cpp joins the best-scored pair first, as
+        # the merges go in order; pieces no merge makes (characters, bytes, specials) are never joined into
+        writer.add_token_scores([float(merged.get(t, -1e9)) for t in tokens])
+    for kind, tid in (("bos", tokenizer.bos_token_id), ("eos", tokenizer.eos_token_id),
+                      ("pad", tokenizer.pad_token_id), ("unk", tokenizer.unk_token_id)):
+        if tid is not None:
+            getattr(writer, f"add_{kind}_token_id")(tid)
+    writer.add_add_bos_token(False)  # chat templates write BOS themselves where they need it
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def sentencepiece_vocab(writer, spec: dict) -> None:
+    """A SentencePiece tokenizer's settings in GGUF: llama.cpp's own SentencePiece model, which puts a space
+    before the text where the tokenizer does (its normalizer prepends '▁', or its Metaspace does)."""
+    text = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer")])
+    prepends = '"Prepend"' in text or ('"Metaspace"' in text and '"prepend_scheme": "never"' not in text)
+    writer.add_tokenizer_model("llama")
+    writer.add_add_space_prefix(prepends)
