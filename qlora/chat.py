@@ -12,6 +12,7 @@ from dataclasses import fields, replace
 from typing import Dict, List, Optional
 
 from qlora.config import GenConfig
+from qlora.data import render_chat
 from qlora.generate import sampling_kwargs
 from qlora.inference import Loaded, conversation, load_for_inference
 from qlora.models import stop_token_ids
@@ -134,7 +135,7 @@ class ChatSession:
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         tok, model, gen = self.loaded.tokenizer, self.loaded.model, self.gen
-        text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = render_chat(tok, messages, add_generation_prompt=True)
         enc = tok(text, return_tensors="pt", add_special_tokens=False).to(model.device)
         streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         stop = self.stop

@@ -33,6 +33,7 @@ class DataStats:
     rows: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
+    system_folded: int = 0  # system messages put in the first user turn: the template has no system role
     tokens: int = 0
     trained_tokens: int = 0
 
@@ -176,19 +177,51 @@ def checked_messages(messages: list) -> List[Dict[str, str]]:
     return out
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+def render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
+    """A conversation as the chat template writes it. A template without a system role (Gemma 2's raises on
+    one, Mistral's first) gets the system message at the head of the first user turn, as Gemma 3's own template
+    puts it; a conversation the template refuses otherwise is a BadRow, with the template's reason."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError as e:
+        if messages and messages[0]["role"] == "system" and not takes_system(tokenizer):
+            return render_chat(tokenizer, fold_system(messages), add_generation_prompt)
+        raise BadRow(f"the chat template refuses this conversation: {e}") from None
+
+
+def takes_system(tokenizer) -> bool:
+    """Whether the chat template writes a system message rather than raising on it."""
+    from jinja2.exceptions import TemplateError
+
+    try:
+        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+                                      tokenize=False)
+        return True
+    except TemplateError:
+        return False
+
+
+def fold_system(messages: List[Dict[str, str]]) -> List[Dict[str, str]]:
+    """The leading system message moved to the head of the first user turn (system, blank line, user)."""
+    rest = list(messages[1:])
+    first = next((i for i, m in enumerate(rest) if m["role"] == "user"), None)
+    if first is None:
+        raise BadRow("a system message without a user turn, which this chat template has no place for")
+    rest[first] = {**rest[first], "content": f"{messages[0]['content']}\n\n{rest[first]['content']}"}
+    return rest
 
 
 def assistant_spans(tokenizer, messages) -> Tuple[str, List[Tuple[int, int]]]:
     """The rendered conversation and the character spans of each assistant turn (+ end-of-turn)."""
-    text = _render(tokenizer, messages, False)
+    text = render_chat(tokenizer, messages, False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt = _render(tokenizer, messages[:i], True)
-        upto = _render(tokenizer, messages[: i + 1], False)
+        prompt = render_chat(tokenizer, messages[:i], True)
+        upto = render_chat(tokenizer, messages[: i + 1], False)
         if not (text.startswith(upto) and upto.startswith(prompt)):
             raise BadRow("the chat template renders earlier turns differently in later ones; "
                          "assistant tokens cannot be located (use data.loss_on=all)")
@@ -200,7 +233,7 @@ def assistant_spans(tokenizer, messages) -> Tuple[str, List[Tuple[int, int]]]:
 def tokenize_example(tokenizer, messages, loss_on: LossOn, max_length: int) -> Dict[str, list]:
     """input_ids and labels (IGNORE where not trained) of a conversation, truncated to max_length."""
     if loss_on is LossOn.all:
-        text, spans = _render(tokenizer, messages, False), None
+        text, spans = render_chat(tokenizer, messages, False), None
     else:
         text, spans = assistant_spans(tokenizer, messages)
         if loss_on is LossOn.completion:
@@ -231,10 +264,13 @@ def tokenize_plain(tokenizer, prompt: str, completion: str, loss_on: LossOn, max
 def tokenize_examples(tokenizer, examples: List[Example], cfg: DataConfig, max_length: int,
                       stats: DataStats, kept: Optional[List[Example]] = None) -> List[Dict[str, list]]:
     """Tokenized rows; `kept`, when given, receives the examples that made it (in row order)."""
-    rows = []
+    rows, system_role = [], None  # whether the template writes a system message: asked once, if at all
     for ex in examples:
         try:
             if ex.messages:
+                if ex.messages[0]["role"] == "system":
+                    system_role = takes_system(tokenizer) if system_role is None else system_role
+                    stats.system_folded += not system_role
                 row = tokenize_example(tokenizer, ex.messages, cfg.loss_on, max_length)
             else:
                 row = tokenize_plain(tokenizer, ex.prompt, ex.completion, cfg.loss_on, max_length)

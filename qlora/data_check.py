@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from qlora.data import IGNORE, DataStats, Example, tokenize_examples
+from qlora.data import IGNORE, DataStats, Example, render_chat, tokenize_examples
 from qlora.errors import UserError
 from qlora.models import stop_token_ids
 
@@ -82,7 +82,7 @@ def audit(tokenizer, examples: List[Example], rows: List[Dict[str, list]], stats
             a.turns_without_trained_stop += sum(ids[i] not in stops for i in runs if i + 1 < max_length)
         if not ex.messages:  # plain text: no chat template to agree with
             continue
-        prompt = tokenizer.apply_chat_template(ex.messages[:-1], tokenize=False, add_generation_prompt=True)
+        prompt = render_chat(tokenizer, ex.messages[:-1], add_generation_prompt=True)
         prompt_ids = tokenizer(prompt, add_special_tokens=False).input_ids
         if len(prompt_ids) < len(ids) and ids[: len(prompt_ids)] != prompt_ids:
             a.prefix_mismatches += 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Tuple, Union
 
 from qlora.config import GenConfig
+from qlora.data import render_chat
 from qlora.models import stop_token_ids
 from qlora.validation import refuse, validate_gen
 
@@ -35,8 +36,7 @@ def generate_answers(model, tokenizer, conversations: List[Union[str, List[Dict[
         for i in tqdm(batches, desc=desc, disable=desc is None, unit="batch"):
             batch = conversations[i:i + batch_size]
             plain = isinstance(batch[0], str)  # prompt_completion data: the prompt as written, no template
-            texts = batch if plain else [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                                         for c in batch]
+            texts = batch if plain else [render_chat(tokenizer, c, add_generation_prompt=True) for c in batch]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=plain).to(model.device)
             with torch.no_grad():
                 out = model.generate(**enc, max_new_tokens=max_new_tokens or gen.max_new_tokens,

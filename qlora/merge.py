@@ -262,7 +262,7 @@ def check_texts(cfg: QLoraConfig, tokenizer, n: int) -> List[str]:
     """Full conversations (prompt and answer) from the run's held-out data (its eval_path or its
     eval_fraction share), else from its training data, else built-in prompts."""
     from qlora.adapters import adapter_dir
-    from qlora.data import split_examples
+    from qlora.data import render_chat, split_examples
     from qlora.inference import run_config
 
     trained = run_config(adapter_dir(cfg.adapter))
@@ -275,8 +275,7 @@ def check_texts(cfg: QLoraConfig, tokenizer, n: int) -> List[str]:
             convs = []
     if not convs:
         convs = [[{"role": "user", "content": p}] for p in CHECK_PROMPTS[:n]]
-    return [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=c[-1]["role"] == "user")
-            for c in convs]
+    return [render_chat(tokenizer, c, add_generation_prompt=c[-1]["role"] == "user") for c in convs]
 
 
 def logits_of(model, tokenizer, texts: List[str]) -> List:

@@ -133,7 +133,7 @@ def ptq_cli(cfg) -> int:
     """The `qlora quant ptq` verb: model.name_or_path is a merged (or any HF) folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora.data import read_examples
+    from qlora.data import read_examples, render_chat
     from qlora.merge import compare
     from qlora.models import resolve_model, say
     from qlora.outputs import claim_output_dir
@@ -144,7 +144,7 @@ def ptq_cli(cfg) -> int:
     tok = AutoTokenizer.from_pretrained(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     examples = read_examples(cfg.data.eval_path or cfg.data.path, cfg.data)
-    texts = [tok(tok.apply_chat_template(ex.messages, tokenize=False), return_tensors="pt",
+    texts = [tok(render_chat(tok, ex.messages), return_tensors="pt",
                  add_special_tokens=False).input_ids for ex in examples]
     n_cal = max(1, min(32, len(texts) // 2))
     calibration, held = texts[:n_cal], texts[n_cal:] or texts

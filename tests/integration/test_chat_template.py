@@ -49,3 +49,55 @@ def test_chatml_on_a_base_model_adds_tokens_trains_them_and_merges(tmp_path, cap
     assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32"]) == 0
     assert json.loads((out / "config.json").read_text())["vocab_size"] == vocab + 2
     assert json.loads((out / "merge_report.json").read_text())["top1_agreement"] >= 0.99
+
+
+# ChatML that raises on a system message, as Gemma 2's template does (and Mistral's first)
+NO_SYSTEM_ROLE = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not "
+                  "supported') }}{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_without_a_system_role_gets_the_system_message_in_the_first_user_turn(tmp_path, capsys):
+    """Training data with system messages, and a system prompt at generation, on a model whose chat template
+    raises on them (Gemma 2's): the system message opens the first user turn, as Gemma 3's template writes
+    it, and the run says how many examples that was; before, training ended in jinja's traceback."""
+    from qlora.data import render_chat
+    from tests.conftest import make_tokenizer, make_tiny_llama
+
+    base = make_tiny_llama(tmp_path / "base")
+    tok = make_tokenizer(NO_SYSTEM_ROLE)
+    tok.save_pretrained(base)
+    conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"}]
+    assert render_chat(tok, conv) == ("<|im_start|>user\nBe brief.\n\nHi<|im_end|>\n"
+                                      "<|im_start|>assistant\nHello<|im_end|>\n")
+    rows = people_rows(8)
+    for row in rows[:3]:
+        row["messages"].insert(0, {"role": "system", "content": "Answer in JSON."})
+    data = (write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(base, data, run, **{"train.max_steps": 1})]) == 0
+    err = capsys.readouterr().err
+    assert "the chat template has no system role, so the system message of 3 example(s) opens the first user " \
+           "turn" in err, err
+    assert main(["generate", f"adapter={run}", "prompt=Hello", "system=Be brief.", "gen.max_new_tokens=2"]) == 0
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_conversation_the_template_refuses_names_its_row_and_the_reason(tmp_path, capsys):
+    """A template that refuses a conversation for another reason (Mistral's: roles must alternate) is a bad row:
+    its file and line, and the template's words."""
+    from tests.conftest import make_tokenizer, make_tiny_llama
+
+    alternate = ("{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+                 "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant') }}{% endif %}"
+                 "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
+    base = make_tiny_llama(tmp_path / "base")
+    make_tokenizer(alternate).save_pretrained(base)
+    rows = people_rows(8)
+    rows[5]["messages"].insert(0, {"role": "user", "content": "Hello?"})
+    data = (write_jsonl(tmp_path / "t.jsonl", rows), write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
+    assert main(["train", *tiny_overrides(base, data, tmp_path / "run", **{"train.max_steps": 1})]) == 2
+    err = capsys.readouterr().err
+    assert "t.jsonl:6: the chat template refuses this conversation: Conversation roles must alternate" in err, err
+    assert "Traceback" not in err
