@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 from qlora.config import MergeInto, QLoraConfig
 from qlora.validation import refuse, validate_merge
@@ -86,20 +86,68 @@ def checkpoint_names(model) -> Callable[[str], str]:
     return rename
 
 
-def check_all_found(files: List[Path], modules: Dict[str, object], rename: Callable[[str], str]) -> None:
+def check_all_found(files: List[Path], modules: Dict[str, object], rename: Callable[[str], str],
+                    fused: Dict[str, List[str]]) -> None:
     """Refuses a merge in which a LoRA layer's base weight is in none of the files under the layer's name
-    (its LoRA would be left out of the merged model)."""
+    (its LoRA would be left out of the merged model); a fused parameter's (see fused_layout) must be in the
+    files under every name it is saved by."""
     from safetensors import safe_open
 
-    found = set()
+    keys = set()
     for f in files:
         with safe_open(str(f), framework="pt") as shard:
-            found.update(rename(key).rpartition(".")[0] for key in shard.keys() if key.endswith(".weight"))
-    missing = [name for name, m in modules.items() if "default" in getattr(m, "lora_A", {}) and name not in found]
+            keys.update(shard.keys())
+    found = {rename(key).rpartition(".")[0] for key in keys if key.endswith(".weight")}
+    found.update(unwrapped(name) for name, saved in fused.items() if set(saved) <= keys)
+    missing = [name for name, m in modules.items() if "default" in getattr(m, "lora_A", {})
+               and unwrapped(name) not in found and parameter_of(name, m) not in fused]
+    missing += [name for name, saved in fused.items() if not set(saved) <= keys]
     if missing:
         raise WorkError(f"the base's safetensors files hold no weight named for {len(missing)} LoRA layer(s), e.g. "
                         f"{missing[0]} (transformers converts this model's weights as it loads them, or the weight "
                         "is tied to another); merge cannot fold their LoRA in: serve the run with adapter=RUN")
+
+
+def unwrapped(name: str) -> str:
+    """A module's name in the model without PEFT's wrappers (experts.base_layer -> experts)."""
+    return name.replace(".base_layer", "")
+
+
+def parameter_of(name: str, module) -> Optional[str]:
+    """The parameter a PEFT ParamWrapper puts LoRA on (a mixture's 3-D experts tensor), by the model's name
+    for it; None for a LoRA layer on a whole Linear."""
+    parameter = getattr(module, "parameter_name", None)
+    return f"{unwrapped(name)}.{parameter}" if parameter else None
+
+
+def fused_layout(model, modules: Dict[str, object]) -> Dict[str, List[str]]:
+    """{parameter: the file keys it is saved as} for each parameter with LoRA that transformers fused from
+    several of the files' tensors as it loaded them: a mixture's experts, one 3-D tensor a layer that the
+    files hold one expert (and gate and up) apart. Found by reverting transformers' own conversion on
+    empty (meta) tensors."""
+    import torch
+    from transformers.core_model_loading import revert_weight_conversion
+
+    layout = {}
+    for name, module in modules.items():
+        parameter = parameter_of(name, module)
+        if parameter is None or "default" not in getattr(module, "lora_A", {}):
+            continue
+        shape = module.get_param().shape
+        saved = revert_weight_conversion(model, {parameter: torch.empty(shape, device="meta")})
+        if len(saved) > 1:
+            layout[parameter] = sorted(saved)
+    return layout
+
+
+def fused_merged(model, modules: Dict[str, object], parameter: str) -> Dict[str, object]:
+    """A fused parameter with its LoRA folded in (PEFT's own delta, in fp32), split back into the tensors the
+    files hold. The experts were never quantized: the base is the model's own tensor, what training saw."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    module = next(m for n, m in modules.items() if parameter_of(n, m) == parameter)
+    weight = module.get_param().detach().float().cpu() + module.get_delta_weight("default").detach().float().cpu()
+    return revert_weight_conversion(model, {parameter: weight})
 
 
 def merge_run(cfg: QLoraConfig, out: Path) -> Path:
@@ -123,14 +171,27 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     tmp.mkdir(parents=True)
     files = base_weight_files(base_path)
     rename = checkpoint_names(peft_model.get_base_model())
-    check_all_found(files, modules, rename)
+    fused = fused_layout(peft_model.get_base_model(), modules)
+    check_all_found(files, modules, rename, fused)
     say(f"merging {cfg.adapter} into the {cfg.merge.into.value} base, {len(files)} shard(s) -> "
         f"{cfg.merge.dtype.value}")
+    owner = {key: parameter for parameter, saved in fused.items() for key in saved}
+    split: Dict[str, Dict[str, object]] = {}  # a fused parameter's merged tensors not yet written
     writer = ShardWriter(tmp, parse_size(cfg.merge.max_shard_size))
     for f in files:
         with safe_open(str(f), framework="pt") as shard:
             for key in shard.keys():
-                tensor = merged_tensor(rename(key), shard.get_tensor(key), modules, cfg.merge.into)
+                if key in owner:
+                    parts = split.pop(owner[key], None) or fused_merged(peft_model.get_base_model(), modules,
+                                                                        owner[key])
+                    tensor = parts.pop(key)
+                    if tuple(tensor.shape) != tuple(shard.get_slice(key).get_shape()):
+                        raise UserError(f"adapter does not fit the base at {owner[key]}: merged {key} has shape "
+                                        f"{tuple(tensor.shape)}, the file's {tuple(shard.get_slice(key).get_shape())}")
+                    if parts:
+                        split[owner[key]] = parts
+                else:
+                    tensor = merged_tensor(rename(key), shard.get_tensor(key), modules, cfg.merge.into)
                 writer.add(key, tensor.to(dtype).contiguous())
     index = writer.close()
     write_model_files(peft_model, tokenizer, tmp, dtype, index)
