@@ -29,6 +29,8 @@ FAMILIES = {
     "mistral": Family("llama", permute_qk=True),
     "qwen2": Family("qwen2"),
     "qwen3": Family("qwen3"),
+    "qwen3_moe": Family("qwen3moe"),
+    "mixtral": Family("llama", permute_qk=True),  # llama.cpp's llama with experts
     "phi3": Family("phi3"),
     "gemma2": Family("gemma2", norm_shift=1.0, swa_every=2),
     "gemma3_text": Family("gemma3", norm_shift=1.0, swa_every=6),
@@ -72,6 +74,11 @@ def check_gguf_arch(folder):
                         "use export.format=safetensors")
     if family.swa_every:
         check_gemma(text, family, local)
+    if config.model_type == "qwen3_moe" and (not config.norm_topk_prob or config.mlp_only_layers
+                                             or config.decoder_sparse_step != 1):
+        raise UserError("GGUF export: llama.cpp assumes every layer of qwen3moe a mixture (mlp_only_layers=[], "
+                        "decoder_sparse_step=1) with its top-k router weights normalized (norm_topk_prob=true); "
+                        "this model differs: use export.format=safetensors")
     return config
 
 
@@ -170,6 +177,12 @@ def add_settings(writer, config, family: Family) -> int:
         writer.add_sliding_window(config.sliding_window or 0)  # 0: none (Phi-4)
         if kind == "longrope":
             writer.add_rope_scaling_attn_factors(longrope_attention_factor(config))
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    if experts:
+        writer.add_expert_count(experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
+        if getattr(config, "moe_intermediate_size", None):
+            writer.add_expert_feed_forward_length(config.moe_intermediate_size)
     if family.swa_every:
         writer.add_sliding_window(config.sliding_window)
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -179,15 +192,17 @@ def add_settings(writer, config, family: Family) -> int:
 
 
 def gguf_tensors(folder: Path, config, family: Family) -> dict:
-    """The folder's weights as fp32 arrays under llama.cpp's names, in llama.cpp's layout."""
+    """The folder's weights as fp32 arrays under llama.cpp's names, in llama.cpp's layout: a mixture's experts,
+    which the files hold one apart from another, stacked into one 3-D tensor a layer and product."""
     import gguf
     import numpy as np
+    import torch
     from safetensors import safe_open
 
     from qlora.models import say
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch.upper()], config.num_hidden_layers)
-    out, left_out = {}, 0
+    out, experts, left_out = {}, {}, 0
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as shard:
             for key in shard.keys():
@@ -197,9 +212,11 @@ def gguf_tensors(folder: Path, config, family: Family) -> dict:
                     continue
                 if hf_key == "lm_head.weight" and config.tie_word_embeddings:
                     continue  # llama.cpp reuses token_embd
-                name = names.get_name(hf_key, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise WorkError(f"GGUF export: no GGUF name for tensor {key}")
+                expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", hf_key)
+                if expert:  # model.layers.0.mlp.experts.3.gate_proj.weight -> ...experts.gate_proj.weight, [3]
+                    stacked = f"{expert[1]}.{expert[3]}.weight"
+                    experts.setdefault(stacked, {})[int(expert[2])] = shard.get_tensor(key).float()
+                    continue
                 t = shard.get_tensor(key).float()
                 if family.permute_qk and hf_key.endswith("self_attn.q_proj.weight"):
                     t = rope_permute(t, config.num_attention_heads)
@@ -207,11 +224,22 @@ def gguf_tensors(folder: Path, config, family: Family) -> dict:
                     t = rope_permute(t, config.num_key_value_heads)
                 if family.norm_shift and hf_key.endswith("norm.weight"):
                     t = t + family.norm_shift
-                out[name] = t.numpy().astype(np.float32)
+                out[gguf_name(names, hf_key)] = t.numpy().astype(np.float32)
+    for stacked, by_index in experts.items():
+        t = torch.stack([by_index[i] for i in sorted(by_index)])
+        out[gguf_name(names, stacked)] = t.numpy().astype(np.float32)
     if left_out:
         say(f"export: the GGUF holds the language model; {left_out} tensor(s) of the vision tower and its "
             "projector are left out (llama.cpp reads those from a separate mmproj file, which qlora does not write)")
     return out
+
+
+def gguf_name(names, key: str) -> str:
+    """llama.cpp's name for an HF tensor name."""
+    name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise WorkError(f"GGUF export: no GGUF name for tensor {key}")
+    return name
 
 
 def language_model_key(key: str) -> Optional[str]:
@@ -228,13 +256,14 @@ def language_model_key(key: str) -> Optional[str]:
 
 
 def tensor_type(name: str, data, kind: GgufType):
-    """The GGML type a tensor is written in: f32 for vectors (norms, biases); for the 4- and 5-bit kinds, q8_0
-    for the token embeddings and the LM head (llama.cpp's own quantizer keeps the output layer at more bits
-    too, and a tied head is the embeddings); f16 where a row is not a whole number of the type's blocks."""
+    """The GGML type a tensor is written in: f32 for vectors (norms, biases) and a mixture's routers; for the
+    4- and 5-bit kinds, q8_0 for the token embeddings and the LM head (llama.cpp's own quantizer keeps the
+    output layer at more bits too, and a tied head is the embeddings); f16 where a row is not a whole number
+    of the type's blocks."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    if data.ndim == 1 or kind is GgufType.f32:
+    if data.ndim == 1 or kind is GgufType.f32 or ".ffn_gate_inp." in name:
         return Q.F32
     qtype = Q[kind.value.upper()]
     if kind.value.startswith(("q4", "q5")) and name.split(".")[0] in ("token_embd", "output"):

@@ -339,14 +339,19 @@ FAMILY_EXPORTS = {
     "phi3": ("Phi3Config", dict(pad_token_id=0, sliding_window=100),
              {"phi3.attention.sliding_window": 100, "phi3.rope.scaling.original_context_length": 4096,
               "phi3.rope.dimension_count": 16}),
+    # experts of 768 (transformers' reader takes its default size), each layer's stacked into one tensor
+    "qwen3moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True),
+                 {"qwen3moe.expert_count": 4, "qwen3moe.expert_used_count": 2,
+                  "qwen3moe.expert_feed_forward_length": 768}),
 }
 
 
 @pytest.mark.parametrize("family", FAMILY_EXPORTS)
-def test_gemma_and_phi3_export_to_gguf_and_load_back_with_the_same_logits(family, tmp_path):
+def test_gemma_phi3_and_qwen3_moe_export_to_gguf_and_load_back_with_the_same_logits(family, tmp_path):
     """Gemma 2 and 3: norms written as 1 + weight (llama.cpp's norms scale by the weight), softcapping and
     the sliding window in the metadata, q/k norms for Gemma 3; Phi-3: its fused qkv and gate_up products
-    as llama.cpp's attn_qkv and ffn_up, its original context length. transformers' reader reads them back."""
+    as llama.cpp's attn_qkv and ffn_up, its original context length; Qwen3-MoE: the experts, one tensor each
+    in the files, stacked a layer (ffn_gate_exps...). transformers' reader reads them back."""
     import gguf
     from transformers import AutoModelForCausalLM
 
@@ -441,6 +446,9 @@ REFUSED = {
     "gemma2 attention scale": ("Gemma2Config", dict(head_dim=16),
                                "llama.cpp assumes attention scaled by 1/sqrt(16) of gemma2, where this model has "
                                "query_pre_attn_scalar=256"),
+    "qwen3moe unnormalized routing": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
+                                                              norm_topk_prob=False),
+                                      "llama.cpp assumes every layer of qwen3moe a mixture"),
     "dynamic rotary scaling": ("LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                     "rope_theta": 10000.0}),
                                "llama.cpp does not read 'dynamic' rotary scaling for llama"),
@@ -486,3 +494,29 @@ def test_ollama_modelfile_for_gemma_and_phi3_templates(jinja, marks, stop, tmp_p
     text = (tmp_path / "Modelfile").read_text()
     assert all(m.replace("\\n", "\n") in text for m in marks), text
     assert f'PARAMETER stop "{stop}"' in text and "</s>" not in text and "SYSTEM" not in text, text
+
+
+def test_mixtral_experts_are_stacked_as_llama_cpp_holds_them(tmp_path):
+    """Mixtral is llama.cpp's llama with experts: w1, w3 and w2 of every expert (block_sparse_moe.experts.N in
+    the files) stacked a layer as ffn_gate_exps, ffn_up_exps and ffn_down_exps, expert e at index e; the
+    router f32 under every type. (transformers' GGUF reader has no Mixtral to read it back with.)"""
+    import gguf
+    from safetensors.torch import load_file
+
+    base = tiny_family(tmp_path / "mixtral", "MixtralConfig", num_local_experts=4, num_experts_per_tok=2)
+    out = tmp_path / "gguf"
+    assert main(["export", f"model.name_or_path={base}", "export.format=gguf", "export.gguf_type=q8_0",
+                 f"output_dir={out}"]) == 0
+    reader = gguf.GGUFReader(str(out / "model-q8_0.gguf"))
+    fields = {k: f.contents() for k, f in reader.fields.items()}
+    assert (fields["general.architecture"], fields["llama.expert_count"], fields["llama.expert_used_count"]) == \
+           ("llama", 4, 2)
+    tensors = {t.name: t for t in reader.tensors}
+    files = load_file(str(base / "model.safetensors"))
+    for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
+        t = tensors[f"blk.1.ffn_{ours}_exps.weight"]
+        stacked = gguf.quants.dequantize(t.data, t.tensor_type)
+        for e in range(4):
+            expected = files[f"model.layers.1.block_sparse_moe.experts.{e}.{theirs}.weight"].numpy()
+            assert abs(stacked[e] - expected).max() < 0.01 * abs(expected).max()
+    assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
