@@ -1,7 +1,7 @@
 """Each decoder family users bring, as a tiny random model: it trains through the real 4-bit path, its
 run merges (a mixture's LoRA on the experts that transformers fuses as it loads them, split back into the
-experts the files hold apart), and it generates. Gemma 2 and gpt-oss have no SDPA path in transformers
-(auto picks eager there)."""
+experts the files hold apart), it generates, and it exports to GGUF or is refused by name. Gemma 2 and
+gpt-oss have no SDPA path in transformers (auto picks eager there)."""
 import json
 
 import pytest
@@ -20,16 +20,19 @@ FAMILIES = {
     "mistral": ("MistralConfig", {}, False),
     "phi3": ("Phi3Config", dict(pad_token_id=0), False),
     "phi": ("PhiConfig", {}, False),
-    "gemma2": ("Gemma2Config", dict(head_dim=16), False),
-    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=64), False),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16), False),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=64), False),
     "olmo2": ("Olmo2Config", {}, False),
     "granite": ("GraniteConfig", {}, False),
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
-                                         moe_intermediate_size=32), True),
+                                         moe_intermediate_size=32, norm_topk_prob=True), True),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), True),
     "gpt_oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=64),
                 False),  # PEFT's all-linear leaves gpt-oss's experts alone
 }
+
+
+NO_GGUF = {"phi", "olmo2", "granite", "gpt_oss"}
 
 
 @pytest.mark.slow
@@ -60,3 +63,10 @@ def test_a_family_trains_merges_and_generates(family, tiny_data, tmp_path, capsy
     capsys.readouterr()  # (transformers' log handler, made in an earlier test, writes to that test's closed stream)
     assert main(["generate", f"adapter={run}", "prompt=Hello", "gen.max_new_tokens=3"]) == 0
     assert "Traceback" not in capsys.readouterr().err
+    # GGUF: written for the families llama.cpp and gguf_writer share, refused before the merge for the others
+    code = main(["export", f"adapter={run}", "export.format=gguf", f"output_dir={tmp_path / 'gguf'}"])
+    err = capsys.readouterr().err
+    if family in NO_GGUF:
+        assert code == 2 and f"not {family!r}; use export.format=safetensors" in err and "merging" not in err, err
+    else:
+        assert code == 0 and (tmp_path / "gguf" / "model-f16.gguf").stat().st_size > 0, err
