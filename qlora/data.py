@@ -33,7 +33,7 @@ class DataStats:
     rows: int = 0
     dropped: Counter = field(default_factory=Counter)
     truncated: int = 0
-    system_folded: int = 0  # system messages put in the first user turn: the template has no system role
+    system_folded: int = 0  # system messages put in the first user turn, where the template has no place
     tokens: int = 0
     trained_tokens: int = 0
 
@@ -203,6 +203,21 @@ def takes_system(tokenizer) -> bool:
         return False
 
 
+def system_fits(tokenizer, messages: List[Dict[str, str]]) -> bool:
+    """Whether the chat template writes a conversation's system message both in its first answer's prompt and
+    in the whole conversation: Gemma 2's raises on a system message; Mistral's (v0.3) writes it with the last
+    user turn only, so that it is in that prompt and not in the conversation that goes on past it."""
+    from jinja2.exceptions import TemplateError
+
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    try:
+        prompt = tokenizer.apply_chat_template(messages[:first], tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    except TemplateError:
+        return False
+    return whole.startswith(prompt)
+
+
 def fold_system(messages: List[Dict[str, str]]) -> List[Dict[str, str]]:
     """The leading system message moved to the head of the first user turn (system, blank line, user)."""
     rest = list(messages[1:])
@@ -264,14 +279,15 @@ def tokenize_plain(tokenizer, prompt: str, completion: str, loss_on: LossOn, max
 def tokenize_examples(tokenizer, examples: List[Example], cfg: DataConfig, max_length: int,
                       stats: DataStats, kept: Optional[List[Example]] = None) -> List[Dict[str, list]]:
     """Tokenized rows; `kept`, when given, receives the examples that made it (in row order)."""
-    rows, system_role = [], None  # whether the template writes a system message: asked once, if at all
+    rows = []
     for ex in examples:
         try:
             if ex.messages:
-                if ex.messages[0]["role"] == "system":
-                    system_role = takes_system(tokenizer) if system_role is None else system_role
-                    stats.system_folded += not system_role
-                row = tokenize_example(tokenizer, ex.messages, cfg.loss_on, max_length)
+                messages = ex.messages
+                if messages[0]["role"] == "system" and not system_fits(tokenizer, messages):
+                    messages = fold_system(messages)
+                    stats.system_folded += 1
+                row = tokenize_example(tokenizer, messages, cfg.loss_on, max_length)
             else:
                 row = tokenize_plain(tokenizer, ex.prompt, ex.completion, cfg.loss_on, max_length)
         except BadRow as e:

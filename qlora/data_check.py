@@ -27,6 +27,7 @@ class Audit:
     examples: int = 0
     lengths: List[int] = field(default_factory=list)
     truncated: int = 0
+    system_folded: int = 0
     no_trained_token: int = 0
     turns: int = 0
     turns_without_trained_stop: int = 0
@@ -53,7 +54,7 @@ class Audit:
     def summary(self) -> Dict[str, object]:
         lengths = sorted(self.lengths) or [0]
         return dict(
-            examples=self.examples, dropped=self.dropped, truncated=self.truncated,
+            examples=self.examples, dropped=self.dropped, truncated=self.truncated, system_folded=self.system_folded,
             truncation_rate=round(self.truncated / max(self.examples, 1), 4),
             no_trained_token=self.no_trained_token,
             length_min=lengths[0], length_median=statistics.median(lengths),
@@ -66,7 +67,8 @@ def audit(tokenizer, examples: List[Example], rows: List[Dict[str, list]], stats
           max_length: int) -> Audit:
     """Check tokenized rows (as tokenize_examples made them) against their examples."""
     a = Audit(examples=stats.rows - sum(stats.dropped.values()), truncated=stats.truncated,
-              dropped=dict(stats.dropped), pad_is_eos=tokenizer.pad_token_id == tokenizer.eos_token_id)
+              system_folded=stats.system_folded, dropped=dict(stats.dropped),
+              pad_is_eos=tokenizer.pad_token_id == tokenizer.eos_token_id)
     a.no_trained_token = stats.dropped.get("no trained token within max_length", 0)
     stops = set(stop_token_ids(tokenizer))
     for ex, row in zip(examples, rows):

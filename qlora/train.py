@@ -188,8 +188,9 @@ def read_data(cfg: QLoraConfig, path: str) -> Data:
         f"{stats.trained_tokens} of {stats.tokens} tokens trained; {stats.truncated} truncated at "
         f"train.max_length={t.max_length}; dropped: {dict(stats.dropped) or 'none'}")
     if stats.system_folded:
-        say(f"data: the chat template has no system role, so the system message of {stats.system_folded} "
-            "example(s) opens the first user turn (as Gemma 3's template writes it)")
+        say(f"data: the chat template has no place for a system message before an answer (it raises on one, or "
+            f"writes it with the last user turn only), so the system message of {stats.system_folded} example(s) "
+            "opens the first user turn, as Gemma 3's template writes it")
     if cfg.data.packing:
         n = len(train_rows)
         train_rows = pack_rows(train_rows, t.max_length)

@@ -78,8 +78,7 @@ def test_a_template_without_a_system_role_gets_the_system_message_in_the_first_u
     run = tmp_path / "run"
     assert main(["train", *tiny_overrides(base, data, run, **{"train.max_steps": 1})]) == 0
     err = capsys.readouterr().err
-    assert "the chat template has no system role, so the system message of 3 example(s) opens the first user " \
-           "turn" in err, err
+    assert "so the system message of 3 example(s) opens the first user turn" in err, err
     assert main(["generate", f"adapter={run}", "prompt=Hello", "system=Be brief.", "gen.max_new_tokens=2"]) == 0
     assert "Traceback" not in capsys.readouterr().err
 
@@ -101,3 +100,36 @@ def test_a_conversation_the_template_refuses_names_its_row_and_the_reason(tmp_pa
     err = capsys.readouterr().err
     assert "t.jsonl:6: the chat template refuses this conversation: Conversation roles must alternate" in err, err
     assert "Traceback" not in err
+
+
+# Mistral-7B-Instruct v0.3's way with a system message: written with the last user turn only
+SYSTEM_WITH_LAST_USER = ("{% if messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
+                         "{% set messages = messages[1:] %}{% endif %}{% for m in messages %}"
+                         "{% if m['role'] == 'user' %}<|im_start|>user\n"
+                         "{% if loop.last and system is defined %}{{ system }}\n\n{% endif %}"
+                         "{{ m['content'] }}<|im_end|>\n{% else %}<|im_start|>assistant\n{{ m['content'] }}<|im_end|>\n"
+                         "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_template_that_writes_the_system_message_with_the_last_user_turn_trains_with_it(tmp_path, capsys):
+    """Mistral v0.3's template puts the system message in the prompt of an answer but leaves it out of the
+    conversation that goes on past it, so the answer's tokens could not be located and such rows were
+    refused. The system message now opens the first user turn: in the prompt and in the trained text alike."""
+    from qlora.data import DataStats, read_examples, tokenize_examples
+    from qlora.config import DataConfig
+    from tests.conftest import make_tokenizer, make_tiny_llama
+
+    tok = make_tokenizer(SYSTEM_WITH_LAST_USER)
+    rows = people_rows(4)
+    rows[0]["messages"].insert(0, {"role": "system", "content": "Answer in JSON."})
+    path = write_jsonl(tmp_path / "t.jsonl", rows)
+    stats = DataStats()
+    out = tokenize_examples(tok, read_examples(str(path), DataConfig(path=str(path))), DataConfig(path=str(path)),
+                            512, stats)
+    assert stats.system_folded == 1
+    assert tok.decode(out[0]["input_ids"]).startswith("<|im_start|>user\nAnswer in JSON.\n\nExtract")
+    base = make_tiny_llama(tmp_path / "base")
+    tok.save_pretrained(base)
+    data = (path, write_jsonl(tmp_path / "e.jsonl", people_rows(2)))
+    assert main(["train", *tiny_overrides(base, data, tmp_path / "run", **{"train.max_steps": 1})]) == 0
+    assert "so the system message of 1 example(s) opens the first user turn" in capsys.readouterr().err
