@@ -98,6 +98,15 @@ OLLAMA_TEMPLATES = {
                         "<start_of_turn>user\n{{ if $system }}{{ $system }}\n\n{{ $system = \"\" }}{{ end }}"
                         "{{ .Content }}<end_of_turn>\n{{ else if eq .Role \"assistant\" }}<start_of_turn>model\n"
                         "{{ .Content }}<end_of_turn>\n{{ end }}{{ end }}<start_of_turn>model\n", ["<end_of_turn>"]),
+    # Llama 2: the system message inside the first user turn; before Mistral, whose markers it shares
+    "<<SYS>>": ("{{- $system := .System }}{{- range .Messages }}{{ if eq .Role \"user\" }}<s>[INST] "
+                "{{ if $system }}<<SYS>>\n{{ $system }}\n<</SYS>>\n\n{{ $system = \"\" }}{{ end }}"
+                "{{ .Content }} [/INST]{{ else if eq .Role \"assistant\" }} {{ .Content }} </s>{{ end }}{{ end }}",
+                ["</s>", "[INST]"]),
+    # Mistral (v0.3): the system message with the last user turn, as its Jinja template writes it
+    "[INST]": ("<s>{{- range $i, $_ := .Messages }}{{ if eq .Role \"user\" }}[INST] "
+               "{{ if and $.System (eq (len (slice $.Messages $i)) 1) }}{{ $.System }}\n\n{{ end }}{{ .Content }}"
+               "[/INST]{{ else if eq .Role \"assistant\" }} {{ .Content }}</s>{{ end }}{{ end }}", ["</s>", "[INST]"]),
     # Phi-3 before Zephyr: the same role markers, turns ended by <|end|>
     "<|end|>": ("{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}{{- range .Messages }}"
                 "{{ if ne .Role \"system\" }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}{{ end }}"
@@ -135,9 +144,9 @@ def write_modelfile(folder: Path, gguf_name: str, path: Path) -> None:
     template = tokenizer.chat_template or ""
     match = next((m for m in OLLAMA_TEMPLATES if m in template), None)
     if match is None:
-        raise UserError("export.format=ollama knows ChatML, Llama-3, Gemma, Phi-3 and Zephyr chat templates; this "
-                        "model's template is none of them: use export.format=gguf and write the Modelfile TEMPLATE "
-                        "by hand")
+        raise UserError("export.format=ollama knows ChatML, Llama-3, Llama-2, Mistral, Gemma, Phi-3 and Zephyr chat "
+                        "templates; this model's template is none of them: use export.format=gguf and write the "
+                        "Modelfile TEMPLATE by hand")
     go_template, stops = OLLAMA_TEMPLATES[match]
     stops = sorted(set(stops) | {tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)})
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template}"""']

@@ -480,12 +480,23 @@ PHI3_JINJA = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|e
               "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
-@pytest.mark.parametrize("jinja,marks,stop", [(GEMMA_JINJA, ["<bos>", "<start_of_turn>model\\n"], "<end_of_turn>"),
-                                              (PHI3_JINJA, ["<|{{ .Role }}|>\\n{{ .Content }}<|end|>"], "<|end|>")],
-                         ids=["gemma", "phi3"])
-def test_ollama_modelfile_for_gemma_and_phi3_templates(jinja, marks, stop, tmp_path):
+MISTRAL_JINJA = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}[/INST]"
+                 "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+LLAMA2_JINJA = ("{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>>\n{{ m['content'] }}\n<</SYS>>\n\n"
+                "{% elif m['role'] == 'user' %}{{ bos_token }}[INST] {{ m['content'] }} [/INST]{% else %} "
+                "{{ m['content'] }} {{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.mark.parametrize("jinja,marks,stop", [
+    (GEMMA_JINJA, ["<bos>", "<start_of_turn>model\\n"], "<end_of_turn>"),
+    (PHI3_JINJA, ["<|{{ .Role }}|>\\n{{ .Content }}<|end|>"], "<|end|>"),
+    (MISTRAL_JINJA, ["[INST] ", "(len (slice $.Messages $i)) 1", "{{ .Content }}[/INST]"], "[INST]"),
+    (LLAMA2_JINJA, ["<<SYS>>\\n{{ $system }}\\n<</SYS>>", "{{ .Content }} [/INST]"], "[INST]")],
+    ids=["gemma", "phi3", "mistral", "llama2"])
+def test_ollama_modelfile_for_gemma_phi3_mistral_and_llama2_templates(jinja, marks, stop, tmp_path):
     """Gemma's turns (BOS written by the template, `model` for the assistant, no system turn: Gemma 2's
-    template raises on one) and Phi-3's (Zephyr's markers, each turn ended by <|end|> rather than </s>)."""
+    template raises on one), Phi-3's (Zephyr's markers, each turn ended by <|end|> rather than </s>),
+    Mistral's (the system message with the last user turn) and Llama 2's (in the first, in <<SYS>>)."""
     from qlora.export import write_modelfile
     from tests.conftest import make_tokenizer
 
@@ -493,7 +504,7 @@ def test_ollama_modelfile_for_gemma_and_phi3_templates(jinja, marks, stop, tmp_p
     write_modelfile(tmp_path, "model-f16.gguf", tmp_path / "Modelfile")
     text = (tmp_path / "Modelfile").read_text()
     assert all(m.replace("\\n", "\n") in text for m in marks), text
-    assert f'PARAMETER stop "{stop}"' in text and "</s>" not in text and "SYSTEM" not in text, text
+    assert f'PARAMETER stop "{stop}"' in text and "SYSTEM" not in text, text
 
 
 def test_mixtral_experts_are_stacked_as_llama_cpp_holds_them(tmp_path):
