@@ -107,22 +107,23 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
     """Write an HF folder (see FAMILIES; a byte-level or SentencePiece BPE tokenizer) as one GGUF file."""
     import gguf
     import numpy as np
+    from transformers import AutoTokenizer
 
     from qlora.models import say
 
     full = check_gguf_arch(folder)
     family, config = FAMILIES[full.model_type], text_config(full)
-    writer = gguf.GGUFWriter(str(path), family.arch)
+    # each tensor goes to a temporary file as it is added (on disk past 256 MB), so that memory holds one
+    # tensor at a time, not the whole model in fp32
+    writer = gguf.GGUFWriter(str(path), family.arch, use_temp_file=True)
     writer.add_name(folder.name)
     head_dim = add_settings(writer, config, family)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind is GgufType.f32
                          else gguf.LlamaFileType[f"MOSTLY_{kind.value.upper()}"])
-    from transformers import AutoTokenizer
-
     add_tokenizer(writer, AutoTokenizer.from_pretrained(folder), config)
 
     in_f16 = []  # tensors whose rows are no whole number of the type's blocks
-    for name, data in gguf_tensors(folder, config, family).items():
+    for name, data in gguf_tensors(folder, config, family):
         qtype = tensor_type(name, data, kind)
         if qtype is gguf.GGMLQuantizationType.F16 and kind is not GgufType.f16:
             in_f16.append(name)
@@ -191,9 +192,9 @@ def add_settings(writer, config, family: Family) -> int:
     return head_dim
 
 
-def gguf_tensors(folder: Path, config, family: Family) -> dict:
-    """The folder's weights as fp32 arrays under llama.cpp's names, in llama.cpp's layout: a mixture's experts,
-    which the files hold one apart from another, stacked into one 3-D tensor a layer and product."""
+def gguf_tensors(folder: Path, config, family: Family):
+    """The folder's weights, one (llama.cpp's name, fp32 array) at a time, in llama.cpp's layout: a mixture's
+    experts, which the files hold one apart from another, stacked into one 3-D tensor a layer and product."""
     import gguf
     import numpy as np
     import torch
@@ -202,7 +203,8 @@ def gguf_tensors(folder: Path, config, family: Family) -> dict:
     from qlora.models import say
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch.upper()], config.num_hidden_layers)
-    out, experts, left_out = {}, {}, 0
+    n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
+    experts, left_out = {}, 0  # a stacked tensor's experts read so far, by index
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as shard:
             for key in shard.keys():
@@ -216,6 +218,10 @@ def gguf_tensors(folder: Path, config, family: Family) -> dict:
                 if expert:  # model.layers.0.mlp.experts.3.gate_proj.weight -> ...experts.gate_proj.weight, [3]
                     stacked = f"{expert[1]}.{expert[3]}.weight"
                     experts.setdefault(stacked, {})[int(expert[2])] = shard.get_tensor(key).float()
+                    if len(experts[stacked]) == n_experts:
+                        by_index = experts.pop(stacked)
+                        t = torch.stack([by_index[i] for i in range(n_experts)])
+                        yield gguf_name(names, stacked), t.numpy().astype(np.float32)
                     continue
                 t = shard.get_tensor(key).float()
                 if family.permute_qk and hf_key.endswith("self_attn.q_proj.weight"):
@@ -224,14 +230,13 @@ def gguf_tensors(folder: Path, config, family: Family) -> dict:
                     t = rope_permute(t, config.num_key_value_heads)
                 if family.norm_shift and hf_key.endswith("norm.weight"):
                     t = t + family.norm_shift
-                out[gguf_name(names, hf_key)] = t.numpy().astype(np.float32)
-    for stacked, by_index in experts.items():
-        t = torch.stack([by_index[i] for i in sorted(by_index)])
-        out[gguf_name(names, stacked)] = t.numpy().astype(np.float32)
+                yield gguf_name(names, hf_key), t.numpy().astype(np.float32)
+    if experts:
+        raise WorkError(f"GGUF export: {next(iter(experts))} has {len(next(iter(experts.values())))} of the "
+                        f"model's {n_experts} experts in the files")
     if left_out:
         say(f"export: the GGUF holds the language model; {left_out} tensor(s) of the vision tower and its "
             "projector are left out (llama.cpp reads those from a separate mmproj file, which qlora does not write)")
-    return out
 
 
 def gguf_name(names, key: str) -> str:
