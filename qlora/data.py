@@ -178,8 +178,8 @@ def checked_messages(messages: list) -> List[Dict[str, str]]:
 
 
 def render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str:
-    """A conversation as the chat template writes it. A template without a system role (Gemma 2's raises on
-    one, Mistral's first) gets the system message at the head of the first user turn, as Gemma 3's own template
+    """A conversation as the chat template writes it. A template without a system role (Gemma 2's and Mistral
+    v0.1's raise on one) gets the system message at the head of the first user turn, as Gemma 3's own template
     puts it; a conversation the template refuses otherwise is a BadRow, with the template's reason."""
     from jinja2.exceptions import TemplateError
 

@@ -98,10 +98,9 @@ def check_all_found(files: List[Path], modules: Dict[str, object], rename: Calla
         with safe_open(str(f), framework="pt") as shard:
             keys.update(shard.keys())
     found = {rename(key).rpartition(".")[0] for key in keys if key.endswith(".weight")}
-    found.update(unwrapped(name) for name, saved in fused.items() if set(saved) <= keys)
     missing = [name for name, m in modules.items() if "default" in getattr(m, "lora_A", {})
                and unwrapped(name) not in found and parameter_of(name, m) not in fused]
-    missing += [name for name, saved in fused.items() if not set(saved) <= keys]
+    missing += [parameter for parameter, saved in fused.items() if not set(saved) <= keys]
     if missing:
         raise WorkError(f"the base's safetensors files hold no weight named for {len(missing)} LoRA layer(s), e.g. "
                         f"{missing[0]} (transformers converts this model's weights as it loads them, or the weight "
