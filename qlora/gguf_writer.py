@@ -199,15 +199,23 @@ def gguf_tensors(folder: Path, config, family: Family):
     import numpy as np
     import torch
     from safetensors import safe_open
+    from tqdm.auto import tqdm
 
     from qlora.models import say
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch.upper()], config.num_hidden_layers)
     n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     experts, left_out = {}, 0  # a stacked tensor's experts read so far, by index
-    for f in sorted(folder.glob("*.safetensors")):
+    files = sorted(folder.glob("*.safetensors"))
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as shard:
+            total += len(shard.keys())
+    bar = tqdm(total=total, desc="writing GGUF", unit="tensor")  # quantizing a 7B model takes minutes
+    for f in files:
         with safe_open(str(f), framework="pt") as shard:
             for key in shard.keys():
+                bar.update()
                 hf_key = language_model_key(key)
                 if hf_key is None:
                     left_out += 1
@@ -231,6 +239,7 @@ def gguf_tensors(folder: Path, config, family: Family):
                 if family.norm_shift and hf_key.endswith("norm.weight"):
                     t = t + family.norm_shift
                 yield gguf_name(names, hf_key), t.numpy().astype(np.float32)
+    bar.close()
     if experts:
         raise WorkError(f"GGUF export: {next(iter(experts))} has {len(next(iter(experts.values())))} of the "
                         f"model's {n_experts} experts in the files")

@@ -153,6 +153,7 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     """Write the merged model to `out` (aside, then renamed) and its merge_report.json."""
     import torch
     from safetensors import safe_open
+    from tqdm.auto import tqdm
 
     from qlora.inference import load_for_inference
     from qlora.models import say
@@ -177,9 +178,15 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     owner = {key: parameter for parameter, saved in fused.items() for key in saved}
     split: Dict[str, Dict[str, object]] = {}  # a fused parameter's merged tensors not yet written
     writer = ShardWriter(tmp, parse_size(cfg.merge.max_shard_size))
+    total = 0
+    for f in files:
+        with safe_open(str(f), framework="pt") as shard:
+            total += len(shard.keys())
+    bar = tqdm(total=total, desc="merging", unit="tensor")
     for f in files:
         with safe_open(str(f), framework="pt") as shard:
             for key in shard.keys():
+                bar.update()
                 if key in owner:
                     parts = split.pop(owner[key], None) or fused_merged(peft_model.get_base_model(), modules,
                                                                         owner[key])
@@ -192,6 +199,7 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
                 else:
                     tensor = merged_tensor(rename(key), shard.get_tensor(key), modules, cfg.merge.into)
                 writer.add(key, tensor.to(dtype).contiguous())
+    bar.close()
     index = writer.close()
     write_model_files(peft_model, tokenizer, tmp, dtype, index)
     del modules, peft_model
