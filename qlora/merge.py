@@ -16,11 +16,12 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 from qlora.config import MergeInto, QLoraConfig
 from qlora.validation import refuse, validate_merge
 from qlora.errors import UserError, WorkError
+from qlora.merge_experts import fused_layout, fused_merged, parameter_of, unwrapped
 from qlora.outputs import claim_output_dir
 
 CHECK_PROMPTS = [
@@ -105,48 +106,6 @@ def check_all_found(files: List[Path], modules: Dict[str, object], rename: Calla
         raise WorkError(f"the base's safetensors files hold no weight named for {len(missing)} LoRA layer(s), e.g. "
                         f"{missing[0]} (transformers converts this model's weights as it loads them, or the weight "
                         "is tied to another); merge cannot fold their LoRA in: serve the run with adapter=RUN")
-
-
-def unwrapped(name: str) -> str:
-    """A module's name in the model without PEFT's wrappers (experts.base_layer -> experts)."""
-    return name.replace(".base_layer", "")
-
-
-def parameter_of(name: str, module) -> Optional[str]:
-    """The parameter a PEFT ParamWrapper puts LoRA on (a mixture's 3-D experts tensor), by the model's name
-    for it; None for a LoRA layer on a whole Linear."""
-    parameter = getattr(module, "parameter_name", None)
-    return f"{unwrapped(name)}.{parameter}" if parameter else None
-
-
-def fused_layout(model, modules: Dict[str, object]) -> Dict[str, List[str]]:
-    """{parameter: the file keys it is saved as} for each parameter with LoRA that transformers fused from
-    several of the files' tensors as it loaded them: a mixture's experts, one 3-D tensor a layer that the
-    files hold one expert (and gate and up) apart. Found by reverting transformers' own conversion on
-    empty (meta) tensors."""
-    import torch
-    from transformers.core_model_loading import revert_weight_conversion
-
-    layout = {}
-    for name, module in modules.items():
-        parameter = parameter_of(name, module)
-        if parameter is None or "default" not in getattr(module, "lora_A", {}):
-            continue
-        shape = module.get_param().shape
-        saved = revert_weight_conversion(model, {parameter: torch.empty(shape, device="meta")})
-        if len(saved) > 1:
-            layout[parameter] = sorted(saved)
-    return layout
-
-
-def fused_merged(model, modules: Dict[str, object], parameter: str) -> Dict[str, object]:
-    """A fused parameter with its LoRA folded in (PEFT's own delta, in fp32), split back into the tensors the
-    files hold. The experts were never quantized: the base is the model's own tensor, what training saw."""
-    from transformers.core_model_loading import revert_weight_conversion
-
-    module = next(m for n, m in modules.items() if parameter_of(n, m) == parameter)
-    weight = module.get_param().detach().float().cpu() + module.get_delta_weight("default").detach().float().cpu()
-    return revert_weight_conversion(model, {parameter: weight})
 
 
 def merge_run(cfg: QLoraConfig, out: Path) -> Path:
