@@ -225,13 +225,13 @@ def gguf_tensors(folder: Path, config, family: Family):
                 expert = re.fullmatch(r"(.*\.experts)\.(\d+)\.(\w+)\.weight", hf_key)
                 if expert:  # model.layers.0.mlp.experts.3.gate_proj.weight -> ...experts.gate_proj.weight, [3]
                     stacked = f"{expert[1]}.{expert[3]}.weight"
-                    experts.setdefault(stacked, {})[int(expert[2])] = shard.get_tensor(key).float()
+                    experts.setdefault(stacked, {})[int(expert[2])] = read_tensor(f, key)
                     if len(experts[stacked]) == n_experts:
                         by_index = experts.pop(stacked)
                         t = torch.stack([by_index[i] for i in range(n_experts)])
                         yield gguf_name(names, stacked), t.numpy().astype(np.float32)
                     continue
-                t = shard.get_tensor(key).float()
+                t = read_tensor(f, key)
                 if family.permute_qk and hf_key.endswith("self_attn.q_proj.weight"):
                     t = rope_permute(t, config.num_attention_heads)
                 elif family.permute_qk and hf_key.endswith("self_attn.k_proj.weight"):
@@ -246,6 +246,15 @@ def gguf_tensors(folder: Path, config, family: Family):
     if left_out:
         say(f"export: the GGUF holds the language model; {left_out} tensor(s) of the vision tower and its "
             "projector are left out (llama.cpp reads those from a separate mmproj file, which qlora does not write)")
+
+
+def read_tensor(file: Path, key: str):
+    """One tensor of a safetensors file in fp32, the file mapped for this read only: pages of a mapping kept
+    open stay in the process's resident memory, the whole model by the last tensor."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as shard:
+        return shard.get_tensor(key).float()
 
 
 def gguf_name(names, key: str) -> str:
