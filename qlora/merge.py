@@ -310,9 +310,11 @@ def logits_of(model, tokenizer, texts: List[str]) -> List:
     import torch
 
     out = []
+    # a model whose first layers accelerate offloaded sits on "meta": its hooks move the inputs themselves
+    device = model.device if model.device.type != "meta" else "cpu"
     with torch.no_grad():
         for text in texts:
-            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
             out.append(model(input_ids=ids).logits.float().cpu()[0])
     return out
 
@@ -340,12 +342,20 @@ def compare(ref: List, cand: List) -> Dict[str, float]:
                 kl=kl_sum / total, tokens=total)
 
 
+# The self-check's memory for the merged model in fp32, by device (accelerate's max_memory); None: accelerate's
+# own budget, most of each GPU's free memory, then CPU RAM, then the disk
+CHECK_MAX_MEMORY = None
+
+
 def self_check(cfg: QLoraConfig, loaded, folder: Path, dtype) -> Dict[str, object]:
     """Compare the saved model (its weights computed in fp32) with the adapter on its 4-bit base.
 
     The adapter model's logits are taken first and the model freed, so the two never sit in memory
-    together."""
+    together. An 8B model is 32 GB in fp32, more than a 24 GB GPU or Colab's RAM: what does not fit on
+    the GPU waits in CPU RAM, and what does not fit there is read from the merged files, layer by layer
+    (accelerate's offloading), so the check is slower there but does not run out of memory."""
     import gc
+    import tempfile
 
     import torch
     from transformers import AutoModelForCausalLM
@@ -354,8 +364,12 @@ def self_check(cfg: QLoraConfig, loaded, folder: Path, dtype) -> Dict[str, objec
     reference = logits_of(loaded.model, loaded.tokenizer, texts)
     loaded.model = None
     gc.collect()
-    merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map={"": loaded.device})
-    result = compare(reference, logits_of(merged, loaded.tokenizer, texts))
-    del merged
+    if loaded.device == "cuda":
+        torch.cuda.empty_cache()
+    with tempfile.TemporaryDirectory(prefix=".offload-", dir=folder.parent) as offload:
+        merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="auto",
+                                                      max_memory=CHECK_MAX_MEMORY, offload_folder=offload)
+        result = compare(reference, logits_of(merged, loaded.tokenizer, texts))
+        del merged
     result.update(prompts=len(texts), measured_in="float32", saved_dtype=str(dtype).replace("torch.", ""))
     return result

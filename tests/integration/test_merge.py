@@ -175,3 +175,28 @@ def test_a_model_whose_weights_are_renamed_on_load_merges_and_starts_loftq(tiny_
     err = capsys.readouterr().err
     assert f"the base's safetensors files hold no weight named for {layers} LoRA layer(s), e.g. model." in err, err
     assert not (tmp_path / "unmatched").exists()
+
+
+def test_the_self_check_reads_from_the_disk_what_does_not_fit_in_memory(tiny_run, tmp_path, monkeypatch, capsys):
+    """The self-check holds the merged model in fp32: an 8B model's 32 GB fit neither a 24 GB GPU nor Colab's
+    RAM. Given room for a fraction of the tiny model, the layers that do not fit are read from the merged
+    files as they run (accelerate's offloading): same agreement, the merge kept, no offload folder left."""
+    import transformers
+
+    run, _ = tiny_run
+    placed = {}
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spying(*args, **kwargs):
+        model = original(*args, **kwargs)
+        placed.update(getattr(model, "hf_device_map", {}))
+        return model
+
+    monkeypatch.setattr("qlora.merge.CHECK_MAX_MEMORY", {"cpu": 100_000})  # bytes: a fifth of the tiny model
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spying)
+    out = tmp_path / "merged"
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32"]) == 0, \
+        capsys.readouterr().err
+    assert "disk" in placed.values(), placed
+    assert json.loads((out / "merge_report.json").read_text())["top1_agreement"] == 1.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
