@@ -200,3 +200,19 @@ def test_the_self_check_reads_from_the_disk_what_does_not_fit_in_memory(tiny_run
     assert "disk" in placed.values(), placed
     assert json.loads((out / "merge_report.json").read_text())["top1_agreement"] == 1.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_the_check_texts_go_through_the_model_in_batches_with_the_logits_of_one_at_a_time(tiny_model):
+    """The self-check's texts go through the model 8 at a time, padded on the right: each text's logits are
+    those it has alone (a causal model's positions never look right), and a model read from the disk layer
+    by layer is read once per batch, not once per text."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.merge import CHECK_PROMPTS, logits_of
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    batched, alone = logits_of(model, tok, CHECK_PROMPTS), logits_of(model, tok, CHECK_PROMPTS, batch=1)
+    assert [a.shape for a in batched] == [a.shape for a in alone] and len(set(a.shape for a in alone)) > 1
+    assert max(float((a - b).abs().max()) for a, b in zip(batched, alone)) < 1e-5
+    assert tok.padding_side == AutoTokenizer.from_pretrained(tiny_model).padding_side  # left as it was
