@@ -12,7 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from merge_memory import child
+from merge_memory import measured
 
 MAKE_MODEL = """
 import sys, torch
@@ -28,14 +28,6 @@ make_tokenizer().save_pretrained(sys.argv[1])
 print(sum(p.numel() for p in model.parameters()))
 """
 IMPORTS_ONLY = "import torch, transformers, gguf, qlora.cli, qlora.gguf_writer, qlora.export"
-
-
-def measured(cmd):
-    """(seconds, peak RSS GiB) of one command, in a fresh interpreter of this script (see merge_memory.py)."""
-    done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(cmd)], capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(done.stdout + done.stderr[-2000:])
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -72,7 +64,4 @@ def main():
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--measure":
-        print(json.dumps(child(json.loads(sys.argv[2]))))
-    else:
-        main()
+    main()

@@ -33,6 +33,15 @@ def child(cmd):
     return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
 
 
+def measured(cmd):
+    """(seconds, peak RSS GiB) of one command, run by a fresh interpreter of this script, whose only child it
+    is: RUSAGE_CHILDREN keeps the largest child so far."""
+    done = subprocess.run([sys.executable, __file__, "--measure", json.dumps(cmd)], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(done.stdout + done.stderr[-2000:])
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("run")
@@ -41,8 +50,7 @@ def main():
     a = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        # PEFT first: RUSAGE_CHILDREN keeps the largest child so far, so the smaller one must run first
-        # to be measured; each case runs alone in a fresh interpreter of this script to be fair.
+        # each case runs alone in a fresh interpreter of this script (measured), to be fair
         for case in ("peft", "qlora"):
             out = Path(tmp) / case
             if case == "qlora":
@@ -50,11 +58,7 @@ def main():
                        f"merge.dtype={a.dtype}"]
             else:
                 cmd = [sys.executable, "-c", PEFT_MERGE, str(Path(a.run) / "adapter"), str(out), a.dtype]
-            wrapped = [sys.executable, __file__, "--measure", json.dumps(cmd)]
-            done = subprocess.run(wrapped, capture_output=True, text=True)
-            if done.returncode != 0:
-                raise SystemExit(done.stdout + done.stderr[-2000:])
-            wall, peak = json.loads(done.stdout.strip().splitlines()[-1])
+            wall, peak = measured(cmd)
             rows.append(dict(case=case, seconds=round(wall, 1), peak_rss_gib=round(peak, 3)))
     peft, ours = rows
     result = dict(run=a.run, dtype=a.dtype, rows=rows,
