@@ -173,3 +173,30 @@ def test_loftq_neftune_and_early_stopping_train_on_gpu(tiny_model, tiny_data, tm
     saved = load_file(str(run.run_dir / "adapter" / "adapter_model.safetensors"))
     kept = load_file(f"{best}/adapter_model.safetensors")
     assert all(torch.equal(saved[k], kept[k]) for k in saved)
+
+
+def test_the_merge_self_check_runs_from_cpu_ram_what_the_gpu_cannot_hold(tiny_model, tiny_data, tmp_path,
+                                                                          monkeypatch):
+    """An 8B model's self-check holds 32 GB in fp32, more than a 24 GB GPU: given room on the GPU for a fraction
+    of the tiny model, the rest waits in CPU RAM and runs on the GPU layer by layer (accelerate's offloading),
+    and the merge completes. On CPU, tests/integration/test_merge.py offloads to the disk. Not yet run on a GPU."""
+    import transformers
+
+    from qlora.cli import main
+
+    run = fit(compose("train", tiny_overrides(tiny_model, tiny_data, tmp_path / "run")))
+    placed = set()
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def spying(*args, **kwargs):
+        model = original(*args, **kwargs)
+        placed.update(getattr(model, "hf_device_map", {}).values())
+        return model
+
+    monkeypatch.setattr("qlora.merge.CHECK_MAX_MEMORY", {0: 100_000, "cpu": 10**10})  # bytes
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spying)
+    out = tmp_path / "merged"
+    # a random tiny model's near-uniform logits flip under 16-bit compute; the threshold is not the point here
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.min_top1_agreement=0.5"]) == 0
+    assert "cpu" in placed, placed
+    assert json.loads((out / "merge_report.json").read_text())["tokens"] > 0
