@@ -186,21 +186,9 @@ def render_chat(tokenizer, messages, add_generation_prompt: bool = False) -> str
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as e:
-        if messages and messages[0]["role"] == "system" and not takes_system(tokenizer):
+        if messages and messages[0]["role"] == "system":  # folded, it is refused again if that was not the reason
             return render_chat(tokenizer, fold_system(messages), add_generation_prompt)
         raise BadRow(f"the chat template refuses this conversation: {e}") from None
-
-
-def takes_system(tokenizer) -> bool:
-    """Whether the chat template writes a system message rather than raising on it."""
-    from jinja2.exceptions import TemplateError
-
-    try:
-        tokenizer.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
-                                      tokenize=False)
-        return True
-    except TemplateError:
-        return False
 
 
 def system_fits(tokenizer, messages: List[Dict[str, str]]) -> bool:
