@@ -103,6 +103,18 @@ def check_gemma(config, family: Family, local) -> None:
         refuse(f"attention scaled by 1/sqrt({head_dim})", "query_pre_attn_scalar", config.query_pre_attn_scalar)
 
 
+def window_left_out(config, family: Family) -> Optional[int]:
+    """The sliding window of a model whose family llama.cpp runs over the whole context (Mistral 7B v0.1 and
+    Mixtral as its llama; Phi-3, whose window llama.cpp turns off), or None: its GGUF computes what the model
+    does up to that many tokens of context, and otherwise past them."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None) or []
+    if family.swa_every or not window or getattr(config, "use_sliding_window", True) is False \
+            or (types and "sliding_attention" not in types):
+        return None
+    return window if window < config.max_position_embeddings else None
+
+
 def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
     """Write an HF folder (see FAMILIES; a byte-level or SentencePiece BPE tokenizer) as one GGUF file."""
     import gguf
@@ -113,6 +125,10 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
 
     full = check_gguf_arch(folder)
     family, config = FAMILIES[full.model_type], text_config(full)
+    window = window_left_out(config, family)
+    if window:
+        say(f"export: llama.cpp runs {family.arch} over the whole context, without this model's sliding window "
+            f"of {window} tokens: past {window} tokens of context its answers differ from the model's")
     # each tensor goes to a temporary file as it is added (on disk past 256 MB), so that memory holds one
     # tensor at a time, not the whole model in fp32
     writer = gguf.GGUFWriter(str(path), family.arch, use_temp_file=True)

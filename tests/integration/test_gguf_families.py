@@ -260,3 +260,23 @@ def test_mixtral_experts_are_stacked_as_llama_cpp_holds_them(tmp_path):
             expected = files[f"model.layers.1.block_sparse_moe.experts.{e}.{theirs}.weight"].numpy()
             assert abs(stacked[e] - expected).max() < 0.01 * abs(expected).max()
     assert tensors["blk.0.ffn_gate_inp.weight"].tensor_type.name == "F32"
+
+
+@pytest.mark.parametrize("config_class,own,window", [
+    ("MistralConfig", dict(sliding_window=4096), 4096),  # Mistral 7B v0.1
+    ("MistralConfig", dict(sliding_window=None), None),  # v0.2 on
+    ("Phi3Config", dict(sliding_window=2047), 2047),  # Phi-3-mini-4k
+    ("Phi3Config", dict(sliding_window=262144, max_position_embeddings=131072), None),  # wider than its context
+    ("Qwen2Config", dict(sliding_window=4096), None),  # use_sliding_window=false
+    ("Qwen2Config", dict(sliding_window=4096, use_sliding_window=True, max_window_layers=1), 4096),
+    ("Gemma2Config", dict(sliding_window=4096), None),  # llama.cpp applies Gemma's
+])
+def test_a_sliding_window_that_llama_cpp_leaves_out_is_found(config_class, own, window):
+    """The export says when llama.cpp will attend over the whole context where the model slides a window
+    (tests/integration/test_llama_cpp.py runs such files)."""
+    import transformers
+
+    from qlora.gguf_writer import FAMILIES, window_left_out
+
+    config = getattr(transformers, config_class)(num_hidden_layers=2, **own)
+    assert window_left_out(config, FAMILIES[config.model_type]) == window
