@@ -1,0 +1,238 @@
+"""GGUF files run by llama.cpp itself (llama-cpp-python), where the other GGUF tests read them back through
+transformers' GGUF reader, which takes llama.cpp's conventions from the same `gguf` package as the writer:
+llama.cpp's tokens equal those of the tokenizer training used, and its logits the model's, for each family
+the export writes, each rotary scaling, each GGUF type and the real SmolLM2. Skipped where llama-cpp-python
+is not installed (.ci/run builds it)."""
+import numpy as np
+import pytest
+import torch
+
+from qlora.cli import main
+from tests.conftest import CORPUS, make_tokenizer
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+# the second text (43 tokens) is longer than the sliding windows below, so that windowed layers are exercised
+TEXTS = ["What is the capital of France? Paris.", " ".join(CORPUS[:2])]
+COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2)
+FAMILIES = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),  # v0.2 on (v0.1's window: below)
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=128)),
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),
+    "gemma2": ("Gemma2Config", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16)),
+    # six layers: the sixth is Gemma 3's global one
+    "gemma3": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                                        num_hidden_layers=6)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                         norm_topk_prob=True)),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    # rotary scalings: Llama 3.1's per-frequency factors, YaRN, Gemma 3's linear scaling of its global layers
+    "llama3.1 rotary": ("LlamaConfig", dict(max_position_embeddings=131072, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "qwen2 yarn": ("Qwen2Config", dict(max_position_embeddings=512, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 1e6})),
+    "gemma3 linear": ("Gemma3TextConfig", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                                               num_hidden_layers=6, rope_parameters={
+        "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})),
+}
+
+
+def tiny_model(folder, config_class: str, own: dict, tokenizer=None):
+    """A tiny random model of a family with the tiny tokenizer (or the one given), its norms drawn away from
+    their initial values so that a norm written wrong shows in the logits. The folder is named "model": llama.cpp
+    gives a model named after Phi-3 the special tokens of Phi-3's own tokenizer, which the tiny one lacks."""
+    import transformers
+
+    path = folder / "model"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(getattr(transformers, config_class)(**{**COMMON, **own}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.normal_(0, 0.5)
+    model.save_pretrained(path)
+    (tokenizer or make_tokenizer()).save_pretrained(path)
+    return path
+
+
+def export(model, out, kind: str = "f32"):
+    assert main(["export", f"model.name_or_path={model}", "export.format=gguf", f"export.gguf_type={kind}",
+                 f"output_dir={out}"]) == 0
+    return out / f"model-{kind}.gguf"
+
+
+def llama_cpp_model(path):
+    """llama.cpp's model on the file, keys and values cached in f32 (its default f16 rounds them)."""
+    return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2, verbose=False,
+                           type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+
+
+def logits_by_both(model_dir, gguf_path, texts=TEXTS):
+    """(llama.cpp's logits, transformers' logits) of each text, tokenized by the model's own tokenizer, and
+    whether llama.cpp tokenized each text the same."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    llm = llama_cpp_model(gguf_path)
+    pairs, same_tokens = [], []
+    for text in texts:
+        ids = tok(text, add_special_tokens=False).input_ids
+        same_tokens.append(llm.tokenize(text.encode(), add_bos=False, special=True) == ids)
+        llm.reset()
+        llm.eval(ids)
+        with torch.no_grad():
+            want = ref(torch.tensor([ids])).logits[0].numpy()
+        pairs.append((np.array(llm.scores[:len(ids)]), want))
+    return pairs, same_tokens
+
+
+def agreement(pairs):
+    """(max |logit difference|, top-1 agreement, mean KL(transformers || llama.cpp)) over all positions."""
+    got, want = np.concatenate([g for g, _ in pairs]), np.concatenate([w for _, w in pairs])
+    log_p = torch.log_softmax(torch.from_numpy(want).double(), -1)
+    log_q = torch.log_softmax(torch.from_numpy(got).double(), -1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    return float(np.abs(got - want).max()), float((got.argmax(-1) == want.argmax(-1)).mean()), kl
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_llama_cpp_computes_what_the_model_does(family, tmp_path):
+    config_class, own = FAMILIES[family]
+    model = tiny_model(tmp_path, config_class, own)
+    pairs, same_tokens = logits_by_both(model, export(model, tmp_path / "gguf"))
+    max_diff, top1, kl = agreement(pairs)
+    assert all(same_tokens)
+    # llama.cpp's GELU reads an f16 table: Gemma's logits differ by up to 4e-4 there, others by 2e-4
+    assert max_diff < 1e-3 and top1 == 1.0 and kl < 1e-7, (max_diff, top1, kl)
+
+
+def test_gemma3_with_its_vision_tower_runs_as_its_language_model(tmp_path):
+    """Gemma 3 from 4B up: the GGUF holds the language model, which llama.cpp runs on text as the whole model
+    does."""
+    from tests.conftest import make_tiny_gemma3_with_vision
+
+    model = make_tiny_gemma3_with_vision(tmp_path / "model", head_dim=256)
+    pairs, same_tokens = logits_by_both(model, export(model, tmp_path / "gguf"))
+    max_diff, top1, kl = agreement(pairs)
+    assert all(same_tokens) and max_diff < 1e-3 and top1 == 1.0, (max_diff, top1, kl)
+
+
+@pytest.mark.parametrize("config_class,own", [("Phi3Config", dict(pad_token_id=0, sliding_window=16)),
+                                              ("MistralConfig", dict(sliding_window=16))], ids=["phi3", "mistral"])
+def test_a_sliding_window_llama_cpp_runs_without_is_said(config_class, own, tmp_path, capsys):
+    """llama.cpp turns Phi-3's sliding window off and runs Mistral (v0.1 had a window of 4096) as its llama,
+    which has none: the export says so, and the file computes the model's logits within the window and
+    others past it."""
+    model = tiny_model(tmp_path, config_class, own)
+    path = export(model, tmp_path / "gguf")
+    assert "without this model's sliding window of 16 tokens" in capsys.readouterr().err
+    (short, long), _ = logits_by_both(model, path)
+    assert len(short[0]) <= 16 and agreement([short])[0] < 1e-3
+    assert agreement([(long[0][:16], long[1][:16])])[0] < 1e-3
+    assert np.abs(long[0][16:] - long[1][16:]).max() > 1e-2
+
+
+# (GGUF type, most |logit difference|, least top-1 agreement, most KL) against the fp32 model: llama.cpp
+# multiplies 4-, 5- and 8-bit weights by activations rounded to 8 bits
+# multiplies 4-, 5- and 8-bit weights by activations rounded to 8 bits (measured: f16 1.6e-4, q8_0 4.3e-3,
+# q4_0 0.032 at most, on logits of up to ~0.6)
+KINDS = [("f16", 1e-3, 1.0, 1e-8), ("bf16", 5e-3, 1.0, 2e-7), ("q8_0", 0.02, 0.9, 2e-6),
+         ("q5_1", 0.05, 0.85, 1e-5), ("q5_0", 0.05, 0.85, 1e-5), ("q4_1", 0.1, 0.8, 3e-5), ("q4_0", 0.1, 0.8, 3e-5)]
+
+
+@pytest.mark.parametrize("kind,most,top1,most_kl", KINDS, ids=[k[0] for k in KINDS])
+def test_each_gguf_type_runs_close_to_the_model(kind, most, top1, most_kl, tmp_path):
+    model = tiny_model(tmp_path, "LlamaConfig", {})
+    pairs, _ = logits_by_both(model, export(model, tmp_path / "gguf", kind))
+    stats = agreement(pairs)
+    print(kind, stats)
+    assert stats[0] < most and stats[1] >= top1 and stats[2] < most_kl, stats
+
+
+# text that pre-tokenizers split differently: JSON after a space, digits, contractions, runs of spaces and
+# newlines, letters beyond ASCII
+TOKEN_TEXTS = ['Maria is 34 years old. {"name": "Maria", "age": 34, "city": "Lisbon"}',
+               "It's 1234567 km -- isn't it?\n\n  Two  spaces,\ttab; Ünïcödé: ü, 東京, 🙂!",
+               "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis."]
+
+
+def byte_level_tokenizer(kind: str):
+    """A byte-level BPE tokenizer with the pre-tokenizer of Llama 3, Qwen2, SmolLM2 or GPT-2, as the tokenizers
+    library writes each into tokenizer.json, learned on the tiny tokenizer's lines and TOKEN_TEXTS."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from qlora.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
+    from tests.conftest import CHATML, SPECIALS
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = {
+        "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"), byte_level]),
+        "qwen2": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"), byte_level]),
+        "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                           pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+        "gpt-2": pre_tokenizers.ByteLevel(add_prefix_space=False)}[kind]
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator((CORPUS + TOKEN_TEXTS) * 20, trainers.BpeTrainer(
+        vocab_size=500, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<pad>", chat_template=CHATML)
+
+
+@pytest.mark.parametrize("kind", ["llama-bpe", "qwen2", "smollm", "gpt-2"])
+def test_llama_cpp_tokenizes_as_the_tokenizer_does(kind, tmp_path):
+    """Each byte-level pre-tokenizer the export names: llama.cpp splits the text by that name's rules, and its
+    tokens are the tokenizer's, special tokens included."""
+    import gguf
+
+    model = tiny_model(tmp_path, "LlamaConfig", {}, tokenizer=byte_level_tokenizer(kind))
+    path = export(model, tmp_path / "gguf")
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.pre"].contents() == kind
+    pairs, same_tokens = logits_by_both(model, path, TOKEN_TEXTS)
+    assert all(same_tokens), same_tokens
+    assert agreement(pairs)[1] == 1.0
+
+
+def test_llama_cpp_tokenizes_as_a_sentencepiece_tokenizer_does(tmp_path):
+    """TinyLlama's and Mistral's kind of tokenizer, written as llama.cpp's own with a score a piece: llama.cpp
+    joins the pieces to the tokenizer's tokens, a space put before the text and bytes for "ü" and the rest
+    included."""
+    from tests.integration.test_export import sentencepiece_tokenizer
+
+    tok = sentencepiece_tokenizer()
+    model = tiny_model(tmp_path, "LlamaConfig", dict(vocab_size=len(tok)), tokenizer=tok)
+    pairs, same_tokens = logits_by_both(model, export(model, tmp_path / "gguf"),
+                                        TEXTS + ["Ünïcödé: ü is not in the vocabulary, so its bytes are", "東京 🙂"])
+    assert all(same_tokens), same_tokens
+    assert agreement(pairs)[1] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,top1,most_kl", [("f16", 0.99, 1e-4), ("q8_0", 0.95, 0.02)])
+def test_the_real_smollm2_runs_in_llama_cpp_as_in_transformers(kind, top1, most_kl, tmp_path):
+    """The built-in SmolLM2-135M-Instruct on the demo's held-out conversations as its chat template writes them:
+    llama.cpp's tokens are the tokenizer's (the digits apart, ` {"` whole, the ChatML markers special), and
+    its next-token choices the model's (measured: f16 100% of 328 positions, KL 9e-6; q8_0 98.5%, KL 0.006)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from qlora.config import DEMO_DIR
+    from qlora.models import resolve_model
+
+    model = resolve_model("smollm2-135m-instruct")
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = [json.loads(line) for line in (DEMO_DIR / "people_eval.jsonl").read_text().splitlines()[:4]]
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in rows]
+    pairs, same_tokens = logits_by_both(model, export(model, tmp_path / "gguf", kind), texts)
+    max_diff, agree, kl = agreement(pairs)
+    print(kind, max_diff, agree, kl)
+    assert all(same_tokens), same_tokens
+    assert agree >= top1 and kl < most_kl, (max_diff, agree, kl)
