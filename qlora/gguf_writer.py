@@ -32,6 +32,9 @@ FAMILIES = {
     "qwen3_moe": Family("qwen3moe"),
     "mixtral": Family("llama", permute_qk=True),  # llama.cpp's llama with experts
     "phi3": Family("phi3"),
+    "phi": Family("phi2"),  # Phi-1.5 and Phi-2: layer norms with biases, attention and MLP side by side
+    "olmo2": Family("olmo2"),  # norms after attention and MLP, q and k normalized across heads
+    "granite": Family("granite", permute_qk=True),  # llama with scaled embeddings, residuals, attention, logits
     "gemma2": Family("gemma2", norm_shift=1.0, swa_every=2),
     "gemma3_text": Family("gemma3", norm_shift=1.0, swa_every=6),
     "gemma3": Family("gemma3", norm_shift=1.0, swa_every=6),  # with its vision tower: the language model alone
@@ -74,6 +77,9 @@ def check_gguf_arch(folder):
                         "use export.format=safetensors")
     if family.swa_every:
         check_gemma(text, family, local)
+    if config.model_type == "phi" and config.qk_layernorm:
+        raise UserError("GGUF export: llama.cpp's phi2 has no layer norm of q and k (qk_layernorm=true in this "
+                        "model): use export.format=safetensors")
     if config.model_type == "qwen3_moe" and (not config.norm_topk_prob or config.mlp_only_layers
                                              or config.decoder_sparse_step != 1):
         raise UserError("GGUF export: llama.cpp assumes every layer of qwen3moe a mixture (mlp_only_layers=[], "
@@ -175,7 +181,10 @@ def add_settings(writer, config, family: Family) -> int:
     writer.add_head_count_kv(config.num_key_value_heads)
     writer.add_key_length(head_dim)  # Qwen3's and Gemma's head_dim is not hidden / heads
     writer.add_value_length(head_dim)
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    if hasattr(config, "rms_norm_eps"):
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    else:  # Phi's layer norms
+        writer.add_layer_norm_eps(float(config.layer_norm_eps))
     writer.add_vocab_size(config.vocab_size)
     rope, _ = rope_settings(config)
     writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
@@ -194,6 +203,11 @@ def add_settings(writer, config, family: Family) -> int:
         writer.add_sliding_window(config.sliding_window or 0)  # 0: none (Phi-4)
         if kind == "longrope":
             writer.add_rope_scaling_attn_factors(longrope_attention_factor(config))
+    if family.arch == "granite":
+        writer.add_embedding_scale(float(config.embedding_multiplier))
+        writer.add_residual_scale(float(config.residual_multiplier))
+        writer.add_attention_scale(float(config.attention_multiplier))
+        writer.add_logit_scale(float(config.logits_scaling))  # llama.cpp divides the logits by it, as transformers
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     if experts:
         writer.add_expert_count(experts)

@@ -32,7 +32,7 @@ FAMILIES = {
 }
 
 
-NO_GGUF = {"phi", "olmo2", "granite", "gpt_oss"}
+NO_GGUF = {"gpt_oss"}
 
 
 @pytest.mark.slow

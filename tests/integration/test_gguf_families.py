@@ -213,6 +213,7 @@ REFUSED = {
     "qwen3moe unnormalized routing": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2,
                                                               norm_topk_prob=False),
                                       "llama.cpp assumes every layer of qwen3moe a mixture"),
+    "phi with q and k layer norms": ("PhiConfig", dict(qk_layernorm=True), "llama.cpp's phi2 has no layer norm of q and k"),
     "dynamic rotary scaling": ("LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                     "rope_theta": 10000.0}),
                                "llama.cpp does not read 'dynamic' rotary scaling for llama"),

@@ -29,6 +29,10 @@ FAMILIES = {
     "qwen3_moe": ("Qwen3MoeConfig", dict(head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                          norm_topk_prob=True)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "phi": ("PhiConfig", {}),
+    "olmo2": ("Olmo2Config", {}),
+    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
+                                      logits_scaling=8.0)),  # Granite 3's
     # rotary scalings: Llama 3.1's per-frequency factors, YaRN, Gemma 3's linear scaling of its global layers
     "llama3.1 rotary": ("LlamaConfig", dict(max_position_embeddings=131072, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -43,8 +47,8 @@ FAMILIES = {
 
 
 def tiny_model(folder, config_class: str, own: dict, tokenizer=None):
-    """A tiny random model of a family with the tiny tokenizer (or the one given), its norms drawn away from
-    their initial values so that a norm written wrong shows in the logits. The folder is named "model": llama.cpp
+    """A tiny random model of a family with the tiny tokenizer (or the one given), its norms and biases drawn
+    away from their initial values (1 or 0) so that one written wrong shows in the logits. The folder is named "model": llama.cpp
     gives a model named after Phi-3 the special tokens of Phi-3's own tokenizer, which the tiny one lacks."""
     import transformers
 
@@ -55,6 +59,8 @@ def tiny_model(folder, config_class: str, own: dict, tokenizer=None):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(0, 0.5)
+            elif name.endswith(".bias"):
+                p.normal_(0, 0.1)
     model.save_pretrained(path)
     (tokenizer or make_tokenizer()).save_pretrained(path)
     return path
