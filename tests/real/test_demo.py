@@ -76,3 +76,38 @@ def test_gguf_export_of_a_real_run_loads_back(demo_run, tmp_path):
         assert stats["top1_agreement"] >= floor
         back_tok = AutoTokenizer.from_pretrained(out / kind, gguf_file=f"model-{kind}.gguf")
         assert back_tok(texts[1]).input_ids == tok(texts[1]).input_ids
+
+
+def test_llama_cpp_answers_as_the_trained_model_does(demo_run, tmp_path):
+    """The whole way to deployment: the demo run merged and exported to GGUF answers the held-out prompts in
+    llama.cpp, greedily, with the tokens transformers generates from the merged model."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora.config import DEMO_DIR
+
+    merged, out = tmp_path / "merged", tmp_path / "gguf"
+    assert main(["merge", f"adapter={demo_run.run_dir}", f"output_dir={merged}", "merge.dtype=float32"]) == 0
+    assert main(["export", f"model.name_or_path={merged}", "export.format=gguf", "export.gguf_type=f32",
+                 f"output_dir={out}"]) == 0
+    tok = AutoTokenizer.from_pretrained(merged)
+    model = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)
+    llm = llama_cpp.Llama(model_path=str(out / "model-f32.gguf"), n_ctx=512, n_threads=2, verbose=False,
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
+    rows = [json.loads(line) for line in (DEMO_DIR / "people_eval.jsonl").read_text().splitlines()[:10]]
+    same, matched = 0, 0
+    for row in rows:
+        ids = tok.apply_chat_template(row["messages"][:1], add_generation_prompt=True, return_dict=True)["input_ids"]
+        with torch.no_grad():
+            want = model.generate(torch.tensor([ids]), max_new_tokens=40, do_sample=False)[0, len(ids):].tolist()
+        got = []
+        for token in llm.generate(ids, temp=0.0, reset=True):
+            got.append(token)
+            if token == tok.eos_token_id or len(got) == 40:
+                break
+        same += got == want
+        matched += tok.decode(got, skip_special_tokens=True).strip() == row["messages"][1]["content"]
+        print(repr(tok.decode(got)), got == want)
+    print(f"llama.cpp: {same} of {len(rows)} answers token for token; {matched} equal to the reference")
+    assert same >= len(rows) - 1
