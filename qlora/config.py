@@ -115,6 +115,10 @@ class GgufType(Enum):
     q5_0 = "q5_0"
     q4_1 = "q4_1"
     q4_0 = "q4_0"
+    # K-quants (blocks of 256 with scales of their own; Ollama's q4_k_m default), quantized by llama.cpp
+    q6_k = "q6_k"
+    q5_k_m = "q5_k_m"
+    q4_k_m = "q4_k_m"
 
 
 class NanPolicy(Enum):
@@ -368,7 +372,7 @@ class ExportConfig:
     format: ExportFormat = ExportFormat.safetensors
     """safetensors (HF folder), gguf (llama.cpp), ollama (GGUF + Modelfile), nf4 (4-bit bitsandbytes)."""
     gguf_type: GgufType = GgufType.f16
-    """Tensor type of GGUF weights, f32 to q4_0 (norms stay f32; under q5/q4 the embeddings and LM head are q8_0)."""
+    """GGUF weights: f32 to q4_0 (norms f32; q5/q4 keep embeddings, head q8_0), or q6_k/q5_k_m/q4_k_m (llama.cpp's)."""
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 - safetensors: the merged HF folder (as `qlora merge`).
 - gguf: one .gguf file written in Python by gguf_writer.py (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1
-  or Q4_0), with the tokenizer, chat template and stop tokens in its metadata: no llama.cpp build to break.
+  or Q4_0), with the tokenizer, chat template and stop tokens in its metadata; the K-quants (Q6_K, Q5_K_M,
+  Q4_K_M) quantized from its f16 file by llama.cpp, where llama-cpp-python is installed.
 - ollama: the GGUF file plus a Modelfile whose TEMPLATE, SYSTEM and stop parameters come from the
   chat template.
 - nf4: the fp32 merged weights re-quantized to NF4 (double quant) and saved through bitsandbytes'
@@ -23,6 +24,7 @@ from qlora.errors import UserError, WorkError
 from qlora.gguf_writer import check_gguf_arch, write_gguf
 from qlora.merge import merge_run, output_folder
 from qlora.outputs import claim_output_dir
+from qlora.validation import refuse, validate_merge
 
 
 def export_cli(cfg: QLoraConfig) -> int:
@@ -74,6 +76,7 @@ def export_cli(cfg: QLoraConfig) -> int:
 
 def plain_output(cfg: QLoraConfig) -> Path:
     """Without adapter=, export takes a merged (or any HF) folder from model.name_or_path."""
+    refuse(validate_merge(cfg))
     src = Path(cfg.model.name_or_path).expanduser()
     if not (src / "config.json").is_file():
         raise UserError("give adapter=RUN, or model.name_or_path=MERGED_FOLDER (an HF model folder)")

@@ -109,6 +109,23 @@ def check_gemma(config, family: Family, local) -> None:
         refuse(f"attention scaled by 1/sqrt({head_dim})", "query_pre_attn_scalar", config.query_pre_attn_scalar)
 
 
+def llama_cpp_quantize(source: Path, path: Path, kind: GgufType) -> None:
+    """llama.cpp's quantizer (through llama-cpp-python) from an f16 GGUF file to a K-quant one."""
+    import ctypes
+    import os
+
+    import llama_cpp
+
+    from qlora.models import say
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{K_QUANTS[kind]}")
+    params.nthread = os.cpu_count() or 1
+    say(f"export: llama.cpp quantizes the GGUF to {kind.value}")
+    if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
+        raise WorkError(f"GGUF export: llama.cpp could not quantize {source.name} to {kind.value} (its log above)")
+
+
 def window_left_out(config, family: Family) -> Optional[int]:
     """The sliding window of a model whose family llama.cpp runs over the whole context (Mistral 7B v0.1 and
     Mixtral as its llama; Phi-3, whose window llama.cpp turns off), or None: its GGUF computes what the model
@@ -121,8 +138,33 @@ def window_left_out(config, family: Family) -> Optional[int]:
     return window if window < config.max_position_embeddings else None
 
 
+# the K-quant types, by llama.cpp's name: its quantizer writes them (the gguf package has no K-quantizer),
+# with its own mix of types by tensor (q4_k_m keeps some of the attention's v and the MLP's down products q6_k)
+K_QUANTS = {GgufType.q6_k: "Q6_K", GgufType.q5_k_m: "Q5_K_M", GgufType.q4_k_m: "Q4_K_M"}
+
+
+def k_quant_problem(kind: GgufType) -> Optional[str]:
+    """Why a GGUF type cannot be written here (a K-quant without llama-cpp-python), or None."""
+    import importlib.util
+
+    if kind in K_QUANTS and importlib.util.find_spec("llama_cpp") is None:
+        return (f"export.gguf_type={kind.value}: llama.cpp quantizes the K-quant types; pip install "
+                "'qlora[llama-cpp]' (it builds llama.cpp: about 5 minutes on 2 cores), or take f16, q8_0, q5_0 or q4_0")
+    return None
+
+
 def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
-    """Write an HF folder (see FAMILIES; a byte-level or SentencePiece BPE tokenizer) as one GGUF file."""
+    """Write an HF folder (see FAMILIES; a byte-level or SentencePiece BPE tokenizer) as one GGUF file. A
+    K-quant is written f16 beside it first (2 bytes a weight on disk, for the time it takes), then quantized
+    by llama.cpp."""
+    if kind in K_QUANTS:
+        f16 = path.with_name(path.name + ".f16")
+        try:
+            write_gguf(folder, f16, GgufType.f16)
+            llama_cpp_quantize(f16, path, kind)
+        finally:
+            f16.unlink(missing_ok=True)
+        return
     import gguf
     import numpy as np
     from transformers import AutoTokenizer

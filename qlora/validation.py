@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import List, Optional
 
-from qlora.config import ComputeDtype, DistStrategy, LoraInit, QLoraConfig, Switch
+from qlora.config import ComputeDtype, DistStrategy, ExportFormat, LoraInit, QLoraConfig, Switch
 from qlora.errors import UserError
 from qlora.models import NAMED_TEMPLATES
 from qlora.sources import check_path
@@ -295,6 +295,12 @@ def validate_merge(cfg: QLoraConfig) -> List[str]:
         parse_size(m.max_shard_size)
     except UserError as e:
         p.append(str(e))
+    if cfg.export.format in (ExportFormat.gguf, ExportFormat.ollama):
+        from qlora.gguf_writer import k_quant_problem
+
+        problem = k_quant_problem(cfg.export.gguf_type)
+        if problem:
+            p.append(problem)
     return p
 
 

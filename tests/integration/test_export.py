@@ -165,6 +165,22 @@ def test_nf4_export_below_its_threshold_fails_with_exit_1(tiny_run, tmp_path, ca
     assert not out.exists()
 
 
+def test_a_k_quant_without_llama_cpp_is_refused_before_anything(tiny_merged, tmp_path, capsys, monkeypatch):
+    """q4_k_m and the other K-quants are llama.cpp's to quantize: without llama-cpp-python the export stops at
+    once, naming the key and the way out, and writes nothing."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llama_cpp" else find_spec(name, *a))
+    out = tmp_path / "gguf"
+    assert main(["export", f"model.name_or_path={tiny_merged}", "export.format=ollama", "export.gguf_type=q4_k_m",
+                 f"output_dir={out}"]) == 2
+    err = capsys.readouterr().err
+    assert "export.gguf_type=q4_k_m: llama.cpp quantizes the K-quant types; pip install 'qlora[llama-cpp]'" in err, err
+    assert not out.exists()
+
+
 def test_bad_merge_settings_exit_2(tiny_run, tmp_path, capsys):
     run, _ = tiny_run
     assert main(["merge", f"adapter={run.run_dir}", f"output_dir={tmp_path / 'm'}",

@@ -31,8 +31,8 @@ FAMILIES = {
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "phi": ("PhiConfig", {}),
     "olmo2": ("Olmo2Config", {}),
-    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
-                                      logits_scaling=8.0)),  # Granite 3's
+    "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22,  # Granite 3's
+                                      attention_multiplier=0.0078125, logits_scaling=8.0)),
     # rotary scalings: Llama 3.1's per-frequency factors, YaRN, Gemma 3's linear scaling of its global layers
     "llama3.1 rotary": ("LlamaConfig", dict(max_position_embeddings=131072, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -48,8 +48,9 @@ FAMILIES = {
 
 def tiny_model(folder, config_class: str, own: dict, tokenizer=None):
     """A tiny random model of a family with the tiny tokenizer (or the one given), its norms and biases drawn
-    away from their initial values (1 or 0) so that one written wrong shows in the logits. The folder is named "model": llama.cpp
-    gives a model named after Phi-3 the special tokens of Phi-3's own tokenizer, which the tiny one lacks."""
+    away from their initial values (1 or 0) so that one written wrong shows in the logits. The folder is named
+    "model": llama.cpp expects of a model named after Phi-3 the special tokens of Phi-3's own tokenizer, which
+    the tiny one lacks."""
     import transformers
 
     path = folder / "model"
@@ -161,6 +162,26 @@ def test_each_gguf_type_runs_close_to_the_model(kind, most, top1, most_kl, tmp_p
     assert stats[0] < most and stats[1] >= top1 and stats[2] < most_kl, stats
 
 
+# K-quants as llama.cpp's quantizer mixes them (a 256-wide model: K-quant blocks are 256 weights; narrower
+# rows fall back to other types), with the bounds of 4-, 5- and 6-bit types above
+K_KINDS = [("q6_k", {"Q6_K"}, 0.1, 0.8, 1e-4), ("q5_k_m", {"Q5_K", "Q6_K"}, 0.15, 0.8, 3e-4),
+           ("q4_k_m", {"Q4_K", "Q6_K"}, 0.2, 0.6, 1e-3)]
+
+
+@pytest.mark.parametrize("kind,types,most,top1,most_kl", K_KINDS, ids=[k[0] for k in K_KINDS])
+def test_k_quants_are_quantized_by_llama_cpp(kind, types, most, top1, most_kl, tmp_path):
+    """export.gguf_type=q4_k_m and the other K-quants: the writer's f16 file, quantized by llama.cpp (the gguf
+    package has no K-quantizer) and removed; the weights in the K-quant types, the logits close."""
+    import gguf
+
+    model = tiny_model(tmp_path, "LlamaConfig", dict(hidden_size=256, intermediate_size=512))
+    path = export(model, tmp_path / "gguf", kind)
+    assert [p.name for p in path.parent.iterdir()] == [path.name]
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors} == types | {"F32"}
+    stats = agreement(logits_by_both(model, path)[0])
+    assert stats[0] < most and stats[1] >= top1 and stats[2] < most_kl, stats
+
+
 # text that pre-tokenizers split differently: JSON after a space, digits, contractions, runs of spaces and
 # newlines, letters beyond ASCII
 TOKEN_TEXTS = ['Maria is 34 years old. {"name": "Maria", "age": 34, "city": "Lisbon"}',
@@ -214,8 +235,8 @@ def test_llama_cpp_tokenizes_as_a_sentencepiece_tokenizer_does(tmp_path):
 
     tok = sentencepiece_tokenizer()
     model = tiny_model(tmp_path, "LlamaConfig", dict(vocab_size=len(tok)), tokenizer=tok)
-    pairs, same_tokens = logits_by_both(model, export(model, tmp_path / "gguf"),
-                                        TEXTS + ["Ünïcödé: ü is not in the vocabulary, so its bytes are", "東京 🙂"])
+    texts = TEXTS + ["Ünïcödé: ü is not in the vocabulary, so its bytes are", "東京 🙂"]
+    pairs, same_tokens = logits_by_both(model, export(model, tmp_path / "gguf"), texts)
     assert all(same_tokens), same_tokens
     assert agreement(pairs)[1] == 1.0
 
