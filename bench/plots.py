@@ -3,7 +3,7 @@ from a picture than from a table.
 
 usage: python bench/plots.py bench/results/NAME.json [...]    # writes bench/results/NAME.png
 
-bench/cpu_speed.py, bench/gpu_speed.py and bench/checkpointing.py draw theirs after a run; this
+bench/cpu_speed.py, gpu_speed.py, checkpointing.py and gguf_quality.py draw theirs after a run; this
 command draws them again from saved results (the kind is told from the JSON's shape).
 """
 import json
@@ -118,6 +118,25 @@ def checkpointing_plot(result: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def gguf_quality_plot(result: dict, path: Path) -> None:
+    """bench/gguf_quality.py: each GGUF type's file size against its KL from the model, and its top-1."""
+    plt = _pyplot()
+    rows = result["rows"]
+    fig, (kl, top1) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for r in rows:
+        kl.scatter(r["file_mb"], max(r["kl"], 1e-7), color=OURS)
+        kl.annotate(f" {r['type']}", (r["file_mb"], max(r["kl"], 1e-7)), fontsize=8)
+    kl.set_yscale("log")
+    kl.set_xlabel("file MB")
+    kl.set_ylabel("KL(model || GGUF), mean over positions")
+    kl.set_title(f"{result['model']} in llama.cpp: size and divergence")
+    _bars(top1, [100 * r["top1"] for r in rows], [r["type"] for r in rows],
+          [f" {100 * r['top1']:.1f}%" for r in rows], OURS, "top-1 agreement with the fp32 model, %")
+    top1.set_xlim(0, 115)
+    top1.set_title("next-token agreement")
+    _save(fig, path)
+
+
 def plot(path: Path) -> Path:
     """Draws the PNG for one results file; returns its path."""
     result = json.loads(path.read_text())
@@ -128,8 +147,10 @@ def plot(path: Path) -> Path:
         speed_plot(result, target)
     elif result.get("summary") and "planned_gib" in result["summary"][0]:
         checkpointing_plot(result, target)
+    elif "rows" in result and "kl" in result["rows"][0]:
+        gguf_quality_plot(result, target)
     else:
-        raise SystemExit(f"{path}: not a result of cpu_speed.py, gpu_speed.py or checkpointing.py")
+        raise SystemExit(f"{path}: not a result of cpu_speed.py, gpu_speed.py, checkpointing.py or gguf_quality.py")
     return target
 
 
