@@ -1,6 +1,7 @@
-"""GGUF files as llama.cpp reads them, written in Python with the `gguf` package (no llama.cpp build): each
-family's settings and the conventions llama.cpp assumes of it (`Family`, `check_gguf_arch`), and its tensors
-under llama.cpp's names; the tokenizer, chat template and stop tokens are gguf_vocab.py's."""
+"""GGUF files as llama.cpp reads them, written in Python with the `gguf` package: each family's settings and
+the conventions llama.cpp assumes of it (`Family`, `check_gguf_arch`), and its tensors under llama.cpp's
+names; the tokenizer, chat template and stop tokens are gguf_vocab.py's, the type each tensor is written in
+(and the K-quants, which llama.cpp's quantizer makes) gguf_types.py's."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from typing import Optional
 
 from qlora.config import GgufType
 from qlora.errors import UserError, WorkError
+from qlora.gguf_types import K_QUANTS, llama_cpp_quantize, tensor_type
 from qlora.gguf_vocab import add_tokenizer
 
 
@@ -109,23 +111,6 @@ def check_gemma(config, family: Family, local) -> None:
         refuse(f"attention scaled by 1/sqrt({head_dim})", "query_pre_attn_scalar", config.query_pre_attn_scalar)
 
 
-def llama_cpp_quantize(source: Path, path: Path, kind: GgufType) -> None:
-    """llama.cpp's quantizer (through llama-cpp-python) from an f16 GGUF file to a K-quant one."""
-    import ctypes
-    import os
-
-    import llama_cpp
-
-    from qlora.models import say
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{K_QUANTS[kind]}")
-    params.nthread = os.cpu_count() or 1
-    say(f"export: llama.cpp quantizes the GGUF to {kind.value}")
-    if llama_cpp.llama_model_quantize(str(source).encode(), str(path).encode(), ctypes.byref(params)) != 0:
-        raise WorkError(f"GGUF export: llama.cpp could not quantize {source.name} to {kind.value} (its log above)")
-
-
 def window_left_out(config, family: Family) -> Optional[int]:
     """The sliding window of a model whose family llama.cpp runs over the whole context (Mistral 7B v0.1 and
     Mixtral as its llama; Phi-3, whose window llama.cpp turns off), or None: its GGUF computes what the model
@@ -136,21 +121,6 @@ def window_left_out(config, family: Family) -> Optional[int]:
             or (types and "sliding_attention" not in types):
         return None
     return window if window < config.max_position_embeddings else None
-
-
-# the K-quant types, by llama.cpp's name: its quantizer writes them (the gguf package has no K-quantizer),
-# with its own mix of types by tensor (q4_k_m keeps some of the attention's v and the MLP's down products q6_k)
-K_QUANTS = {GgufType.q6_k: "Q6_K", GgufType.q5_k_m: "Q5_K_M", GgufType.q4_k_m: "Q4_K_M"}
-
-
-def k_quant_problem(kind: GgufType) -> Optional[str]:
-    """Why a GGUF type cannot be written here (a K-quant without llama-cpp-python), or None."""
-    import importlib.util
-
-    if kind in K_QUANTS and importlib.util.find_spec("llama_cpp") is None:
-        return (f"export.gguf_type={kind.value}: llama.cpp quantizes the K-quant types; pip install "
-                "'qlora[llama-cpp]' (it builds llama.cpp: about 5 minutes on 2 cores), or take f16, q8_0, q5_0 or q4_0")
-    return None
 
 
 def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
@@ -348,23 +318,6 @@ def language_model_key(key: str) -> Optional[str]:
     if key.startswith("model.language_model."):
         return "model." + key[len("model.language_model."):]
     return key
-
-
-def tensor_type(name: str, data, kind: GgufType):
-    """The GGML type a tensor is written in: f32 for vectors (norms, biases) and a mixture's routers; for the
-    4- and 5-bit kinds, q8_0 for the token embeddings and the LM head (llama.cpp's own quantizer keeps the
-    output layer at more bits too, and a tied head is the embeddings); f16 where a row is not a whole number
-    of the type's blocks."""
-    import gguf
-
-    Q = gguf.GGMLQuantizationType
-    if data.ndim == 1 or kind is GgufType.f32 or ".ffn_gate_inp." in name:
-        return Q.F32
-    qtype = Q[kind.value.upper()]
-    if kind.value.startswith(("q4", "q5")) and name.split(".")[0] in ("token_embd", "output"):
-        qtype = Q.Q8_0
-    block, _ = gguf.GGML_QUANT_SIZES[qtype]
-    return qtype if data.shape[-1] % block == 0 else Q.F16
 
 
 def rope_tensors(config, head_dim: int) -> dict:

@@ -296,7 +296,7 @@ def validate_merge(cfg: QLoraConfig) -> List[str]:
     except UserError as e:
         p.append(str(e))
     if cfg.export.format in (ExportFormat.gguf, ExportFormat.ollama):
-        from qlora.gguf_writer import k_quant_problem
+        from qlora.gguf_types import k_quant_problem
 
         problem = k_quant_problem(cfg.export.gguf_type)
         if problem:

@@ -223,7 +223,7 @@ def test_gguf_tensor_types_by_kind_name_and_shape():
     from gguf import GGMLQuantizationType as Q
 
     from qlora.config import GgufType
-    from qlora.gguf_writer import tensor_type
+    from qlora.gguf_types import tensor_type
 
     rows64, rows48 = np.zeros((4, 64), np.float32), np.zeros((4, 48), np.float32)
     assert tensor_type("blk.0.attn_q.weight", rows64, GgufType.q4_0) is Q.Q4_0
