@@ -61,7 +61,7 @@ def export_cli(cfg: QLoraConfig) -> int:
             export_nf4(cfg, merged, staged)
         else:
             gguf = staged / f"model-{cfg.export.gguf_type.value}.gguf"
-            write_gguf(merged, gguf, cfg.export.gguf_type)
+            write_gguf(merged, gguf, cfg.export.gguf_type, model_name(cfg))
             if fmt is ExportFormat.ollama:
                 write_modelfile(merged, gguf.name, staged / "Modelfile")
         if out.exists():
@@ -72,6 +72,17 @@ def export_cli(cfg: QLoraConfig) -> int:
     say(f"exported {fmt.value} to {out}")
     print(out)
     return 0
+
+
+def model_name(cfg: QLoraConfig) -> str:
+    """The name a GGUF file gives the model: the run's folder name (the merge's folder is a temporary one),
+    or the model folder's."""
+    if cfg.adapter:
+        from qlora.adapters import adapter_dir
+
+        folder = adapter_dir(cfg.adapter).resolve()
+        return (folder.parent if folder.name == "adapter" else folder).name
+    return Path(cfg.model.name_or_path).expanduser().resolve().name
 
 
 def plain_output(cfg: QLoraConfig) -> Path:

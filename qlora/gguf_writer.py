@@ -123,14 +123,15 @@ def window_left_out(config, family: Family) -> Optional[int]:
     return window if window < config.max_position_embeddings else None
 
 
-def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
-    """Write an HF folder (see FAMILIES; a byte-level or SentencePiece BPE tokenizer) as one GGUF file. A
+def write_gguf(folder: Path, path: Path, kind: GgufType, name: Optional[str] = None) -> None:
+    """Write an HF folder (see FAMILIES; a byte-level or SentencePiece BPE tokenizer) as one GGUF file, the
+    model named `name` (general.name, which llama.cpp's front ends show; the folder's name by default). A
     K-quant is written f16 beside it first (2 bytes a weight on disk, for the time it takes), then quantized
     by llama.cpp."""
     if kind in K_QUANTS:
         f16 = path.with_name(path.name + ".f16")
         try:
-            write_gguf(folder, f16, GgufType.f16)
+            write_gguf(folder, f16, GgufType.f16, name)
             llama_cpp_quantize(f16, path, kind)
         finally:
             f16.unlink(missing_ok=True)
@@ -150,7 +151,7 @@ def write_gguf(folder: Path, path: Path, kind: GgufType) -> None:
     # each tensor goes to a temporary file as it is added (on disk past 256 MB), so that memory holds one
     # tensor at a time, not the whole model in fp32
     writer = gguf.GGUFWriter(str(path), family.arch, use_temp_file=True)
-    writer.add_name(folder.name)
+    writer.add_name(name or folder.name)
     head_dim = add_settings(writer, config, family)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind is GgufType.f32
                          else gguf.LlamaFileType[f"MOSTLY_{kind.value.upper()}"])

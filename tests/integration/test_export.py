@@ -132,6 +132,8 @@ def test_gguf_metadata(tiny_merged, tmp_path):
 
 
 def test_ollama_modelfile_from_the_chat_template(tiny_run, tmp_path):
+    import gguf
+
     run, _ = tiny_run
     out = tmp_path / "ollama"
     assert main(["export", f"adapter={run.run_dir}", "export.format=ollama", f"output_dir={out}"]) == 0
@@ -140,6 +142,8 @@ def test_ollama_modelfile_from_the_chat_template(tiny_run, tmp_path):
     assert '<|im_start|>{{ .Role }}' in text and 'PARAMETER stop "<|im_end|>"' in text
     assert 'SYSTEM """You are a tiny test model."""' in text  # the template's default system message
     assert json.loads((out / "merge_report.json").read_text())["top1_agreement"] == 1.0
+    # the model named after the run, not after the merge's temporary folder
+    assert gguf.GGUFReader(str(out / "model-f16.gguf")).fields["general.name"].contents() == run.run_dir.name
 
 
 def test_nf4_export_reloads_and_reports_agreement(tiny_run, tmp_path):
