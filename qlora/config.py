@@ -365,6 +365,8 @@ class MergeConfig:
     """Largest output shard (safetensors), e.g. 500MB, 2GB."""
     check_prompts: int = 16
     """Prompts of the self-check (from the run's held-out data, else built-in ones)."""
+    check_max_tokens: int = 256
+    """Tokens of each self-check text at most (longer conversations are cut there)."""
 
 
 @dataclass

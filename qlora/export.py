@@ -199,7 +199,8 @@ def export_nf4(cfg: QLoraConfig, merged: Path, out: Path) -> None:
         loaded = load_for_inference(cfg, exact=True)
         reloaded = AutoModelForCausalLM.from_pretrained(out, device_map={"": 0 if device == "cuda" else "cpu"})
         result = compare_logits(loaded.model, reloaded, loaded.tokenizer,
-                                check_texts(cfg, loaded.tokenizer, cfg.merge.check_prompts))
+                                check_texts(cfg, loaded.tokenizer, cfg.merge.check_prompts),
+                                max_tokens=cfg.merge.check_max_tokens)
         result["saved_dtype"] = "nf4"
         (out / "nf4_report.json").write_text(json.dumps(result, indent=2) + "\n")
         if result["top1_agreement"] < cfg.merge.min_top1_agreement_nf4:

@@ -16,7 +16,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 from qlora.config import MergeInto, QLoraConfig
 from qlora.validation import refuse, validate_merge
@@ -305,36 +305,35 @@ def check_texts(cfg: QLoraConfig, tokenizer, n: int) -> List[str]:
     return [render_chat(tokenizer, c, add_generation_prompt=c[-1]["role"] == "user") for c in convs]
 
 
-def logits_of(model, tokenizer, texts: List[str], batch: int = 8) -> List:
-    """fp32 logits of each text, on the CPU. The texts go through the model `batch` at a time, padded on the
-    right (where a causal model's earlier positions never look), so that a model read from the disk layer by
-    layer (see self_check) is read twice for 16 prompts, not 16 times."""
+def logits_of(model, tokenizer, texts: List[str], batch: int = 8, max_tokens: Optional[int] = None) -> Iterator:
+    """fp32 logits of each text's first `max_tokens` tokens (all where None), on the CPU, one text at a time.
+    The texts go through the model `batch` at a time, padded on the right (where a causal model's earlier
+    positions never look), so that a model read from the disk layer by layer (see self_check) is read twice
+    for 16 prompts, not 16 times; only one batch's logits are held at once."""
     import torch
 
-    out = []
     # a model whose first layers accelerate offloaded sits on "meta": its hooks move the inputs themselves
     device = model.device if model.device.type != "meta" else "cpu"
-    batch = batch if tokenizer.pad_token_id is not None else 1
-    side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try:
+    for i in range(0, len(texts), batch):
+        ids = [tokenizer(t, add_special_tokens=False).input_ids[:max_tokens] for t in texts[i:i + batch]]
+        width = max(len(x) for x in ids)
+        input_ids = torch.tensor([x + [0] * (width - len(x)) for x in ids])
+        mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
         with torch.no_grad():
-            for i in range(0, len(texts), batch):
-                enc = tokenizer(texts[i:i + batch], return_tensors="pt", padding=batch > 1,
-                                add_special_tokens=False)
-                logits = model(input_ids=enc.input_ids.to(device),
-                               attention_mask=enc.attention_mask.to(device)).logits.float().cpu()
-                out += [row[:n] for row, n in zip(logits, enc.attention_mask.sum(1).tolist())]
-    finally:
-        tokenizer.padding_side = side
-    return out
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        rows = [row[:len(x)].float().cpu() for row, x in zip(logits, ids)]
+        del logits
+        yield from rows
 
 
-def compare_logits(reference, candidate, tokenizer, texts: List[str]) -> Dict[str, float]:
+def compare_logits(reference, candidate, tokenizer, texts: List[str],
+                   max_tokens: Optional[int] = None) -> Dict[str, float]:
     """Top-1 agreement, max/mean |logit difference| and KL(reference || candidate), in fp32."""
-    return compare(logits_of(reference, tokenizer, texts), logits_of(candidate, tokenizer, texts))
+    return compare(logits_of(reference, tokenizer, texts, max_tokens=max_tokens),
+                   logits_of(candidate, tokenizer, texts, max_tokens=max_tokens))
 
 
-def compare(ref: List, cand: List) -> Dict[str, float]:
+def compare(ref: Iterable, cand: Iterable) -> Dict[str, float]:
     import torch
 
     agree = total = 0
@@ -360,8 +359,8 @@ CHECK_MAX_MEMORY = None
 def self_check(cfg: QLoraConfig, loaded, folder: Path, dtype) -> Dict[str, object]:
     """Compare the saved model (its weights computed in fp32) with the adapter on its 4-bit base.
 
-    The adapter model's logits are taken first and the model freed, so the two never sit in memory
-    together. An 8B model is 32 GB in fp32, more than a 24 GB GPU or Colab's RAM: what does not fit on
+    The adapter model's logits are taken first (each text's first merge.check_max_tokens tokens), written
+    to the disk and the model freed, so the two never sit in memory together. An 8B model is 32 GB in fp32, more than a 24 GB GPU or Colab's RAM: what does not fit on
     the GPU waits in CPU RAM, and what does not fit there is read from the merged files, layer by layer
     (accelerate's offloading), so the check is slower there but does not run out of memory."""
     import gc
@@ -371,15 +370,22 @@ def self_check(cfg: QLoraConfig, loaded, folder: Path, dtype) -> Dict[str, objec
     from transformers import AutoModelForCausalLM
 
     texts = check_texts(cfg, loaded.tokenizer, cfg.merge.check_prompts)
-    reference = logits_of(loaded.model, loaded.tokenizer, texts)
-    loaded.model = None
-    gc.collect()
-    if loaded.device == "cuda":
-        torch.cuda.empty_cache()
-    with tempfile.TemporaryDirectory(prefix=".offload-", dir=folder.parent) as offload:
+    # the adapter model's logits wait on the disk, one file a text: 16 texts of 256 tokens are 2 GB of fp32
+    # logits over a 128k vocabulary, which would otherwise take RAM from the merged model below
+    with tempfile.TemporaryDirectory(prefix=".check-", dir=folder.parent) as scratch:
+        files, cut = [], cfg.merge.check_max_tokens
+        for i, row in enumerate(logits_of(loaded.model, loaded.tokenizer, texts, max_tokens=cut)):
+            files.append(Path(scratch) / f"reference-{i}.pt")
+            torch.save(row, files[-1])
+        loaded.model = None
+        gc.collect()
+        if loaded.device == "cuda":
+            torch.cuda.empty_cache()
         merged = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, device_map="auto",
-                                                      max_memory=CHECK_MAX_MEMORY, offload_folder=offload)
-        result = compare(reference, logits_of(merged, loaded.tokenizer, texts))
+                                                      max_memory=CHECK_MAX_MEMORY,
+                                                      offload_folder=str(Path(scratch) / "offload"))
+        result = compare((torch.load(f) for f in files),
+                         logits_of(merged, loaded.tokenizer, texts, max_tokens=cut))
         del merged
     result.update(prompts=len(texts), measured_in="float32", saved_dtype=str(dtype).replace("torch.", ""))
     return result

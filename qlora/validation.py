@@ -291,6 +291,8 @@ def validate_merge(cfg: QLoraConfig) -> List[str]:
             p.append(f"merge.{key}={getattr(m, key)}: must be in [0, 1]")
     if m.check_prompts < 1:
         p.append(f"merge.check_prompts={m.check_prompts}: the self-check needs at least 1 prompt")
+    if m.check_max_tokens < 1:
+        p.append(f"merge.check_max_tokens={m.check_max_tokens}: the self-check needs at least 1 token a prompt")
     try:
         parse_size(m.max_shard_size)
     except UserError as e:

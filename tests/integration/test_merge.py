@@ -205,14 +205,33 @@ def test_the_self_check_reads_from_the_disk_what_does_not_fit_in_memory(tiny_run
 def test_the_check_texts_go_through_the_model_in_batches_with_the_logits_of_one_at_a_time(tiny_model):
     """The self-check's texts go through the model 8 at a time, padded on the right: each text's logits are
     those it has alone (a causal model's positions never look right), and a model read from the disk layer
-    by layer is read once per batch, not once per text."""
+    by layer is read once per batch, not once per text. A tokenizer without a pad token batches too, and a
+    cut text has the first logits of the whole one."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qlora.merge import CHECK_PROMPTS, logits_of
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(tiny_model)
-    batched, alone = logits_of(model, tok, CHECK_PROMPTS), logits_of(model, tok, CHECK_PROMPTS, batch=1)
+    alone = list(logits_of(model, tok, CHECK_PROMPTS, batch=1))
+    tok.pad_token = None
+    batched = list(logits_of(model, tok, CHECK_PROMPTS))
     assert [a.shape for a in batched] == [a.shape for a in alone] and len(set(a.shape for a in alone)) > 1
     assert max(float((a - b).abs().max()) for a, b in zip(batched, alone)) < 1e-5
-    assert tok.padding_side == AutoTokenizer.from_pretrained(tiny_model).padding_side  # left as it was
+    cut = list(logits_of(model, tok, CHECK_PROMPTS, max_tokens=4))
+    assert [len(a) for a in cut] == [4] * len(CHECK_PROMPTS)
+    assert max(float((a - b[:4]).abs().max()) for a, b in zip(cut, alone)) < 1e-5
+
+
+def test_the_self_check_cuts_long_texts_at_check_max_tokens(tiny_run, tmp_path, capsys):
+    """merge.check_max_tokens bounds the check's logits (a 128k vocabulary makes 0.5 MB of fp32 logits a
+    token): each text is cut there, and the adapter model's logits, kept on the disk meanwhile, are gone."""
+    run, _ = tiny_run
+    out = tmp_path / "merged"
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.dtype=float32",
+                 "merge.check_prompts=3", "merge.check_max_tokens=6"]) == 0, capsys.readouterr().err
+    report = json.loads((out / "merge_report.json").read_text())
+    assert (report["prompts"], report["tokens"], report["top1_agreement"]) == (3, 18, 1.0), report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+    assert main(["merge", f"adapter={run.run_dir}", f"output_dir={tmp_path / 'x'}", "merge.check_max_tokens=0"]) == 2
+    assert "merge.check_max_tokens=0" in capsys.readouterr().err
