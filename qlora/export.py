@@ -4,6 +4,7 @@
 - gguf: one .gguf file written in Python by gguf_writer.py (F32, F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1
   or Q4_0), with the tokenizer, chat template and stop tokens in its metadata; the K-quants (Q6_K, Q5_K_M,
   Q4_K_M) quantized from its f16 file by llama.cpp, where llama-cpp-python is installed.
+  A vision model's image part (Gemma 3) goes in a second file, llama.cpp's mmproj (gguf_vision.py).
 - ollama: the GGUF file plus a Modelfile whose TEMPLATE, SYSTEM and stop parameters come from the
   chat template.
 - nf4: the fp32 merged weights re-quantized to NF4 (double quant) and saved through bitsandbytes'
@@ -64,6 +65,7 @@ def export_cli(cfg: QLoraConfig) -> int:
             write_gguf(merged, gguf, cfg.export.gguf_type, model_name(cfg))
             if fmt is ExportFormat.ollama:
                 write_modelfile(merged, gguf.name, staged / "Modelfile")
+            export_vision_tower(cfg, merged, staged)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staged, out)
@@ -72,6 +74,27 @@ def export_cli(cfg: QLoraConfig) -> int:
     say(f"exported {fmt.value} to {out}")
     print(out)
     return 0
+
+
+def export_vision_tower(cfg: QLoraConfig, merged: Path, staged: Path) -> None:
+    """A vision model's image part (Gemma 3 from 4B up): beside a GGUF, llama.cpp's mmproj file; an Ollama
+    export holds the language model alone."""
+    from transformers import AutoConfig
+
+    from qlora.gguf_vision import has_vision_tower, mmproj_type, write_mmproj
+    from qlora.models import say
+
+    if not has_vision_tower(AutoConfig.from_pretrained(merged)):
+        return
+    if cfg.export.format is ExportFormat.ollama:
+        say("export.format=ollama: the Modelfile's model reads text only (Ollama's Gemma 3 does not take its vision "
+            "from llama.cpp's mmproj files); export.format=gguf writes one beside the model for llama.cpp")
+        return
+    kind = mmproj_type(cfg.export.gguf_type)
+    path = staged / f"mmproj-{kind.value}.gguf"
+    write_mmproj(merged, path, kind, model_name(cfg))
+    say(f"export: the vision tower and its projector in {path.name}, in {kind.value} (llama.cpp: "
+        f"llama-mtmd-cli -m model-{cfg.export.gguf_type.value}.gguf --mmproj {path.name} --image PICTURE)")
 
 
 def model_name(cfg: QLoraConfig) -> str:

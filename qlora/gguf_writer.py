@@ -287,8 +287,8 @@ def gguf_tensors(folder: Path, config, family: Family):
         raise WorkError(f"GGUF export: {next(iter(experts))} has {len(next(iter(experts.values())))} of the "
                         f"model's {n_experts} experts in the files")
     if left_out:
-        say(f"export: the GGUF holds the language model; {left_out} tensor(s) of the vision tower and its "
-            "projector are left out (llama.cpp reads those from a separate mmproj file, which qlora does not write)")
+        say(f"export: the GGUF holds the language model; the {left_out} tensors of the vision tower and its "
+            "projector are not in it (llama.cpp reads those from a separate mmproj file)")
 
 
 def read_tensor(file: Path, key: str):

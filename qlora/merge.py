@@ -24,6 +24,8 @@ from qlora.errors import UserError, WorkError
 from qlora.merge_experts import fused_layout, fused_merged, parameter_of, unwrapped
 from qlora.outputs import claim_output_dir
 
+# the image processor's settings, which a vision model's merged folder keeps from its base
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 CHECK_PROMPTS = [
     "What is the capital of France?",
     "Write a haiku about autumn leaves.",
@@ -161,6 +163,9 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     bar.close()
     index = writer.close()
     write_model_files(peft_model, tokenizer, tmp, dtype, index)
+    for name in PROCESSOR_FILES:  # a vision model's image processor: the merged folder reads images as the base
+        if (files[0].parent / name).is_file():
+            shutil.copy(files[0].parent / name, tmp / name)
     del modules, peft_model
     report = self_check(cfg, loaded, tmp, dtype)
     report.update(into=cfg.merge.into.value, dtype=cfg.merge.dtype.value, adapter=str(cfg.adapter),

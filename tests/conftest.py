@@ -69,9 +69,20 @@ def make_tiny_gemma3_with_vision(folder: Path, head_dim: int = 16) -> Path:
                            image_size=32, patch_size=8, vision_use_head=False),  # as Gemma 3's
         mm_tokens_per_image=4, boi_token_index=500, eoi_token_index=501, image_token_index=502)
     torch.manual_seed(0)
-    Gemma3ForConditionalGeneration(config).save_pretrained(folder)
+    model = Gemma3ForConditionalGeneration(config)
+    with torch.no_grad():  # the projector starts at zero: drawn at random, so that the vision part computes
+        for name, p in model.named_parameters():
+            if "vision_tower" in name or "multi_modal_projector" in name:
+                p.normal_(0, 0.3 if p.ndim > 1 else 0.5)
+    model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
+    # an image processor's normalization, not Gemma 3's (0.5, 0.5): what is written follows the file
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "Gemma3ImageProcessor", "image_mean": GEMMA3_TEST_MEAN, "image_std": GEMMA3_TEST_STD}))
     return folder
+
+
+GEMMA3_TEST_MEAN, GEMMA3_TEST_STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 
 def write_jsonl(path: Path, rows) -> Path:

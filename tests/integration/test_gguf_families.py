@@ -136,22 +136,35 @@ def test_gemma_phi3_and_qwen3_moe_export_to_gguf_and_load_back_with_the_same_log
     assert stats["max_logit_diff"] < 1e-4 and stats["top1_agreement"] == 1.0, stats
 
 
-def test_gemma3_with_vision_exports_its_language_model(tmp_path, capsys):
+def test_gemma3_with_vision_exports_its_language_model_and_an_mmproj_file(tmp_path, capsys):
     """Gemma 3 from 4B up holds a vision tower beside the language model (files: language_model.model...,
     vision_tower..., multi_modal_projector...). Its GGUF is the language model, as llama.cpp's main file
-    holds it, and says what it left out; on text it computes what the whole model does."""
+    holds it; on text it computes what the whole model does. The vision tower and projector go in an mmproj
+    file beside it, as llama.cpp reads them (its images: tests/integration/test_llama_cpp.py)."""
     import gguf
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import make_tiny_gemma3_with_vision, make_tokenizer
+    from tests.conftest import GEMMA3_TEST_MEAN, make_tiny_gemma3_with_vision, make_tokenizer
 
     base = make_tiny_gemma3_with_vision(tmp_path / "gemma3", head_dim=256)
     out = tmp_path / "gguf"
     assert main(["export", f"model.name_or_path={base}", "export.format=gguf", "export.gguf_type=f32",
                  f"output_dir={out}"]) == 0
     err = capsys.readouterr().err
-    assert "the GGUF holds the language model; 23 tensor(s) of the vision tower and its projector are left " \
-           "out" in err, err
+    assert "the GGUF holds the language model; the 23 tensors of the vision tower and its projector are not in " \
+           "it" in err and "the vision tower and its projector in mmproj-f32.gguf" in err, err
+    mmproj = gguf.GGUFReader(str(out / "mmproj-f32.gguf"))
+    fields = {k: f.contents() for k, f in mmproj.fields.items() if not k.startswith("GGUF.")}
+    assert (fields["general.architecture"], fields["general.type"], fields["clip.projector_type"]) == \
+           ("clip", "mmproj", "gemma3")
+    assert (fields["clip.vision.image_size"], fields["clip.vision.patch_size"], fields["clip.vision.block_count"],
+            fields["clip.vision.projection_dim"], fields["clip.vision.projector.scale_factor"]) == (32, 8, 1, 64, 2)
+    assert fields["clip.vision.image_mean"] == pytest.approx(GEMMA3_TEST_MEAN)  # the base's image processor's
+    assert len(mmproj.tensors) == 23 and {"v.blk.0.attn_q.weight", "mm.input_projection.weight"} <= \
+           {t.name for t in mmproj.tensors}
+    assert main(["export", f"model.name_or_path={base}", "export.format=ollama", f"output_dir={tmp_path / 'o'}"]) == 0
+    assert "the Modelfile's model reads text only" in capsys.readouterr().err
+    assert sorted(f.name for f in (tmp_path / "o").iterdir()) == ["Modelfile", "model-f16.gguf"]
     names = {t.name for t in gguf.GGUFReader(str(out / "model-f32.gguf")).tensors}
     assert "blk.1.attn_k_norm.weight" in names and not any(n.startswith(("v.", "mm.")) for n in names)
     back = AutoModelForCausalLM.from_pretrained(out, gguf_file="model-f32.gguf", dtype=torch.float32)
