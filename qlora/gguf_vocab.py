@@ -16,6 +16,38 @@ LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
+# llama.cpp drops the whitespace after each special token (rstrip) of a model whose name says Phi-3
+# (general.name, any case: "phi3" or "phi-3"), as Phi-3's tokenizer does, but after these; it fails to load
+# such a model whose vocabulary lacks any of them or </s>. No other model's tokens are stripped.
+PHI3_NAME = re.compile(r"phi-?3", re.IGNORECASE)
+PHI3_UNSTRIPPED = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def llama_cpp_name(name: str, tokenizer) -> str:
+    """The model's name (general.name) under which llama.cpp treats the whitespace after special tokens as
+    the tokenizer does: said to be Phi-3 where the tokenizer strips as Phi-3's does (its tokens hold
+    rstrip), and not where llama.cpp would then fail to load the file or strip what the tokenizer keeps."""
+    from qlora.models import say
+
+    added = [t for t in tokenizer.added_tokens_decoder.values()]
+    if not any(t.rstrip for t in added):
+        phi3 = False
+    else:
+        vocab = tokenizer.get_vocab()
+        phi3 = all(t in vocab for t in (*PHI3_UNSTRIPPED, "</s>")) and \
+            sum(t.rstrip != (t.content not in PHI3_UNSTRIPPED) for t in added) < sum(t.rstrip for t in added)
+    if phi3 and not PHI3_NAME.search(name):
+        say(f"export: the GGUF names the model '{name} (phi3)': llama.cpp strips the whitespace after special "
+            "tokens, as this tokenizer does, only for a model whose name says Phi-3")
+        return f"{name} (phi3)"
+    if not phi3 and PHI3_NAME.search(name):
+        renamed = PHI3_NAME.sub(lambda m: m[0][:3] + " 3", name)
+        say(f"export: the GGUF names the model '{renamed}', not '{name}': llama.cpp takes a model whose name "
+            "says Phi-3 for one, and would strip whitespace this tokenizer keeps or not load the file")
+        return renamed
+    return name
+
+
 def llama_cpp_pre(pre: Optional[dict]) -> str:
     """The name llama.cpp knows a tokenizer's pre-tokenizer by (GGUF's tokenizer.ggml.pre): it splits the
     text by that name's rules before the merges. Its default splits runs of punctuation off the space

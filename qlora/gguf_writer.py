@@ -13,7 +13,7 @@ from typing import Optional
 from qlora.config import GgufType
 from qlora.errors import UserError, WorkError
 from qlora.gguf_types import K_QUANTS, llama_cpp_quantize, tensor_type
-from qlora.gguf_vocab import add_tokenizer
+from qlora.gguf_vocab import add_tokenizer, llama_cpp_name
 
 
 @dataclass(frozen=True)
@@ -151,11 +151,12 @@ def write_gguf(folder: Path, path: Path, kind: GgufType, name: Optional[str] = N
     # each tensor goes to a temporary file as it is added (on disk past 256 MB), so that memory holds one
     # tensor at a time, not the whole model in fp32
     writer = gguf.GGUFWriter(str(path), family.arch, use_temp_file=True)
-    writer.add_name(name or folder.name)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    writer.add_name(llama_cpp_name(name or folder.name, tokenizer))
     head_dim = add_settings(writer, config, family)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if kind is GgufType.f32
                          else gguf.LlamaFileType[f"MOSTLY_{kind.value.upper()}"])
-    add_tokenizer(writer, AutoTokenizer.from_pretrained(folder), config)
+    add_tokenizer(writer, tokenizer, config)
 
     in_f16 = []  # tensors whose rows are no whole number of the type's blocks
     for name, data in gguf_tensors(folder, config, family):

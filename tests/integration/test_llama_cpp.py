@@ -300,6 +300,57 @@ def test_llama_cpp_tokenizes_as_a_sentencepiece_tokenizer_does(tmp_path):
     assert agreement(pairs)[1] == 1.0
 
 
+def phi3_tokenizer():
+    """The SentencePiece tokenizer with Phi-3's chat tokens, each of which, and </s>, strips the whitespace after
+    it (rstrip) as Phi-3's do; <unk>, <s> and <|endoftext|> do not."""
+    import json
+
+    from tokenizers import AddedToken, Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from tests.integration.test_export import sentencepiece_tokenizer
+
+    spec = json.loads(sentencepiece_tokenizer().backend_tokenizer.to_str())
+    for added in spec["added_tokens"]:
+        added["rstrip"] = added["content"] == "</s>"
+    backend = Tokenizer.from_str(json.dumps(spec))
+    backend.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False)] + [
+        AddedToken(t, special=True, normalized=False, rstrip=True) for t in ("<|user|>", "<|assistant|>", "<|end|>")])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>")
+
+
+def test_llama_cpp_strips_whitespace_after_special_tokens_as_phi3s_tokenizer_does(tmp_path, capsys):
+    """llama.cpp drops the whitespace after special tokens only for a model whose name says Phi-3. A tokenizer
+    that does so, as Phi-3's, gets "(phi3)" after its name, and its chat turns tokenize alike in llama.cpp."""
+    import gguf
+
+    tok = phi3_tokenizer()
+    model = tiny_model(tmp_path, "LlamaConfig", dict(vocab_size=len(tok)), tokenizer=tok)
+    path = export(model, tmp_path / "gguf")
+    assert "the GGUF names the model 'model (phi3)'" in capsys.readouterr().err
+    assert gguf.GGUFReader(str(path)).fields["general.name"].contents() == "model (phi3)"
+    texts = ["<|user|>\nWhat is the capital of France?<|end|>\n<|assistant|>\n Paris.<|end|>\n",
+             "<|endoftext|> kept</s>  stripped<s> kept"]
+    ids = [tok(t, add_special_tokens=False).input_ids for t in texts]
+    assert ids[0][1] != ids[1][1]  # (the whitespace after <|user|> gone, after <|endoftext|> kept)
+    llm = llama_cpp_model(path)
+    assert [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts] == ids
+
+
+def test_a_model_named_after_phi3_without_its_tokens_is_renamed_so_that_llama_cpp_loads_it(tmp_path, capsys):
+    """A run or folder named after Phi-3 (any case) whose tokenizer lacks Phi-3's tokens: llama.cpp would fail
+    to load it under that name, so the GGUF's name says "Phi 3"."""
+    import gguf
+
+    model = tiny_model(tmp_path, "LlamaConfig", {}).rename(tmp_path / "my-Phi3-run")
+    path = export(model, tmp_path / "gguf")
+    assert "the GGUF names the model 'my-Phi 3-run', not 'my-Phi3-run'" in capsys.readouterr().err
+    assert gguf.GGUFReader(str(path)).fields["general.name"].contents() == "my-Phi 3-run"
+    pairs, same_tokens = logits_by_both(model, path)
+    assert all(same_tokens) and agreement(pairs)[1] == 1.0
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,top1,most_kl", [("f16", 0.99, 1e-4), ("q8_0", 0.95, 0.02)])
 def test_the_real_smollm2_runs_in_llama_cpp_as_in_transformers(kind, top1, most_kl, tmp_path):
