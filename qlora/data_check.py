@@ -131,7 +131,7 @@ def data_check_cli(cfg) -> int:
     refuse(validate_train(cfg))
     out = claim_output_dir(cfg, required=False)
     train_ex, _, stats = split_examples(cfg.data, cfg.train.seed)
-    tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path), cfg.model,
+    tokenizer = load_tokenizer(resolve_model(cfg.model.name_or_path, weights=False), cfg.model,
                                chat=any(ex.messages for ex in train_ex))
     kept: List[Example] = []
     rows = tokenize_examples(tokenizer, train_ex, cfg.data, cfg.train.max_length, stats, kept)

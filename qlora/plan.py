@@ -109,12 +109,12 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
     from qlora.models import BUILTIN, resolve_model
 
     if name_or_path in BUILTIN or Path(name_or_path).expanduser().is_dir():
-        folder = Path(resolve_model(name_or_path))
+        folder = Path(resolve_model(name_or_path, weights=False))
     elif name_or_path in KNOWN:
         return KNOWN[name_or_path], None
     else:
         try:
-            resolve_model(name_or_path)  # a hub id: its config.json in the cache or fetched, else why not
+            resolve_model(name_or_path, weights=False)  # a hub id: its config.json in the cache or fetched, else why not
         except UserError as e:
             raise UserError(f"{e}; plan knows the shapes of {', '.join(KNOWN)} without their files") from None
         from huggingface_hub import try_to_load_from_cache
