@@ -14,6 +14,13 @@ from qlora.errors import UserError
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# OpenAI's o200k rules (gpt-oss's tokenizer), which llama.cpp knows as gpt-4o: a word's case runs split apart,
+# contractions kept on the word
+O200K_SPLIT = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+               r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+               r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 # llama.cpp drops the whitespace after each special token (rstrip) of a model whose name says Phi-3
@@ -59,6 +66,8 @@ def llama_cpp_pre(pre: Optional[dict]) -> str:
         return "llama-bpe"
     if splits == [QWEN2_SPLIT] and len(parts) == 2 and byte_level:
         return "qwen2"
+    if splits == [O200K_SPLIT] and len(parts) == 2 and byte_level:
+        return "gpt-4o"
     if byte_level and byte_level[0].get("use_regex", True) and len(parts) == 1:
         return "gpt-2"  # GPT-2's rules, as SmolLM2's tokenizer converted from its GGUF file has them
     if byte_level and byte_level[0].get("use_regex", True) and len(parts) == 2 and \

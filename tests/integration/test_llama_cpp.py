@@ -245,16 +245,17 @@ def test_k_quants_are_quantized_by_llama_cpp(kind, types, most, top1, most_kl, t
 # newlines, letters beyond ASCII
 TOKEN_TEXTS = ['Maria is 34 years old. {"name": "Maria", "age": 34, "city": "Lisbon"}',
                "It's 1234567 km -- isn't it?\n\n  Two  spaces,\ttab; Ünïcödé: ü, 東京, 🙂!",
-               "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis."]
+               "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\nParis.",
+               "getHTTPResponse isn't JSONData's; a/b\n/c"]
 
 
 def byte_level_tokenizer(kind: str):
-    """A byte-level BPE tokenizer with the pre-tokenizer of Llama 3, Qwen2, SmolLM2 or GPT-2, as the tokenizers
+    """A byte-level BPE tokenizer with the pre-tokenizer of Llama 3, Qwen2, gpt-oss, SmolLM2 or GPT-2, as the tokenizers
     library writes each into tokenizer.json, learned on the tiny tokenizer's lines and TOKEN_TEXTS."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from qlora.gguf_vocab import LLAMA3_SPLIT, QWEN2_SPLIT
+    from qlora.gguf_vocab import LLAMA3_SPLIT, O200K_SPLIT, QWEN2_SPLIT
     from tests.conftest import CHATML, SPECIALS
 
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
@@ -262,6 +263,7 @@ def byte_level_tokenizer(kind: str):
     tok.pre_tokenizer = {
         "llama-bpe": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), "isolated"), byte_level]),
         "qwen2": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(QWEN2_SPLIT), "isolated"), byte_level]),
+        "gpt-4o": pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(O200K_SPLIT), "isolated"), byte_level]),
         "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                            pre_tokenizers.ByteLevel(add_prefix_space=False)]),
         "gpt-2": pre_tokenizers.ByteLevel(add_prefix_space=False)}[kind]
@@ -272,7 +274,7 @@ def byte_level_tokenizer(kind: str):
                                    unk_token="<|endoftext|>", pad_token="<pad>", chat_template=CHATML)
 
 
-@pytest.mark.parametrize("kind", ["llama-bpe", "qwen2", "smollm", "gpt-2"])
+@pytest.mark.parametrize("kind", ["llama-bpe", "qwen2", "gpt-4o", "smollm", "gpt-2"])
 def test_llama_cpp_tokenizes_as_the_tokenizer_does(kind, tmp_path):
     """Each byte-level pre-tokenizer the export names: llama.cpp splits the text by that name's rules, and its
     tokens are the tokenizer's, special tokens included."""
