@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Optional
 
@@ -40,7 +41,11 @@ FAMILIES = {
     "gemma2": Family("gemma2", norm_shift=1.0, swa_every=2),
     "gemma3_text": Family("gemma3", norm_shift=1.0, swa_every=6),
     "gemma3": Family("gemma3", norm_shift=1.0, swa_every=6),  # with its vision tower: the language model alone
+    # experts fused and gate/up interleaved in the files, attention sinks, a window on every other layer
+    "gpt_oss": Family("gpt-oss", swa_every=2),
 }
+# the clamp of gpt-oss's SwiGLU, which llama.cpp fixes for the architecture
+GPT_OSS_SWIGLU_LIMIT = 7.0
 # the layer counts llama.cpp takes for Gemma's 27B, which scales attention by hidden / heads, not head_dim
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # rotary scalings written as llama.cpp reads them (longrope: Phi-3's, the only family llama.cpp reads it for)
@@ -78,7 +83,12 @@ def check_gguf_arch(folder):
         raise UserError(f"GGUF export: llama.cpp does not read {kind!r} rotary scaling for {family.arch}; "
                         "use export.format=safetensors")
     if family.swa_every:
+        check_layer_pattern(text, family)
+    if family.arch in GEMMA_27B_LAYERS:
         check_gemma(text, family, local)
+    if config.model_type == "gpt_oss" and config.swiglu_limit != GPT_OSS_SWIGLU_LIMIT:
+        raise UserError(f"GGUF export: llama.cpp clamps gpt-oss's SwiGLU at {GPT_OSS_SWIGLU_LIMIT}, where this "
+                        f"model has swiglu_limit={config.swiglu_limit}: use export.format=safetensors")
     if config.model_type == "phi" and config.qk_layernorm:
         raise UserError("GGUF export: llama.cpp's phi2 has no layer norm of q and k (qk_layernorm=true in this "
                         "model): use export.format=safetensors")
@@ -90,17 +100,25 @@ def check_gguf_arch(folder):
     return config
 
 
-def check_gemma(config, family: Family, local) -> None:
-    """llama.cpp fixes Gemma's layer pattern, local rotary base and attention scale by the architecture; a
-    model that differs would load and compute another function, so it is refused."""
-    def refuse(what: str, key: str, value):
-        raise UserError(f"GGUF export: llama.cpp assumes {what} of {family.arch}, where this model has "
-                        f"{key}={value}; its GGUF would compute another function: use export.format=safetensors")
+def refuse_assumption(family: Family, what: str, key: str, value):
+    raise UserError(f"GGUF export: llama.cpp assumes {what} of {family.arch}, where this model has "
+                    f"{key}={value}; its GGUF would compute another function: use export.format=safetensors")
 
+
+def check_layer_pattern(config, family: Family) -> None:
+    """llama.cpp fixes which layers attend through a sliding window by the architecture (Gemma, gpt-oss): the
+    last of each `swa_every` layers attends globally. A model whose layers differ is refused."""
     expected = ["full_attention" if (i + 1) % family.swa_every == 0 else "sliding_attention"
                 for i in range(config.num_hidden_layers)]
     if list(getattr(config, "layer_types", expected)) != expected:
-        refuse(f"one global-attention layer in every {family.swa_every}", "layer_types", config.layer_types)
+        refuse_assumption(family, f"one global-attention layer in every {family.swa_every}", "layer_types",
+                          config.layer_types)
+
+
+def check_gemma(config, family: Family, local) -> None:
+    """llama.cpp fixes Gemma's local rotary base and attention scale by the architecture; a model that differs
+    would load and compute another function, so it is refused."""
+    refuse = partial(refuse_assumption, family)
     if local is not None and (local.get("rope_type", "default") != "default" or local.get("rope_theta") != 10000.0):
         refuse("a rotary base of 10000, unscaled, in the sliding-window layers",
                "rope_parameters.sliding_attention", local)
@@ -228,6 +246,8 @@ def add_settings(writer, config, family: Family) -> int:
         writer.add_expert_used_count(config.num_experts_per_tok)
         if getattr(config, "moe_intermediate_size", None):
             writer.add_expert_feed_forward_length(config.moe_intermediate_size)
+        elif family.arch == "gpt-oss":  # every layer a mixture of intermediate_size experts
+            writer.add_expert_feed_forward_length(config.intermediate_size)
     if family.swa_every:
         writer.add_sliding_window(config.sliding_window)
         for key in ("attn_logit_softcapping", "final_logit_softcapping"):
@@ -247,7 +267,7 @@ def gguf_tensors(folder: Path, config, family: Family):
 
     from qlora.models import say
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch.upper()], config.num_hidden_layers)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch.upper().replace("-", "_")], config.num_hidden_layers)
     n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     experts, left_out = {}, 0  # a stacked tensor's experts read so far, by index
     files = sorted(folder.glob("*.safetensors"))
@@ -275,6 +295,12 @@ def gguf_tensors(folder: Path, config, family: Family):
                         t = torch.stack([by_index[i] for i in range(n_experts)])
                         yield gguf_name(names, stacked), t.numpy().astype(np.float32)
                     continue
+                if family.arch == "gpt-oss" and ".mlp.experts." in hf_key:
+                    for name, t in gpt_oss_experts(hf_key, read_tensor(f, key)):
+                        yield gguf_name(names, name), t.numpy().astype(np.float32)
+                    continue
+                if hf_key.endswith(".sinks"):  # gpt-oss's attention sinks: a bare parameter
+                    hf_key += ".weight"
                 t = read_tensor(f, key)
                 if family.permute_qk and hf_key.endswith("self_attn.q_proj.weight"):
                     t = rope_permute(t, config.num_attention_heads)
@@ -290,6 +316,21 @@ def gguf_tensors(folder: Path, config, family: Family):
     if left_out:
         say(f"export: the GGUF holds the language model; the {left_out} tensors of the vision tower and its "
             "projector are not in it (llama.cpp reads those from a separate mmproj file)")
+
+
+def gpt_oss_experts(key: str, t):
+    """gpt-oss's fused expert tensors as llama.cpp holds them: gate_up_proj (experts, hidden, 2 x intermediate,
+    gate and up interleaved) as ffn_gate_exps and ffn_up_exps of (experts, intermediate, hidden), down_proj
+    transposed likewise; their biases split the same way."""
+    stem = key.rsplit(".", 1)[0]  # model.layers.N.mlp.experts
+    if key.endswith("gate_up_proj_bias"):
+        return [(f"{stem}.gate_proj.bias", t[..., 0::2]), (f"{stem}.up_proj.bias", t[..., 1::2])]
+    if key.endswith("gate_up_proj"):
+        t = t.transpose(-1, -2)
+        return [(f"{stem}.gate_proj.weight", t[:, 0::2]), (f"{stem}.up_proj.weight", t[:, 1::2])]
+    if key.endswith("down_proj_bias"):
+        return [(f"{stem}.down_proj.bias", t)]
+    return [(f"{stem}.down_proj.weight", t.transpose(-1, -2))]
 
 
 def read_tensor(file: Path, key: str):

@@ -230,6 +230,12 @@ REFUSED = {
     "dynamic rotary scaling": ("LlamaConfig", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
                                                                     "rope_theta": 10000.0}),
                                "llama.cpp does not read 'dynamic' rotary scaling for llama"),
+    "gpt-oss swiglu limit": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, swiglu_limit=10.0),
+                             "llama.cpp clamps gpt-oss's SwiGLU at 7.0, where this model has swiglu_limit=10.0"),
+    "gpt-oss layer pattern": ("GptOssConfig", dict(head_dim=16, num_local_experts=4,
+                                                   layer_types=["sliding_attention", "sliding_attention"]),
+                              "llama.cpp assumes one global-attention layer in every 2 of gpt-oss"),
+    "an architecture not written": ("GPT2Config", {}, "not 'gpt2'; use export.format=safetensors"),
 }
 
 

@@ -33,6 +33,8 @@ FAMILIES = {
     "olmo2": ("Olmo2Config", {}),
     "granite": ("GraniteConfig", dict(embedding_multiplier=12.0, residual_multiplier=0.22,  # Granite 3's
                                       attention_multiplier=0.0078125, logits_scaling=8.0)),
+    # gpt-oss-20b's rotary scaling (YaRN, 32x) and layer pattern; the window (16) narrower than the second text
+    "gpt_oss": ("GptOssConfig", dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=16)),
     # rotary scalings: Llama 3.1's per-frequency factors, YaRN, Gemma 3's linear scaling of its global layers
     "llama3.1 rotary": ("LlamaConfig", dict(max_position_embeddings=131072, rope_parameters={
         "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
@@ -60,8 +62,10 @@ def tiny_model(folder, config_class: str, own: dict, tokenizer=None):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.normal_(0, 0.5)
-            elif name.endswith(".bias"):
+            elif name.endswith((".bias", "_bias")):  # gpt-oss's experts: gate_up_proj_bias
                 p.normal_(0, 0.1)
+            elif name.endswith(".sinks"):  # gpt-oss's attention sinks
+                p.normal_(0, 1.0)
     model.save_pretrained(path)
     (tokenizer or make_tokenizer()).save_pretrained(path)
     return path
