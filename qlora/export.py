@@ -57,7 +57,10 @@ def export_cli(cfg: QLoraConfig) -> int:
             merge_run(replace(cfg, merge=replace(cfg.merge, dtype=SaveDtype.float32)), merged)
             shutil.copy(merged / "merge_report.json", staged / "merge_report.json")
         else:
-            merged = Path(cfg.model.name_or_path).expanduser()
+            from qlora.prequantized import loadable_in_4bit
+
+            # a folder stored in MXFP4 (gpt-oss as OpenAI ships it) as its bf16 conversion
+            merged = Path(loadable_in_4bit(str(Path(cfg.model.name_or_path).expanduser()), cfg.model.name_or_path))
         if fmt is ExportFormat.nf4:
             export_nf4(cfg, merged, staged)
         else:

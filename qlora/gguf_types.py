@@ -14,14 +14,15 @@ K_QUANTS = {GgufType.q6_k: "Q6_K", GgufType.q5_k_m: "Q5_K_M", GgufType.q4_k_m: "
 
 
 def tensor_type(name: str, data, kind: GgufType):
-    """The GGML type a tensor is written in: f32 for vectors (norms, biases) and a mixture's routers; for the
-    4- and 5-bit kinds, q8_0 for the token embeddings and the LM head (llama.cpp's own quantizer keeps the
-    output layer at more bits too, and a tied head is the embeddings); f16 where a row is not a whole number
-    of the type's blocks."""
+    """The GGML type a tensor is written in: f32 for vectors (norms, biases), for biases a row an expert
+    (gpt-oss's, which llama.cpp adds in f32 only) and for a mixture's routers; for the 4- and 5-bit kinds,
+    q8_0 for the token embeddings and the LM head (llama.cpp's own quantizer keeps the output layer at more
+    bits too, and a tied head is the embeddings); f16 where a row is not a whole number of the type's
+    blocks."""
     import gguf
 
     Q = gguf.GGMLQuantizationType
-    if data.ndim == 1 or kind is GgufType.f32 or ".ffn_gate_inp." in name:
+    if data.ndim == 1 or kind is GgufType.f32 or ".ffn_gate_inp." in name or name.endswith(".bias"):
         return Q.F32
     qtype = Q[kind.value.upper()]
     if kind.value.startswith(("q4", "q5")) and name.split(".")[0] in ("token_embd", "output"):

@@ -46,6 +46,8 @@ FAMILIES = {
 }
 # the clamp of gpt-oss's SwiGLU, which llama.cpp fixes for the architecture
 GPT_OSS_SWIGLU_LIMIT = 7.0
+# the GGUF types that are floats: gpt-oss's experts are written in them as asked, in MXFP4 under the others
+FLOAT_TYPES = (GgufType.f32, GgufType.f16, GgufType.bf16)
 # the layer counts llama.cpp takes for Gemma's 27B, which scales attention by hidden / heads, not head_dim
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # rotary scalings written as llama.cpp reads them (longrope: Phi-3's, the only family llama.cpp reads it for)
@@ -176,9 +178,15 @@ def write_gguf(folder: Path, path: Path, kind: GgufType, name: Optional[str] = N
                          else gguf.LlamaFileType[f"MOSTLY_{kind.value.upper()}"])
     add_tokenizer(writer, tokenizer, config)
 
-    in_f16 = []  # tensors whose rows are no whole number of the type's blocks
+    in_f16, in_mxfp4 = [], 0  # tensors whose rows are no whole number of the type's blocks; experts in MXFP4
     for name, data in gguf_tensors(folder, config, family):
         qtype = tensor_type(name, data, kind)
+        exact = mxfp4_if_exact(data) if family.arch == "gpt-oss" and "_exps." in name and data.ndim == 3 \
+            and kind not in FLOAT_TYPES else None
+        if exact is not None:
+            writer.add_tensor(name, exact, raw_shape=exact.shape, raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+            in_mxfp4 += 1
+            continue
         if qtype is gguf.GGMLQuantizationType.F16 and kind is not GgufType.f16:
             in_f16.append(name)
         if qtype is gguf.GGMLQuantizationType.F32:  # norms and biases stay f32
@@ -193,6 +201,9 @@ def write_gguf(folder: Path, path: Path, kind: GgufType, name: Optional[str] = N
     if in_f16:
         say(f"export.gguf_type={kind.value}: {len(in_f16)} tensor(s) written f16, their rows not a whole number "
             f"of the type's blocks ({', '.join(in_f16[:3])}{', ...' if len(in_f16) > 3 else ''})")
+    if in_mxfp4:
+        say(f"export.gguf_type={kind.value}: the {in_mxfp4} expert tensors written in MXFP4, which holds their "
+            "values exactly (gpt-oss's experts as OpenAI ships them, which training leaves as they are)")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -316,6 +327,19 @@ def gguf_tensors(folder: Path, config, family: Family):
     if left_out:
         say(f"export: the GGUF holds the language model; the {left_out} tensors of the vision tower and its "
             "projector are not in it (llama.cpp reads those from a separate mmproj file)")
+
+
+def mxfp4_if_exact(data):
+    """A tensor in MXFP4 where that holds every value exactly, else None. gpt-oss's experts are such when they
+    come from OpenAI's MXFP4 checkpoint (prequantized.py) and no LoRA changed them: then MXFP4 writes them
+    exactly in a quarter of q8_0's bits."""
+    import gguf
+    import numpy as np
+
+    if data.shape[-1] % 32:
+        return None
+    q = gguf.quants.quantize(data, gguf.GGMLQuantizationType.MXFP4)
+    return q if np.array_equal(gguf.quants.dequantize(q, gguf.GGMLQuantizationType.MXFP4), data) else None
 
 
 def gpt_oss_experts(key: str, t):

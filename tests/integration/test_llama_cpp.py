@@ -135,6 +135,41 @@ def test_gemma3_with_its_vision_tower_runs_as_its_language_model(tmp_path):
     assert all(same_tokens) and max_diff < 1e-3 and top1 == 1.0, (max_diff, top1, kl)
 
 
+@pytest.mark.parametrize("kind", ["f16", "q4_0"])
+def test_gpt_oss_runs_in_llama_cpp_in_16_and_4_bits(kind, tmp_path):
+    """gpt-oss's per-expert biases (a row an expert) stay f32, which llama.cpp adds them in (written f16 or
+    quantized, llama.cpp aborted on the first token)."""
+    _, most, top1, _ = next(k for k in KINDS if k[0] == kind)
+    model = tiny_model(tmp_path, *FAMILIES["gpt_oss"])
+    pairs, same_tokens = logits_by_both(model, export(model, tmp_path / "gguf", kind))
+    max_diff, agree, _ = agreement(pairs)
+    assert all(same_tokens) and max_diff < most and agree >= top1, (max_diff, agree)
+
+
+def test_gpt_oss_experts_from_openais_mxfp4_stay_mxfp4_exactly(tmp_path, monkeypatch, capsys):
+    """gpt-oss's experts as OpenAI ships them (MXFP4; training leaves them as they are) go into a quantized
+    GGUF in MXFP4, which holds their values exactly in a quarter of q8_0's bits; the rest is q8_0."""
+    import gguf
+
+    from tests.integration.test_prequantized import tiny_gpt_oss_in_mxfp4
+
+    monkeypatch.setenv("QLORA_CACHE", str(tmp_path / "cache"))
+    base, _ = tiny_gpt_oss_in_mxfp4(tmp_path / "gpt-oss")
+    path = export(base, tmp_path / "gguf", "q8_0")
+    assert "the 6 expert tensors written in MXFP4, which holds their values exactly" in capsys.readouterr().err
+    (converted,) = (tmp_path / "cache" / "mxfp4").iterdir()  # its bf16 conversion, which transformers loads
+    tensors = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    assert {t.tensor_type.name for n, t in tensors.items() if "_exps.weight" in n} == {"MXFP4"}
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q8_0"
+    up = gguf.quants.dequantize(tensors["blk.0.ffn_up_exps.weight"].data, gguf.GGMLQuantizationType.MXFP4)
+    from safetensors.torch import load_file
+    fused = load_file(str(converted / "model.safetensors"))["model.layers.0.mlp.experts.gate_up_proj"]
+    assert np.array_equal(up.reshape(4, 64, 64), fused.float().transpose(1, 2)[:, 1::2].numpy())
+    pairs, same_tokens = logits_by_both(converted, path)
+    max_diff, top1, kl = agreement(pairs)
+    assert all(same_tokens) and max_diff < 0.02 and top1 >= 0.9, (max_diff, top1, kl)
+
+
 def image_embeddings(gguf_path, mmproj_path, image: np.ndarray) -> np.ndarray:
     """llama.cpp's embeddings of an RGB image (height x width x 3, uint8) through an mmproj file, as its
     multimodal library (libmtmd) hands them to the language model: (image tokens x hidden)."""
