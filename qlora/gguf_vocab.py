@@ -36,7 +36,7 @@ def llama_cpp_name(name: str, tokenizer) -> str:
     rstrip), and not where llama.cpp would then fail to load the file or strip what the tokenizer keeps."""
     from qlora.models import say
 
-    added = [t for t in tokenizer.added_tokens_decoder.values()]
+    added = list(tokenizer.added_tokens_decoder.values())
     if not any(t.rstrip for t in added):
         phi3 = False
     else:

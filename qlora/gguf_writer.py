@@ -103,6 +103,7 @@ def check_gguf_arch(folder):
 
 
 def refuse_assumption(family: Family, what: str, key: str, value):
+    """Refuse a model that differs from what llama.cpp assumes of its architecture."""
     raise UserError(f"GGUF export: llama.cpp assumes {what} of {family.arch}, where this model has "
                     f"{key}={value}; its GGUF would compute another function: use export.format=safetensors")
 

@@ -365,9 +365,10 @@ def self_check(cfg: QLoraConfig, loaded, folder: Path, dtype) -> Dict[str, objec
     """Compare the saved model (its weights computed in fp32) with the adapter on its 4-bit base.
 
     The adapter model's logits are taken first (each text's first merge.check_max_tokens tokens), written
-    to the disk and the model freed, so the two never sit in memory together. An 8B model is 32 GB in fp32, more than a 24 GB GPU or Colab's RAM: what does not fit on
-    the GPU waits in CPU RAM, and what does not fit there is read from the merged files, layer by layer
-    (accelerate's offloading), so the check is slower there but does not run out of memory."""
+    to the disk and the model freed, so the two never sit in memory together. An 8B model is 32 GB in fp32,
+    more than a 24 GB GPU or Colab's RAM: what does not fit on the GPU waits in CPU RAM, and what does not
+    fit there is read from the merged files, layer by layer (accelerate's offloading), so the check is
+    slower there but does not run out of memory."""
     import gc
     import tempfile
 

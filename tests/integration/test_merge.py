@@ -163,7 +163,8 @@ def test_a_model_whose_weights_are_renamed_on_load_merges_and_starts_loftq(tiny_
     report = json.loads((tmp_path / "merged" / "merge_report.json").read_text())
     assert report["top1_agreement"] == 1.0 and report["max_logit_diff"] < 1e-4, report
     # the image processor's settings kept, so that the merged folder reads images as the base does
-    assert (tmp_path / "merged" / "preprocessor_config.json").read_text() == (base / "preprocessor_config.json").read_text()
+    kept = tmp_path / "merged" / "preprocessor_config.json"
+    assert kept.read_text() == (base / "preprocessor_config.json").read_text()
     capsys.readouterr()
 
     assert main(["export", f"adapter={run}", "export.format=gguf", f"output_dir={tmp_path / 'gguf'}"]) == 2
