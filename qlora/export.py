@@ -47,6 +47,13 @@ def export_cli(cfg: QLoraConfig) -> int:
         from qlora.inference import adapter_base_folder
 
         check_gguf_arch(adapter_base_folder(cfg))
+    if fmt is ExportFormat.ollama:  # the tokenizer the merged folder will hold: the run's, or the folder's
+        from transformers import AutoTokenizer
+
+        from qlora.adapters import adapter_dir
+
+        ollama_template(AutoTokenizer.from_pretrained(adapter_dir(cfg.adapter) if cfg.adapter
+                                                      else Path(cfg.model.name_or_path).expanduser()))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))
     try:
@@ -157,6 +164,10 @@ OLLAMA_TEMPLATES = {
 }
 
 
+# gpt-oss's chat format (harmony): turns in channels, which none of the templates above writes
+HARMONY = "<|channel|>"
+
+
 def default_system(tokenizer) -> Optional[str]:
     """The system message a template inserts when the conversation has none (SmolLM2's does)."""
     from jinja2.exceptions import TemplateError
@@ -175,19 +186,25 @@ def default_system(tokenizer) -> Optional[str]:
     return None
 
 
+def ollama_template(tokenizer):
+    """(the Go template, its stop strings) for the tokenizer's chat template, by its markers; refused where
+    none is known (gpt-oss's harmony format shares Phi-3's <|end|> but not its turns)."""
+    template = tokenizer.chat_template or ""
+    match = None if HARMONY in template else next((m for m in OLLAMA_TEMPLATES if m in template), None)
+    if match is None:
+        raise UserError("export.format=ollama knows ChatML, Llama-3, Llama-2, Mistral, Gemma, Phi-3 and Zephyr chat "
+                        "templates; this model's template is none of them: use export.format=gguf and write the "
+                        "Modelfile TEMPLATE by hand")
+    return OLLAMA_TEMPLATES[match]
+
+
 def write_modelfile(folder: Path, gguf_name: str, path: Path) -> None:
     from transformers import AutoTokenizer
 
     from qlora.models import stop_token_ids
 
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    template = tokenizer.chat_template or ""
-    match = next((m for m in OLLAMA_TEMPLATES if m in template), None)
-    if match is None:
-        raise UserError("export.format=ollama knows ChatML, Llama-3, Llama-2, Mistral, Gemma, Phi-3 and Zephyr chat "
-                        "templates; this model's template is none of them: use export.format=gguf and write the "
-                        "Modelfile TEMPLATE by hand")
-    go_template, stops = OLLAMA_TEMPLATES[match]
+    go_template, stops = ollama_template(tokenizer)
     stops = sorted(set(stops) | {tokenizer.convert_ids_to_tokens(i) for i in stop_token_ids(tokenizer)})
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{go_template}"""']
     system = default_system(tokenizer)

@@ -300,3 +300,26 @@ def test_ollama_modelfile_for_gemma_phi3_mistral_and_llama2_templates(jinja, mar
     text = (tmp_path / "Modelfile").read_text()
     assert all(m.replace("\\n", "\n") in text for m in marks), text
     assert f'PARAMETER stop "{stop}"' in text and "SYSTEM" not in text, text
+
+
+# gpt-oss's harmony format, shortened: turns in channels, each ended by <|end|> as Phi-3's are
+HARMONY_JINJA = ("{% for m in messages %}<|start|>{{ m['role'] }}<|channel|>final<|message|>{{ m['content'] }}<|end|>"
+                 "{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+def test_ollama_export_of_gpt_oss_harmony_format_is_refused_before_the_merge(tiny_run, tmp_path, capsys):
+    """gpt-oss's harmony template shares Phi-3's <|end|>, which chose Phi-3's Go template for it: Ollama would
+    have prompted the model in another format. It is refused, before the merge, with what to do instead."""
+    import shutil
+
+    run, _ = tiny_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.run_dir, copy)
+    config = json.loads((copy / "adapter" / "tokenizer_config.json").read_text())
+    config["chat_template"] = HARMONY_JINJA
+    (copy / "adapter" / "tokenizer_config.json").write_text(json.dumps(config))
+    (copy / "adapter" / "chat_template.jinja").unlink(missing_ok=True)
+    assert main(["export", f"adapter={copy}", "export.format=ollama", f"output_dir={tmp_path / 'o'}"]) == 2
+    err = capsys.readouterr().err
+    assert "this model's template is none of them: use export.format=gguf" in err and "merging" not in err, err
+    assert not (tmp_path / "o").exists()
