@@ -35,6 +35,7 @@ def write_mmproj(folder: Path, path: Path, kind: GgufType, name: str) -> None:
     from transformers import AutoConfig
 
     from qlora.gguf_writer import gguf_name, read_tensor
+    from qlora.models import weight_files
 
     config = AutoConfig.from_pretrained(folder)
     vision = config.vision_config
@@ -62,7 +63,7 @@ def write_mmproj(folder: Path, path: Path, kind: GgufType, name: str) -> None:
         writer.add_vision_projector_scale_factor(pooling)
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, vision.num_hidden_layers)
-    for file in sorted(folder.glob("*.safetensors")):
+    for file in weight_files(str(folder)):
         for key, hf_key in vision_keys(file):
             t = read_tensor(file, key)
             if hf_key.endswith("soft_emb_norm.weight"):  # Gemma's norm scales by 1 + weight, llama.cpp's by the weight

@@ -277,12 +277,12 @@ def gguf_tensors(folder: Path, config, family: Family):
     from safetensors import safe_open
     from tqdm.auto import tqdm
 
-    from qlora.models import say
+    from qlora.models import say, weight_files
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[family.arch.upper().replace("-", "_")], config.num_hidden_layers)
     n_experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
     experts, left_out = {}, 0  # a stacked tensor's experts read so far, by index
-    files = sorted(folder.glob("*.safetensors"))
+    files = weight_files(str(folder))
     total = 0
     for f in files:
         with safe_open(str(f), framework="pt") as shard:

@@ -23,14 +23,15 @@ def loftq_start(model, base_path: str) -> Tuple[int, int, float]:
     import torch
     from safetensors import safe_open
 
-    from qlora.merge import base_weight_files, checkpoint_names
+    from qlora.merge import checkpoint_names
+    from qlora.models import weight_files
 
     modules = dict(model.get_base_model().named_modules())
     rename = checkpoint_names(model.get_base_model())
     layers, before, after = 0, 0.0, 0.0
     with torch.no_grad(), torch.random.fork_rng():
         torch.manual_seed(0)  # the randomized SVD: the same start on every rank and every run
-        for f in base_weight_files(base_path):
+        for f in weight_files(base_path):
             with safe_open(str(f), framework="pt") as shard:
                 for key in shard.keys():
                     name, _, leaf = rename(key).rpartition(".")

@@ -54,19 +54,6 @@ def output_folder(cfg: QLoraConfig, what: str) -> Path:
     return claim_output_dir(cfg)
 
 
-def base_weight_files(path: str) -> List[Path]:
-    """The safetensors files of a base model (a local folder, or a hub id already in the HF cache)."""
-    folder = Path(path)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
-
-        folder = Path(snapshot_download(path, allow_patterns=["*.safetensors", "*.json"]))
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"{path}: no .safetensors weights to merge into")
-    return files
-
-
 def checkpoint_names(model) -> Callable[[str], str]:
     """The model's own name for each key of its safetensors files. transformers renames some checkpoints'
     keys as it loads them, by the model's conversion mapping (multimodal models: the files' language_model.
@@ -117,7 +104,7 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     from tqdm.auto import tqdm
 
     from qlora.inference import load_for_inference
-    from qlora.models import say
+    from qlora.models import say, weight_files
 
     started = time.perf_counter()
     loaded = load_for_inference(cfg, exact=True)
@@ -130,7 +117,7 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    files = base_weight_files(base_path)
+    files = weight_files(base_path)
     rename = checkpoint_names(peft_model.get_base_model())
     fused = fused_layout(peft_model.get_base_model(), modules)
     check_all_found(files, modules, rename, fused)

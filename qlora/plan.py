@@ -248,7 +248,9 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
 def model_file_gb(folder: Optional[Path]) -> float:
     if folder is None:
         return 0.0
-    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / GiB
+    from qlora.models import listed_weight_files
+
+    return sum(f.stat().st_size for f in listed_weight_files(folder)) / GiB
 
 
 def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, checkpointing: bool) -> Optional[str]:

@@ -21,7 +21,7 @@ from qlora.errors import UserError
 # the converted folder's shards: one in memory at a time
 SHARD_BYTES = 2 * 2**30
 # what a hub snapshot of a checkpoint holds beside its weights (config, tokenizer, chat template)
-MODEL_FILES = ["*.safetensors", "*.json", "*.jinja", "*.model", "*.txt"]
+MODEL_FILES = ["*.json", "*.jinja", "*.model", "*.txt"]
 
 
 def quant_method(path: str) -> Optional[str]:
@@ -64,16 +64,14 @@ def mxfp4_converted(path: str, name_or_path: str) -> Path:
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     from qlora.merge import ShardWriter
-    from qlora.models import cache_dir, say
+    from qlora.models import cache_dir, say, weight_files
 
-    source = Path(path).expanduser()
-    if not source.is_dir():
+    files = weight_files(path)
+    source = files[0].parent
+    if not Path(path).expanduser().is_dir():  # the tokenizer and chat template beside them
         from huggingface_hub import snapshot_download
 
-        source = Path(snapshot_download(path, allow_patterns=MODEL_FILES))
-    files = sorted(source.glob("*.safetensors"))
-    if not files:
-        raise UserError(f"model.name_or_path={name_or_path}: no .safetensors weights in {source}")
+        snapshot_download(path, allow_patterns=MODEL_FILES)
     stamp = ":".join(f"{f.name}:{f.stat().st_size}" for f in files)
     key = hashlib.sha256(f"{source.resolve()}:{stamp}".encode()).hexdigest()[:16]
     target = cache_dir() / "mxfp4" / f"{name_or_path.strip('/').replace('/', '--')}-{key}"

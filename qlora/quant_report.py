@@ -54,9 +54,9 @@ def linear_weights(path: str):
     """(name, fp32 weight) of every 2-D weight of the model's layers (not embeddings or the head)."""
     from safetensors import safe_open
 
-    from qlora.merge import base_weight_files
+    from qlora.models import weight_files
 
-    for f in base_weight_files(path):
+    for f in weight_files(path):
         with safe_open(str(f), framework="pt") as shard:
             for key in sorted(shard.keys()):
                 if key.endswith(".weight") and "embed" not in key and "lm_head" not in key:

@@ -238,3 +238,30 @@ def test_the_self_check_cuts_long_texts_at_check_max_tokens(tiny_run, tmp_path, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
     assert main(["merge", f"adapter={run.run_dir}", f"output_dir={tmp_path / 'x'}", "merge.check_max_tokens=0"]) == 2
     assert "merge.check_max_tokens=0" in capsys.readouterr().err
+
+
+def test_a_base_with_other_safetensors_beside_its_shards_merges_from_its_shards(tiny_model, tiny_data, tmp_path,
+                                                                                 capsys):
+    """Mistral v0.3's hub folder holds consolidated.safetensors beside its model-0000N-of-0000M shards: the same
+    weights under Mistral's own names, which transformers never reads (the index names the shards). Merge and
+    GGUF export read what the index names; the consolidated weights are not copied into the merged model."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    base = tmp_path / "mistral-like"
+    shutil.copytree(tiny_model, base)
+    weights = load_file(str(base / "model.safetensors"))
+    (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")
+    (base / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in weights}}))
+    save_file({k.replace("model.layers.", "layers.").replace("self_attn.q_proj", "attention.wq"): v.clone()
+               for k, v in weights.items()}, str(base / "consolidated.safetensors"))
+    run = tmp_path / "run"
+    assert main(["train", *tiny_overrides(base, tiny_data, run, **{"train.max_steps": 1,
+                                                                    "eval.exact_match": "false"})]) == 0
+    assert main(["merge", f"adapter={run}", f"output_dir={tmp_path / 'merged'}", "merge.dtype=float32"]) == 0
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    assert set(merged) == set(weights), sorted(set(merged) ^ set(weights))[:3]
+    assert main(["export", f"model.name_or_path={base}", "export.format=gguf", f"output_dir={tmp_path / 'gguf'}"]) == 0, \
+        capsys.readouterr().err
