@@ -22,7 +22,8 @@ from typing import Optional
 
 from qlora.config import ExportFormat, QLoraConfig, SaveDtype
 from qlora.errors import UserError, WorkError
-from qlora.gguf_writer import check_gguf_arch, write_gguf
+from qlora.gguf_families import check_gguf_arch
+from qlora.gguf_writer import write_gguf
 from qlora.merge import merge_run, output_folder
 from qlora.outputs import claim_output_dir
 from qlora.validation import refuse, validate_merge

@@ -296,7 +296,7 @@ def test_a_sliding_window_that_llama_cpp_leaves_out_is_found(config_class, own, 
     (tests/integration/test_llama_cpp.py runs such files)."""
     import transformers
 
-    from qlora.gguf_writer import FAMILIES, window_left_out
+    from qlora.gguf_families import FAMILIES, window_left_out
 
     config = getattr(transformers, config_class)(num_hidden_layers=2, **own)
     assert window_left_out(config, FAMILIES[config.model_type]) == window
