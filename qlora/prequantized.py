@@ -68,15 +68,15 @@ def mxfp4_converted(path: str, name_or_path: str) -> Path:
 
     files = weight_files(path)
     source = files[0].parent
-    if not Path(path).expanduser().is_dir():  # the tokenizer and chat template beside them
-        from huggingface_hub import snapshot_download
-
-        snapshot_download(path, allow_patterns=MODEL_FILES)
     stamp = ":".join(f"{f.name}:{f.stat().st_size}" for f in files)
     key = hashlib.sha256(f"{source.resolve()}:{stamp}".encode()).hexdigest()[:16]
     target = cache_dir() / "mxfp4" / f"{name_or_path.strip('/').replace('/', '--')}-{key}"
     if (target / "config.json").is_file():
         return target
+    if not Path(path).expanduser().is_dir():  # the tokenizer and chat template beside the weights
+        from huggingface_hub import snapshot_download
+
+        snapshot_download(path, allow_patterns=MODEL_FILES)
     say(f"model.name_or_path={name_or_path}: its experts are stored in MXFP4, which bitsandbytes does not read; "
         f"converting them once to bf16 in {target} (about 4x their size on disk)")
     target.parent.mkdir(parents=True, exist_ok=True)
