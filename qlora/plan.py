@@ -114,7 +114,8 @@ def model_shape(name_or_path: str) -> Tuple[Shape, Optional[Path]]:
         return KNOWN[name_or_path], None
     else:
         try:
-            resolve_model(name_or_path, weights=False)  # a hub id: its config.json in the cache or fetched, else why not
+            # a hub id: its config.json in the cache or fetched, else why not
+            resolve_model(name_or_path, weights=False)
         except UserError as e:
             raise UserError(f"{e}; plan knows the shapes of {', '.join(KNOWN)} without their files") from None
         from huggingface_hub import try_to_load_from_cache

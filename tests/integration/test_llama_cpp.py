@@ -150,6 +150,7 @@ def test_gpt_oss_experts_from_openais_mxfp4_stay_mxfp4_exactly(tmp_path, monkeyp
     """gpt-oss's experts as OpenAI ships them (MXFP4; training leaves them as they are) go into a quantized
     GGUF in MXFP4, which holds their values exactly in a quarter of q8_0's bits; the rest is q8_0."""
     import gguf
+    from safetensors.torch import load_file
 
     from tests.integration.test_prequantized import tiny_gpt_oss_in_mxfp4
 
@@ -162,7 +163,6 @@ def test_gpt_oss_experts_from_openais_mxfp4_stay_mxfp4_exactly(tmp_path, monkeyp
     assert {t.tensor_type.name for n, t in tensors.items() if "_exps.weight" in n} == {"MXFP4"}
     assert tensors["blk.0.attn_q.weight"].tensor_type.name == "Q8_0"
     up = gguf.quants.dequantize(tensors["blk.0.ffn_up_exps.weight"].data, gguf.GGMLQuantizationType.MXFP4)
-    from safetensors.torch import load_file
     fused = load_file(str(converted / "model.safetensors"))["model.layers.0.mlp.experts.gate_up_proj"]
     assert np.array_equal(up.reshape(4, 64, 64), fused.float().transpose(1, 2)[:, 1::2].numpy())
     pairs, same_tokens = logits_by_both(converted, path)

@@ -263,5 +263,5 @@ def test_a_base_with_other_safetensors_beside_its_shards_merges_from_its_shards(
     assert main(["merge", f"adapter={run}", f"output_dir={tmp_path / 'merged'}", "merge.dtype=float32"]) == 0
     merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
     assert set(merged) == set(weights), sorted(set(merged) ^ set(weights))[:3]
-    assert main(["export", f"model.name_or_path={base}", "export.format=gguf", f"output_dir={tmp_path / 'gguf'}"]) == 0, \
-        capsys.readouterr().err
+    code = main(["export", f"model.name_or_path={base}", "export.format=gguf", f"output_dir={tmp_path / 'gguf'}"])
+    assert code == 0, capsys.readouterr().err
