@@ -98,8 +98,9 @@ def export_vision_tower(cfg: QLoraConfig, merged: Path, staged: Path) -> None:
     if not has_vision_tower(AutoConfig.from_pretrained(merged)):
         return
     if cfg.export.format is ExportFormat.ollama:
-        say("export.format=ollama: the Modelfile's model reads text only (Ollama's Gemma 3 does not take its vision "
-            "from llama.cpp's mmproj files); export.format=gguf writes one beside the model for llama.cpp")
+        say("export.format=ollama: the Modelfile's model reads text only (Ollama's Gemma 3 has been reported to "
+            "lose its vision with llama.cpp's mmproj files, ollama/ollama#9967); export.format=gguf writes one "
+            "beside the model for llama.cpp")
         return
     kind = mmproj_type(cfg.export.gguf_type)
     path = staged / f"mmproj-{kind.value}.gguf"
