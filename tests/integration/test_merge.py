@@ -244,7 +244,8 @@ def test_a_base_with_other_safetensors_beside_its_shards_merges_from_its_shards(
                                                                                  capsys):
     """Mistral v0.3's hub folder holds consolidated.safetensors beside its model-0000N-of-0000M shards: the same
     weights under Mistral's own names, which transformers never reads (the index names the shards). Merge and
-    GGUF export read what the index names; the consolidated weights are not copied into the merged model."""
+    GGUF export read what the index names: the merged model held a second, unmerged copy of the weights, and
+    GGUF export stopped on a traceback (Mistral's names map to llama.cpp's too: a tensor written twice)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -255,8 +256,19 @@ def test_a_base_with_other_safetensors_beside_its_shards_merges_from_its_shards(
     (base / "model.safetensors").rename(base / "model-00001-of-00001.safetensors")
     (base / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {}, "weight_map": {k: "model-00001-of-00001.safetensors" for k in weights}}))
-    save_file({k.replace("model.layers.", "layers.").replace("self_attn.q_proj", "attention.wq"): v.clone()
-               for k, v in weights.items()}, str(base / "consolidated.safetensors"))
+    mistral_names = [("model.embed_tokens", "tok_embeddings"), ("model.norm", "norm"), ("lm_head", "output"),
+                     ("model.layers.", "layers."), ("self_attn.q_proj", "attention.wq"),
+                     ("self_attn.k_proj", "attention.wk"), ("self_attn.v_proj", "attention.wv"),
+                     ("self_attn.o_proj", "attention.wo"), ("mlp.gate_proj", "feed_forward.w1"),
+                     ("mlp.down_proj", "feed_forward.w2"), ("mlp.up_proj", "feed_forward.w3"),
+                     ("input_layernorm", "attention_norm"), ("post_attention_layernorm", "ffn_norm")]
+
+    def mistral_name(key):
+        for hf, theirs in mistral_names:
+            key = key.replace(hf, theirs)
+        return key
+
+    save_file({mistral_name(k): v.clone() for k, v in weights.items()}, str(base / "consolidated.safetensors"))
     run = tmp_path / "run"
     assert main(["train", *tiny_overrides(base, tiny_data, run, **{"train.max_steps": 1,
                                                                     "eval.exact_match": "false"})]) == 0
