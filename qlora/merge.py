@@ -148,8 +148,8 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
                     tensor = merged_tensor(rename(key), shard.get_tensor(key), modules, cfg.merge.into)
                 writer.add(key, tensor.to(dtype).contiguous())
     bar.close()
-    index = writer.close()
-    write_model_files(peft_model, tokenizer, tmp, dtype, index)
+    writer.close()
+    write_model_files(peft_model, tokenizer, tmp, dtype)
     for name in PROCESSOR_FILES:  # a vision model's image processor: the merged folder reads images as the base
         if (files[0].parent / name).is_file():
             shutil.copy(files[0].parent / name, tmp / name)
@@ -230,17 +230,21 @@ class ShardWriter:
         self.index.update({k: name for k in self.current})
         self.current, self.size = {}, 0
 
-    def close(self) -> Dict[str, str]:
+    def close(self) -> None:
+        """The shards under transformers' names: model.safetensors, or several and the index that names them."""
         if self.current:
             self.flush()
         if len(self.files) == 1:
             os.replace(self.folder / self.files[0], self.folder / "model.safetensors")
-            return {k: "model.safetensors" for k in self.index}
+            return
         total = len(self.files)
         renames = {f: f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i, f in enumerate(self.files)}
         for old, new in renames.items():
             os.replace(self.folder / old, self.folder / new)
-        return {k: renames[v] for k, v in self.index.items()}
+        size = sum((self.folder / f).stat().st_size for f in renames.values())
+        index = {k: renames[v] for k, v in self.index.items()}
+        (self.folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": size}, "weight_map": index}, indent=2) + "\n")
 
 
 def parse_size(text: str) -> int:
@@ -255,7 +259,7 @@ def parse_size(text: str) -> int:
     raise UserError(f"merge.max_shard_size={text}: write a size like 500MB or 2GB")
 
 
-def write_model_files(peft_model, tokenizer, folder: Path, dtype, index: Dict[str, str]) -> None:
+def write_model_files(peft_model, tokenizer, folder: Path, dtype) -> None:
     """config.json (no quantization), generation_config.json (with every stop token), the tokenizer."""
     from qlora.models import stop_token_ids
 
@@ -270,10 +274,6 @@ def write_model_files(peft_model, tokenizer, folder: Path, dtype, index: Dict[st
     gen["eos_token_id"] = stop_token_ids(tokenizer, base.generation_config)
     gen["pad_token_id"] = tokenizer.pad_token_id
     (folder / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    if len(set(index.values())) > 1:
-        size = sum((folder / f).stat().st_size for f in set(index.values()))
-        (folder / "model.safetensors.index.json").write_text(
-            json.dumps({"metadata": {"total_size": size}, "weight_map": index}, indent=2) + "\n")
     tokenizer.save_pretrained(folder)
 
 

@@ -94,11 +94,7 @@ def mxfp4_converted(path: str, name_or_path: str) -> Path:
                             stem + "_scales"), dtype=torch.bfloat16))
                     else:
                         writer.add(name, shard.get_tensor(name))
-        index = writer.close()
-        if len(set(index.values())) > 1:
-            size = sum((tmp / f).stat().st_size for f in set(index.values()))
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": size}, "weight_map": index}, indent=2) + "\n")
+        writer.close()
         config = json.loads((source / "config.json").read_text())
         config.pop("quantization_config", None)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
