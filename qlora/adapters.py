@@ -14,22 +14,21 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype
 
     one_dtype (FSDP): every parameter in that dtype, since FSDP flattens one dtype per shard;
     otherwise LoRA weights are fp32 and every frozen weight that is not 4-bit (embeddings, head,
-    norms) stays in the compute dtype. PEFT's k-bit preparation upcasts those to fp32, and fp32
-    norm weights turn the whole residual stream fp32: measured on an H200 (TinyLlama, 2048 x 8),
-    that cost 2.5 GiB of peak memory and a third of the speed."""
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model, prepare_model_for_kbit_training
+    norms, a mixture's experts) stays in the compute dtype. PEFT's k-bit preparation upcasts those to
+    fp32, and fp32 norm weights turn the whole residual stream fp32: measured on an H200 (TinyLlama,
+    2048 x 8), that cost 2.5 GiB of peak memory and a third of the speed. Its upcast is not made even
+    for a moment: a mixture's 16-bit experts (38 GB in gpt-oss-20b) would double in fp32."""
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
+    for p in model.parameters():
+        p.requires_grad_(False)
     if getattr(model, "is_loaded_in_4bit", False) and one_dtype is None:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False})
         if compute_dtype is not None:
             for p in model.parameters():
                 if p.dtype.is_floating_point and p.dtype != compute_dtype and not hasattr(p, "quant_state"):
                     p.data = p.data.to(compute_dtype)
-    else:
-        for p in model.parameters():
-            p.requires_grad_(False)
+        if gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     targets = lora.target_modules
     beside = outside_the_decoder(model) if targets == ["all-linear"] else []
     if beside:
