@@ -160,6 +160,8 @@ class QuantConfig:
     """Dtype of the matmuls: auto = bf16 on GPUs with bf16, fp16 on older GPUs (T4), fp32 on CPU."""
     bnb_4bit_quant_storage: StorageDtype = StorageDtype.uint8
     """Storage dtype of the packed 4-bit weights (set it to the compute dtype for FSDP)."""
+    experts_in_4bit: bool = True
+    """A mixture's 3-D expert tensors in 4 bits too, each layer's dequantized as it runs (false: compute dtype)."""
 
 
 @dataclass

@@ -61,8 +61,11 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
     if cfg.adapter:
         from peft import PeftModel
 
+        from qlora.experts_4bit import full_size_views
+
         try:
-            model = PeftModel.from_pretrained(model, str(adir))
+            with full_size_views(model):  # a mixture's experts held in 4 bits, at their shape for PEFT
+                model = PeftModel.from_pretrained(model, str(adir))
             model.peft_config["default"].base_model_name_or_path = path  # where it is now: merge reads it
         except (RuntimeError, ValueError, KeyError) as e:
             detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])

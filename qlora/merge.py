@@ -119,12 +119,13 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     tmp.mkdir(parents=True)
     files = weight_files(base_path)
     rename = checkpoint_names(peft_model.get_base_model())
-    fused = fused_layout(peft_model.get_base_model(), modules)
+    dequantized = cfg.merge.into is MergeInto.dequantized
+    fused = fused_layout(peft_model.get_base_model(), modules, dequantized)
     check_all_found(files, modules, rename, fused)
     say(f"merging {cfg.adapter} into the {cfg.merge.into.value} base, {len(files)} shard(s) -> "
         f"{cfg.merge.dtype.value}")
     owner = {key: parameter for parameter, saved in fused.items() for key in saved}
-    split: Dict[str, Dict[str, object]] = {}  # a fused parameter's merged tensors not yet written
+    split: Dict[str, Dict[str, object]] = {}  # a tensor's parts from the model not yet written
     writer = ShardWriter(tmp, parse_size(cfg.merge.max_shard_size))
     total = 0
     for f in files:
@@ -137,13 +138,15 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
                 bar.update()
                 if key in owner:
                     parts = split.pop(owner[key], None) or fused_merged(peft_model.get_base_model(), modules,
-                                                                        owner[key])
+                                                                        owner[key], dequantized)
                     tensor = parts.pop(key)
                     if tuple(tensor.shape) != tuple(shard.get_slice(key).get_shape()):
                         raise UserError(f"adapter does not fit the base at {owner[key]}: merged {key} has shape "
                                         f"{tuple(tensor.shape)}, the file's {tuple(shard.get_slice(key).get_shape())}")
                     if parts:
                         split[owner[key]] = parts
+                    if not dequantized:
+                        tensor = shard.get_tensor(key).float() + tensor
                 else:
                     tensor = merged_tensor(rename(key), shard.get_tensor(key), modules, cfg.merge.into)
                 writer.add(key, tensor.to(dtype).contiguous())

@@ -1,9 +1,10 @@
 """A mixture of experts in a merge: PEFT puts LoRA on the 3-D tensor that transformers fuses a layer's experts
-into as it loads them (gate and up joined), while the files hold one tensor an expert and product. The
-merged tensor is split back into the files' tensors by transformers' own conversion, reversed."""
+into as it loads them (gate and up joined), while the files hold one tensor an expert and product; experts
+held in 4 bits (quant.experts_in_4bit) are written as training saw them, dequantized. Such tensors are
+written from the model, split back into the files' tensors by transformers' own conversion, reversed."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 def unwrapped(name: str) -> str:
@@ -18,31 +19,53 @@ def parameter_of(name: str, module) -> Optional[str]:
     return f"{unwrapped(name)}.{parameter}" if parameter else None
 
 
-def fused_layout(model, modules: Dict[str, object]) -> Dict[str, List[str]]:
-    """{parameter: the file keys it is saved as} for each parameter with LoRA that transformers fused from
-    several of the files' tensors as it loaded them: a mixture's experts, one 3-D tensor a layer that the
-    files hold one expert (and gate and up) apart. Found by reverting transformers' own conversion on
-    empty (meta) tensors."""
+def from_model(modules: Dict[str, object], dequantized: bool) -> Dict[str, Tuple[object, str, object]]:
+    """{parameter: (the module holding it, its name there, its ParamWrapper or None)} for each tensor the
+    merge writes from the model: each with LoRA on it through a ParamWrapper (a mixture's experts) and,
+    for merge.into=dequantized, each expert tensor held in 4 bits."""
+    from qlora.experts_4bit import STATE
+
+    found = {}
+    for name, module in modules.items():
+        parameter = parameter_of(name, module)
+        if parameter is not None and "default" in getattr(module, "lora_A", {}):
+            found[parameter] = (module.get_base_layer(), module.parameter_name, module)
+    if dequantized:
+        for name, module in modules.items():
+            for pname in getattr(module, STATE, {}):
+                found.setdefault(f"{unwrapped(name)}.{pname}", (module, pname, None))
+    return found
+
+
+def fused_layout(model, modules: Dict[str, object], dequantized: bool) -> Dict[str, List[str]]:
+    """{parameter: the file keys it is saved as} for each tensor the merge writes from the model (see
+    from_model): a mixture's experts are one 3-D tensor a layer that the files may hold one expert (and
+    gate and up) apart. Found by reverting transformers' own conversion on empty (meta) tensors."""
     import torch
     from transformers.core_model_loading import revert_weight_conversion
 
+    from qlora.experts_4bit import full_tensor
+
     layout = {}
-    for name, module in modules.items():
-        parameter = parameter_of(name, module)
-        if parameter is None or "default" not in getattr(module, "lora_A", {}):
-            continue
-        shape = module.get_param().shape
-        saved = revert_weight_conversion(model, {parameter: torch.empty(shape, device="meta")})
-        if len(saved) > 1:
-            layout[parameter] = sorted(saved)
+    for parameter, (module, pname, _) in from_model(modules, dequantized).items():
+        shape = full_tensor(module, pname).shape
+        layout[parameter] = sorted(revert_weight_conversion(model, {parameter: torch.empty(shape, device="meta")}))
     return layout
 
 
-def fused_merged(model, modules: Dict[str, object], parameter: str) -> Dict[str, object]:
-    """A fused parameter with its LoRA folded in (PEFT's own delta, in fp32), split back into the tensors the
-    files hold. The experts were never quantized: the base is the model's own tensor, what training saw."""
+def fused_merged(model, modules: Dict[str, object], parameter: str, dequantized: bool) -> Dict[str, object]:
+    """A tensor the merge writes from the model (see from_model), split into the files' tensors, in fp32:
+    its LoRA (PEFT's own delta) folded into the base training saw (the model's tensor; experts held in 4
+    bits, dequantized); for merge.into=original (not dequantized), the delta alone, for adding to the
+    files' own tensors."""
+    import torch
     from transformers.core_model_loading import revert_weight_conversion
 
-    module = next(m for n, m in modules.items() if parameter_of(n, m) == parameter)
-    weight = module.get_param().detach().float().cpu() + module.get_delta_weight("default").detach().float().cpu()
+    from qlora.experts_4bit import full_tensor
+
+    module, pname, wrapper = from_model(modules, dequantized)[parameter]
+    base = full_tensor(module, pname).detach().float().cpu()  # (the model's own tensor where it is fp32)
+    weight = base if dequantized else torch.zeros_like(base)
+    if wrapper is not None:
+        weight = weight + wrapper.get_delta_weight("default").detach().float().cpu()
     return revert_weight_conversion(model, {parameter: weight})

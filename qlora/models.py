@@ -279,13 +279,17 @@ def sdpa_supported(config) -> bool:
 
 
 def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, device: str, dtype, place: bool = True):
-    """The frozen base model: 4-bit NF4 (double quant) through bitsandbytes, or plain when asked.
+    """The frozen base model: 4-bit NF4 (double quant) through bitsandbytes, or plain when asked; a
+    mixture's experts in 4 bits too (qlora.experts_4bit).
 
     place=False leaves placement to FSDP (no device_map)."""
+    from contextlib import nullcontext
+
     import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qlora.distributed import local_rank
+    from qlora.experts_4bit import quantized_while_loading, run_dequantized, say_held
 
     # under torchrun each rank holds its own 4-bit copy on its own GPU (TRL #921)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
@@ -303,8 +307,12 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=getattr(torch, quant.bnb_4bit_quant_storage.value),
         )
+    # a mixture's experts in 4 bits as they load (FSDP, which places the model itself, shards one dtype)
+    in_4bit = quant.load_in_4bit and quant.experts_in_4bit and place
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        with quantized_while_loading(quant.bnb_4bit_quant_type.value, quant.bnb_4bit_use_double_quant) \
+                if in_4bit else nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot load it "
                         f"({str(e).splitlines()[0]})") from None
@@ -314,13 +322,8 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
         raise UserError(f"model.attn_implementation={kwargs['attn_implementation']}: "
                         f"{str(e).split(' yet.')[0]}; use model.attn_implementation=auto") from None
     keep_4bit_layout(model)
-    if quant.load_in_4bit:
-        experts = [p for n, p in model.named_parameters() if "expert" in n and p.dim() == 3]
-        if experts:
-            size = sum(p.numel() * p.element_size() for p in experts) / 2**30
-            say(f"a mixture of experts: its {weight_count(sum(p.numel() for p in experts))} expert weights "
-                f"({size:.2f} GiB) stay in {str(experts[0].dtype).replace('torch.', '')}; transformers holds them "
-                "as 3-D tensors, which bitsandbytes does not quantize (qlora plan counts them)")
+    run_dequantized(model)
+    say_held(model, quant)
     return model
 
 

@@ -86,7 +86,7 @@ class Shape:
 
     def expert_weights(self) -> int:
         """A layer's expert weights: transformers holds each layer's experts as 3-D tensors (gate and
-        up, down), which bitsandbytes does not quantize, so they stay in the compute dtype."""
+        up, down), which bitsandbytes' loading leaves in the compute dtype (see experts_parts)."""
         return self.experts * 3 * self.hidden * self.expert_size
 
     def expert_lora(self, r: int) -> int:
@@ -186,12 +186,13 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
              model_file_gb: float = 0.0, small_head_tiles: bool = True, checkpoint_layers: Optional[int] = None,
              checkpoint_attention: bool = False, offload_checkpoints: bool = False,
              fused_lora: bool = True, one_row: bool = False, mask_bytes: int = 1,
-             bf16_products: bool = False) -> Estimate:
+             bf16_products: bool = False, experts_in_4bit: bool = True) -> Estimate:
     """Peak memory (GiB) of one training step, by component; the checkpoint_* settings as train.*,
     fused_lora whether train.fused_lora applies (4-bit layers, no LoRA dropout), bf16_products whether
     train.bf16_base_products does (CPUs with bf16 units), one_row whether
     data.padding_free lays each micro-batch in one row, mask_bytes what transformers' attention mask
-    holds per query and key (SDPA's bool: 1; eager's: the compute dtype's; flash-attention: none)."""
+    holds per query and key (SDPA's bool: 1; eager's: the compute dtype's; flash-attention: none),
+    experts_in_4bit whether a mixture's experts are held in 4 bits (quant.experts_in_4bit)."""
     s = shape
     b = 4 if device == "cpu" else 2  # compute dtype bytes: fp32 on CPU, bf16/fp16 on GPUs
     linear = s.layers * sum(i * o for i, o in s.linears())
@@ -223,7 +224,7 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
         "base weights": ((linear + s.beside) * bits / 8 + other * b) / GiB,
-        **({"experts (not quantized)": s.layers * s.expert_weights() * b / GiB} if s.experts else {}),
+        **experts_parts(s, b, bits, experts_in_4bit, checkpointing),
         "LoRA weights + grads + optimizer": (lora * (4 + 4) + state) / GiB,
         "activations": act / GiB,
         **({"attention mask": mask * mask_bytes / GiB} if mask * mask_bytes else {}),
@@ -244,6 +245,21 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         # full-precision weights it quantized (measured: 1.6x the file on SmolLM2)
         parts["process + model load"] = CPU_PROCESS_GB + 1.6 * model_file_gb
     return Estimate(parts, tokens)
+
+
+def experts_parts(s: Shape, b: int, bits: float, in_4bit: bool, checkpointing: bool) -> Dict[str, float]:
+    """A mixture's experts (GiB): as held, and as they run. A running layer's are dequantized when held in
+    4 bits, and PEFT adds LoRA on them into a copy; without checkpointing each layer keeps the tensor it
+    multiplied by until the backward."""
+    if not s.experts:
+        return {}
+    layer = s.expert_weights() * b / GiB  # one layer's experts in the compute dtype
+    lora = 1 if s.expert_lora_per_rank else 0
+    if in_4bit:
+        running = (1 + lora) * layer if checkpointing else (s.layers + lora) * layer
+        return {"experts (4-bit)": s.layers * s.expert_weights() * bits / 8 / GiB, "experts as they run": running}
+    running = lora * layer * (1 if checkpointing else s.layers)
+    return {"experts (not quantized)": s.layers * layer, **({"experts as they run": running} if running else {})}
 
 
 def model_file_gb(folder: Optional[Path]) -> float:
@@ -304,6 +320,9 @@ def plan_cli(cfg) -> int:
 
         return bf16_base_on(t, device, compute_dtype(cfg.quant, device) == torch.float32, fused)
 
+    experts_4bit = cfg.quant.load_in_4bit and cfg.quant.experts_in_4bit and \
+        cfg.dist.strategy is not DistStrategy.fsdp_qlora  # (FSDP shards one dtype: models.load_base_model)
+
     def fit(micro, length, checkpointing, first=t.checkpoint_layers, offload=t.offload_checkpoints):
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
                         optim=optim, device=device, double_quant=cfg.quant.bnb_4bit_use_double_quant,
@@ -312,7 +331,8 @@ def plan_cli(cfg) -> int:
                         small_head_tiles=t.small_head_tiles, checkpoint_layers=first,
                         checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload,
                         fused_lora=fused, one_row=one_row, mask_bytes=mask_bytes,
-                        bf16_products=bf16_products(checkpointing))
+                        bf16_products=bf16_products(checkpointing),
+                        experts_in_4bit=experts_4bit)
 
     est = fit(t.per_device_train_batch_size, t.max_length, ckpt)
     print(f"qlora plan: {cfg.model.name_or_path} on {name} ({capacity:.1f} GiB usable)")
@@ -320,7 +340,8 @@ def plan_cli(cfg) -> int:
     if shape.experts:
         tower += (f"; {shape.experts} experts a layer, {shape.experts_per_token} a token "
                   f"({weight_count(shape.layers * shape.expert_weights())} weights, "
-                  f"{'with LoRA on each' if shape.expert_lora_per_rank else 'no LoRA on them'})")
+                  f"{'with LoRA on each' if shape.expert_lora_per_rank else 'no LoRA on them'}, "
+                  f"{'4-bit' if experts_4bit else 'not quantized'})")
     print(f"  {shape.layers} layers, hidden {shape.hidden}, vocab {shape.vocab}{tower}; LoRA r={cfg.lora.r} on every "
           f"linear layer; micro-batch {t.per_device_train_batch_size} x {t.max_length} tokens; gradient "
           f"checkpointing {checkpoint_words(t, shape) if ckpt else 'off'}; {optim}")

@@ -111,6 +111,22 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_mixtral(tmp_path_factory) -> Path:
+    """A tiny Mixtral (four experts a layer, two a token) and our tokenizer."""
+    import torch
+    import transformers
+
+    folder = tmp_path_factory.mktemp("mixtral")
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("data")
     return write_jsonl(d / "train.jsonl", people_rows(24)), write_jsonl(d / "eval.jsonl", people_rows(6, seed=1))

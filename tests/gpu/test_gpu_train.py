@@ -200,3 +200,26 @@ def test_the_merge_self_check_runs_from_cpu_ram_what_the_gpu_cannot_hold(tiny_mo
     assert main(["merge", f"adapter={run.run_dir}", f"output_dir={out}", "merge.min_top1_agreement=0.5"]) == 0
     assert "cpu" in placed, placed
     assert json.loads((out / "merge_report.json").read_text())["tokens"] > 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_experts_in_4bit_train_on_gpu(tiny_mixtral, tiny_data, tmp_path, dtype):
+    """quant.experts_in_4bit on a GPU, through bitsandbytes' CUDA kernels: the experts are held as codes
+    on the GPU, and the losses are those of experts held in full within the 4-bit rounding."""
+    from qlora.experts_4bit import STATE
+
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    losses = {}
+    for in_4bit in (True, False):
+        cfg = compose("train", tiny_overrides(tiny_mixtral, tiny_data, tmp_path / str(in_4bit),
+                                              **{"quant.bnb_4bit_compute_dtype": dtype,
+                                                 "quant.experts_in_4bit": str(in_4bit).lower()}))
+        run = fit(cfg)
+        held = [p for m in run.trainer.model.modules() for p in getattr(m, STATE, {}).values()]
+        assert len(held) == (4 if in_4bit else 0)
+        assert all(p.codes.is_cuda and p.codes.dtype == torch.uint8 for p in held)
+        lines = [json.loads(x) for x in (run.run_dir / "metrics.jsonl").read_text().splitlines()]
+        losses[in_4bit] = [x["loss"] for x in lines if "loss" in x]
+    assert losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=0.05)

@@ -4,6 +4,7 @@ experts the files hold apart), it generates, and it exports to GGUF. Gemma 2 and
 gpt-oss have no SDPA path in transformers (auto picks eager there)."""
 import json
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -51,13 +52,17 @@ def test_a_family_trains_merges_and_generates(family, tiny_data, tmp_path, capsy
     assert main(["merge", f"adapter={run}", f"output_dir={merged}", "merge.dtype=float32"]) == 0, \
         capsys.readouterr().err
     assert json.loads((merged / "merge_report.json").read_text())["top1_agreement"] == 1.0
-    # the files' keys kept; a mixture's experts (one tensor each in the files) changed by their LoRA
+    # the files' keys kept; a mixture's expert weights (one tensor each in the files) written as training
+    # saw them: in 4 bits (quant.experts_in_4bit), with their LoRA where PEFT puts it
     before, after = load_file(str(base / "model.safetensors")), load_file(str(merged / "model.safetensors"))
     assert set(before) == set(after)
-    experts = [k for k in before if ".experts." in k]
+    experts = [k for k in before if ".experts." in k and not k.endswith("_bias")]
     changed = [k for k in experts if not torch.equal(before[k], after[k])]
-    assert len(changed) == (len(experts) if lora_on_experts else 0) and (experts or not lora_on_experts), \
-        (len(changed), len(experts))
+    assert len(changed) == len(experts) and (experts or not lora_on_experts), (len(changed), len(experts))
+    if experts and not lora_on_experts:
+        for key in experts:
+            codes, state = bnbf.quantize_4bit(before[key], blocksize=64, compress_statistics=True, quant_type="nf4")
+            assert torch.equal(after[key], bnbf.dequantize_4bit(codes, state)), key
     capsys.readouterr()  # (transformers' log handler, made in an earlier test, writes to that test's closed stream)
     assert main(["generate", f"adapter={run}", "prompt=Hello", "gen.max_new_tokens=3"]) == 0
     assert "Traceback" not in capsys.readouterr().err

@@ -147,7 +147,7 @@ def test_gpt_oss_runs_in_llama_cpp_in_16_and_4_bits(kind, tmp_path):
 
 
 def test_gpt_oss_experts_from_openais_mxfp4_stay_mxfp4_exactly(tmp_path, monkeypatch, capsys):
-    """gpt-oss's experts as OpenAI ships them (MXFP4; training leaves them as they are) go into a quantized
+    """gpt-oss's experts as OpenAI ships them (MXFP4), its folder exported as it is, go into a quantized
     GGUF in MXFP4, which holds their values exactly in a quarter of q8_0's bits; the rest is q8_0."""
     import gguf
     from safetensors.torch import load_file

@@ -231,14 +231,16 @@ def test_a_vision_towers_linear_weights_are_counted_in_the_4bit_base(tmp_path, c
     assert "and a vision tower of 8,192 weights, 4-bit, no LoRA" in capsys.readouterr().out
 
 
-def test_a_mixture_of_experts_is_planned_with_its_experts_unquantized_and_their_lora(tmp_path, capsys):
-    """transformers holds a mixture of experts' weights as 3-D tensors, which bitsandbytes does not
-    quantize, and PEFT's all-linear puts LoRA on each expert and the router: the plan counts both as the
-    loaded model holds them (on a 30B-A3B shape the experts are 54 of its 65 GiB), and loading says so."""
+def test_a_mixture_of_experts_is_planned_with_its_experts_in_4bit_and_their_lora(tmp_path, capsys):
+    """transformers holds a mixture's experts as 3-D tensors, which bitsandbytes' loading leaves in 16
+    bits; qlora holds them in 4 bits once LoRA is on (quant.experts_in_4bit), and PEFT's all-linear puts
+    LoRA on each expert and the router: the plan counts both as the model then holds them (on a 30B-A3B
+    shape the experts are 54 of its 65 GiB in bf16), and loading says so."""
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     from qlora.adapters import attach_lora
     from qlora.cli import compose
+    from qlora.experts_4bit import STATE
     from qlora.models import load_base_model
     from tests.conftest import make_tokenizer
 
@@ -250,15 +252,39 @@ def test_a_mixture_of_experts_is_planned_with_its_experts_unquantized_and_their_
     make_tokenizer().save_pretrained(folder)
     shape, _ = model_shape(str(folder))
     assert (shape.experts, shape.expert_size, shape.experts_per_token, shape.intermediate) == (8, 64, 2, 0)
-    cfg = compose("train", [f"model.name_or_path={folder}", "lora.r=8"])
+    cfg = compose("train", [f"model.name_or_path={folder}", "lora.r=8", "quant.experts_in_4bit=false"])
     model = load_base_model(str(folder), cfg.model, cfg.quant, "cpu", torch.float32)
-    assert "a mixture of experts: its 196,608 expert weights (0.00 GiB) stay in float32" in capsys.readouterr().err
-    held = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 3)
-    assert est(shape, device="cpu").parts["experts (not quantized)"] * 2**30 == held
+    loaded = sum(p.numel() * p.element_size() for p in model.parameters() if p.dim() == 3)
+    assert est(shape, device="cpu", experts_in_4bit=False).parts["experts (not quantized)"] * 2**30 == loaded
+    assert "its 196,608 expert weights (0.00 GiB in float32) stay in float32" in capsys.readouterr().err
+    cfg.quant.experts_in_4bit = True
+    model = load_base_model(str(folder), cfg.model, cfg.quant, "cpu", torch.float32)
+    assert "its 196,608 expert weights (0.00 GiB in float32) held in 4-bit nf4" in capsys.readouterr().err
     lora = attach_lora(model, cfg.lora, False)
     trained = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert trained == shape.layers * (sum(8 * (i + o) for i, o in shape.linears()) + shape.expert_lora(8))
     assert shape.expert_lora(8) > 0
+    # the codes and their double-quantized block scales (one byte a block of 64, fp32 a block of 256 blocks)
+    held = [packed for m in lora.modules() for packed in getattr(m, STATE, {}).values()]
+    size = sum(p.codes.numel() + p.quant_state.absmax.numel() + 4 * p.quant_state.state2.absmax.numel() for p in held)
+    assert size == pytest.approx(est(shape, device="cpu").parts["experts (4-bit)"] * 2**30, rel=0.01)
+
+
+def test_experts_in_4bit_are_planned_held_running_and_loading():
+    """Qwen3-30B-A3B's shape on a GPU: its experts (29.0B weights) take 54.0 GiB in bf16 and 13.9 in 4
+    bits; a running layer's are dequantized (and added to their LoRA) one layer at a time with
+    checkpointing, every layer's without."""
+    a3b = Shape(hidden=2048, intermediate=0, layers=48, heads=32, kv_heads=4, vocab=151936, tied=False,
+                experts=128, expert_size=768, experts_per_token=8, expert_lora_per_rank=2 * 128 * (2048 + 768),
+                head_dim=128)
+    full = est(a3b, experts_in_4bit=False, batch=1)
+    held = est(a3b, batch=1)
+    assert full.parts["experts (not quantized)"] == pytest.approx(54.0, abs=0.1)
+    assert held.parts["experts (4-bit)"] == pytest.approx(13.9, abs=0.1)
+    layer = a3b.expert_weights() * 2 / 2**30
+    assert held.parts["experts as they run"] == pytest.approx(2 * layer)  # dequantized, and with LoRA added
+    assert est(a3b, batch=1, checkpointing=False).parts["experts as they run"] == pytest.approx(49 * layer)
+    assert full.total - held.total > 35
 
 
 def test_gpt_oss_experts_are_planned_without_lora_as_peft_leaves_them(tmp_path, capsys):
@@ -271,7 +297,7 @@ def test_gpt_oss_experts_are_planned_without_lora_as_peft_leaves_them(tmp_path, 
     shape, _ = model_shape(str(folder))
     assert (shape.experts, shape.expert_lora_per_rank) == (4, 0)
     assert main(["plan", f"model.name_or_path={folder}"]) == 0
-    assert "4 experts a layer, 2 a token (98,304 weights, no LoRA on them)" in capsys.readouterr().out
+    assert "4 experts a layer, 2 a token (98,304 weights, no LoRA on them, 4-bit)" in capsys.readouterr().out
 
 
 def test_the_8bit_optimizer_state_is_counted_as_bitsandbytes_keeps_it():

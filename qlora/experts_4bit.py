@@ -1,0 +1,157 @@
+"""A mixture's experts held in 4 bits (quant.experts_in_4bit).
+
+transformers holds a layer's experts as 3-D tensors (gate_up_proj, down_proj), which bitsandbytes'
+4-bit loading leaves in 16 bits: they are most of a mixture's weights (54 of Qwen3-30B-A3B's 65 GiB).
+Here each is quantized as the linear layers are (NF4 or FP4, blocks of 64, double quantization as
+quant says) the moment transformers sets it while loading, so no more than one layer's experts are ever
+in 16 bits. The block that runs them (the experts module's parent) dequantizes them for its forward and
+puts the codes back after it, so that PEFT's LoRA on them, which it adds at each forward, sees an
+ordinary tensor. With gradient checkpointing one layer's are in 16 bits at a time; without it each
+layer keeps, until its backward, the tensor it multiplied by, as it would with experts in full.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, List, Tuple
+
+STATE = "_qlora_4bit_experts"  # on an experts module: {parameter name: Packed}
+
+
+@dataclass
+class Packed:
+    codes: object  # the packed 4-bit codes, as an nn.Parameter (uint8, no gradient)
+    quant_state: object  # bitsandbytes' QuantState: block scales, code book, shape and dtype
+
+
+def is_expert_tensor(module, tensor) -> bool:
+    """A 3-D tensor of a module that holds one slice an expert (transformers' experts modules)."""
+    n = getattr(module, "num_experts", None)
+    return tensor.dim() == 3 and tensor.is_floating_point() and n is not None and tensor.shape[0] == n
+
+
+def expert_tensors(model) -> List[Tuple[str, object, str]]:
+    """(module name, module, parameter name) of each expert tensor the model holds in full."""
+    return [(name, module, pname) for name, module in model.named_modules()
+            for pname, p in module.named_parameters(recurse=False) if is_expert_tensor(module, p)]
+
+
+@contextmanager
+def quantized_while_loading(quant_type: str, double_quant: bool) -> Iterator[None]:
+    """Every expert tensor set on a module inside this block (transformers loading a model) is held in 4
+    bits from then on: its module gets the codes in its place."""
+    import torch
+    import bitsandbytes.functional as bnbf
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+
+    def pack(module, name, param):
+        if param is None or param.is_meta or not is_expert_tensor(module, param):
+            return None
+        codes, state = bnbf.quantize_4bit(param.data.contiguous(), blocksize=64, compress_statistics=double_quant,
+                                          quant_type=quant_type)
+        packed = Packed(torch.nn.Parameter(codes, requires_grad=False), state)
+        packed.codes.__dict__.update(param.__dict__)  # transformers' marks on it (_is_hf_initialized)
+        if not hasattr(module, STATE):
+            setattr(module, STATE, {})
+        getattr(module, STATE)[name] = packed
+        return packed.codes
+
+    handle = register_module_parameter_registration_hook(pack)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def held(model) -> List[Tuple[str, object]]:
+    """(name, module) of each experts module holding 4-bit tensors."""
+    return [(name, module) for name, module in model.named_modules() if hasattr(module, STATE)]
+
+
+def run_dequantized(model) -> None:
+    """Hook each block that runs 4-bit experts: dequantized for its forward, packed again after it
+    (also when the forward stops early, as checkpointing's recomputation does)."""
+    modules = dict(model.named_modules())
+    for block in {id(b): b for b in (modules[block_of(name)] for name, _ in held(model))}.values():
+        block.register_forward_pre_hook(unpack_experts)
+        block.register_forward_hook(pack_experts, always_call=True)
+
+
+def block_of(name: str) -> str:
+    """The module whose forward runs an experts module: its parent (above any PEFT wrappers of it)."""
+    parts = name.split(".")
+    while parts and parts[-1] == "base_layer":
+        parts.pop()
+    return ".".join(parts[:-1])
+
+
+def say_held(model, quant) -> None:
+    """The line that says what a mixture's experts take, in 4 bits or not."""
+    from qlora.models import say, weight_count
+
+    packed = [p for _, m in held(model) for p in getattr(m, STATE).values()]
+    full = [getattr(m, n) for _, m, n in expert_tensors(model)]
+    if not packed and not full:
+        return
+    count = sum(p.quant_state.shape.numel() for p in packed) + sum(t.numel() for t in full)
+    dtype = packed[0].quant_state.dtype if packed else full[0].dtype
+    size = count * dtype.itemsize / 2**30
+    what = f"a mixture of experts: its {weight_count(count)} expert weights ({size:.2f} GiB in {name_of(dtype)})"
+    if packed:
+        codes = sum(p.codes.numel() * p.codes.element_size() for p in packed) / 2**30
+        say(f"{what} held in 4-bit {quant.bnb_4bit_quant_type.value} ({codes:.2f} GiB), each layer's "
+            "dequantized as it runs (quant.experts_in_4bit)")
+    else:
+        why = ("quant.load_in_4bit=false" if not quant.load_in_4bit else "quant.experts_in_4bit=false"
+               if not quant.experts_in_4bit else "under FSDP, which shards one dtype")
+        say(f"{what} stay in {name_of(dtype)} ({why}; qlora plan counts them)")
+
+
+def name_of(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@contextmanager
+def full_size_views(model) -> Iterator[None]:
+    """4-bit expert tensors seen at their full shape, dtype and device (one element each, repeated),
+    for PEFT to put LoRA on them: it reads their shapes, not their values."""
+    import torch
+
+    for _, module in held(model):
+        for pname, packed in getattr(module, STATE).items():
+            state = packed.quant_state
+            view = torch.empty((), dtype=state.dtype, device=packed.codes.device).expand(state.shape)
+            module._parameters[pname] = torch.nn.Parameter(view, requires_grad=False)
+    try:
+        yield
+    finally:
+        for _, module in held(model):
+            for pname, packed in getattr(module, STATE).items():
+                module._parameters[pname] = packed.codes
+
+
+def dequantized(module, pname: str):
+    """An expert tensor as training sees it: its 4-bit codes dequantized in its own dtype."""
+    import bitsandbytes.functional as bnbf
+
+    packed = getattr(module, STATE)[pname]
+    return bnbf.dequantize_4bit(packed.codes.data, packed.quant_state)
+
+
+def full_tensor(module, pname: str):
+    """A module's tensor in full: an expert tensor held in 4 bits dequantized, any other as it is."""
+    return dequantized(module, pname) if pname in getattr(module, STATE, {}) else getattr(module, pname)
+
+
+def unpack_experts(block, args) -> None:
+    import torch
+
+    for module in block.modules():
+        for pname in getattr(module, STATE, {}):
+            module._parameters[pname] = torch.nn.Parameter(dequantized(module, pname), requires_grad=False)
+
+
+def pack_experts(block, args, output) -> None:
+    for module in block.modules():
+        for pname, packed in getattr(module, STATE, {}).items():
+            module._parameters[pname] = packed.codes
