@@ -5,9 +5,9 @@ usage: python bench/moe_experts.py [--steps 6] [--reps 2] [--out bench/results/m
 A random Qwen3-MoE saved in bf16 (4 layers, hidden 512, 32 experts of 768 a layer, 4 a token: 151M
 expert weights, 0.56 GiB in fp32) with SmolLM2's tokenizer, trained on the demo rows by `qlora train`
 (LoRA r=8 on every linear layer and on the experts, micro-batch 4 x 256), with and without gradient
-checkpointing. Each
-run is its own process with one malloc arena; the cases in turn, --reps times; the table keeps each
-case's best speed and highest peak RSS, with the planner's estimate beside it and the loss curves.
+checkpointing. Each run is its own process with one malloc arena; the cases in turn, --reps times;
+the table keeps each case's best speed and highest peak RSS, with the planner's estimate beside it
+and the loss curves.
 """
 import argparse
 import json
