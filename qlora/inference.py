@@ -33,7 +33,11 @@ def run_config(adapter: Path) -> Optional[QLoraConfig]:
     if not path.is_file():
         return None
     register()
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QLoraConfig), OmegaConf.load(path)))
+    saved = OmegaConf.load(path)
+    trained = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QLoraConfig), saved))
+    if "experts_in_4bit" not in saved.get("quant", {}):  # a run from before the key trained its experts in full
+        trained.quant.experts_in_4bit = False
+    return trained
 
 
 def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False) -> Loaded:

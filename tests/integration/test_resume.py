@@ -193,6 +193,30 @@ def test_a_run_made_before_a_lora_key_existed_still_resumes(tiny_model, tiny_dat
         check_resumable(tmp_path, compose("train", overrides(tiny_model, tiny_data, tmp_path, **{"lora.use_rslora": "true"})))
 
 
+def test_a_run_made_before_experts_in_4bit_resumes_and_loads_with_its_experts_in_full(tiny_model, tiny_data,
+                                                                                    tmp_path):
+    """A run made before quant.experts_in_4bit trained a mixture's experts in full: resuming it asks for
+    the key at that value, and its adapter is loaded with them in full (generate, eval, merge)."""
+    from qlora.checkpoints import check_resumable, fingerprint
+    from qlora.cli import compose
+    from qlora.errors import UserError
+    from qlora.inference import run_config
+
+    cfg = compose("train", overrides(tiny_model, tiny_data, tmp_path))
+    old = {k: v for k, v in fingerprint(cfg).items() if k != "quant.experts_in_4bit"}
+    (tmp_path / "fingerprint.json").write_text(json.dumps(old))
+    with pytest.raises(UserError, match="quant.experts_in_4bit: the run had False, now True"):
+        check_resumable(tmp_path, cfg)
+    check_resumable(tmp_path, compose("train", overrides(tiny_model, tiny_data, tmp_path,
+                                                         **{"quant.experts_in_4bit": "false"})))
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "config.yaml").write_text("quant:\n  load_in_4bit: true\n")
+    assert run_config(run / "adapter").quant.experts_in_4bit is False
+    (run / "config.yaml").write_text("quant:\n  load_in_4bit: true\n  experts_in_4bit: true\n")
+    assert run_config(run / "adapter").quant.experts_in_4bit is True
+
+
 EARLY = {"train.max_steps": 40, "train.eval_steps": 1, "train.save_steps": 1, "train.save_total_limit": 40,
          "train.early_stopping_patience": 2, "train.learning_rate": 0.05}
 
