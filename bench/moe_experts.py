@@ -9,7 +9,9 @@ bf16) with the tests' small tokenizer (a GPU machine has no SmolLM2), micro-batc
 Trained on the demo rows by `qlora train` (LoRA r=8 on every linear layer and on the experts), with
 and without gradient checkpointing. Each run is its own process with one malloc arena; the cases in
 turn, --reps times; the table keeps each case's best speed and highest peak memory (RSS on CPU, the
-CUDA peak on a GPU), with the planner's estimate beside it and the loss curves.
+CUDA peak on a GPU), with the planner's estimate beside it and the loss curves. Then greedy
+decoding in this process (interleaved, best of --reps + 1): the 4-bit experts with only the routed
+ones dequantized, as qlora does without gradient, with every expert dequantized, and held in full.
 """
 import argparse
 import json
@@ -83,11 +85,49 @@ def planned(case: str, model: Path, batch: int, length: int) -> float:
                     experts_in_4bit=keys["quant.experts_in_4bit"] == "true").total
 
 
+def generation(model: Path, new_tokens: int, rounds: int) -> list:
+    """Greedy decoding tokens/s, in this process and interleaved: the experts in 4 bits with only a token's
+    routed experts dequantized (qlora's way without gradient), with every expert dequantized at each
+    token, and held in full."""
+    import time
+
+    import torch
+
+    import qlora.experts_4bit as experts_4bit
+    from qlora.cli import compose
+    from qlora.models import load_base_model, pick_device
+
+    device = pick_device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    models = {}
+    for in_4bit in ("true", "false"):
+        cfg = compose("train", [f"model.name_or_path={model}", f"quant.experts_in_4bit={in_4bit}"])
+        models[in_4bit] = load_base_model(str(model), cfg.model, cfg.quant, device, dtype).eval()
+    routed = experts_4bit.slices_by_expert
+    cases = {"4 bits, routed experts dequantized": ("true", routed),
+             "4 bits, every expert dequantized": ("true", lambda packed: False),
+             "experts in full": ("false", routed)}
+    ids = torch.tensor([[1, 2, 3, 4]], device=device)
+    best = {case: 0.0 for case in cases}
+    for _ in range(rounds):
+        for case, (in_4bit, slices) in cases.items():
+            experts_4bit.slices_by_expert = slices
+            start = time.perf_counter()
+            with torch.no_grad():
+                models[in_4bit].generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            best[case] = max(best[case], new_tokens / (time.perf_counter() - start))
+    experts_4bit.slices_by_expert = routed
+    return [dict(case=case, tokens_per_second=v) for case, v in best.items()]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=SIZES, default="cpu")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--new-tokens", type=int, default=32, help="greedy decoding's length")
     ap.add_argument("--out", default="bench/results/moe_experts.json")
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,12 +142,17 @@ def main():
         rows = [dict(case=case, tokens_per_second=max(r["tokens_per_second"] for r in runs),
                      peak_gib=max(r["peak_gib"] for r in runs), planned_gib=planned(case, model, batch, length),
                      losses=runs[0]["losses"]) for case, runs in results.items()]
+        decoding = generation(model, a.new_tokens, a.reps + 1)
     print(f"\n{'case':38} {'tokens/s':>9} {'peak GiB':>9} {'planned':>8}  losses")
     for r in rows:
         print(f"{r['case']:38} {r['tokens_per_second']:9.0f} {r['peak_gib']:9.2f} {r['planned_gib']:8.2f}  "
               + " ".join(f"{x:.4f}" for x in r["losses"]))
+    print(f"\ngreedy decoding, {a.new_tokens} new tokens:")
+    for r in decoding:
+        print(f"  {r['case']:38} {r['tokens_per_second']:7.1f} tokens/s")
+    result = dict(size=a.size, steps=a.steps, reps=a.reps, batch=batch, length=length, rows=rows,
+                  new_tokens=a.new_tokens, decoding=decoding)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    result = dict(size=a.size, steps=a.steps, reps=a.reps, batch=batch, length=length, rows=rows)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nresults: {a.out}")
 

@@ -8,6 +8,8 @@ in 16 bits. The block that runs them (the experts module's parent) dequantizes t
 puts the codes back after it, so that PEFT's LoRA on them, which it adds at each forward, sees an
 ordinary tensor. With gradient checkpointing one layer's are in 16 bits at a time; without it each
 layer keeps, until its backward, the tensor it multiplied by, as it would with experts in full.
+A forward without gradient (generation, evaluation) dequantizes only the experts its tokens are
+routed to, once the experts module is given them: a generated token goes to a few of a layer's many.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ STATE = "_qlora_4bit_experts"  # on an experts module: {parameter name: Packed}
 class Packed:
     codes: object  # the packed 4-bit codes, as an nn.Parameter (uint8, no gradient)
     quant_state: object  # bitsandbytes' QuantState: block scales, code book, shape and dtype
+    unfilled: object = None  # during a forward without gradient: the tensor its routed experts go into
 
 
 def is_expert_tensor(module, tensor) -> bool:
@@ -75,6 +78,8 @@ def run_dequantized(model) -> None:
     for block in {id(b): b for b in (modules[block_of(name)] for name, _ in held(model))}.values():
         block.register_forward_pre_hook(unpack_experts)
         block.register_forward_hook(pack_experts, always_call=True)
+    for _, experts in held(model):
+        experts.register_forward_pre_hook(fill_routed, with_kwargs=True)
 
 
 def block_of(name: str) -> str:
@@ -144,14 +149,68 @@ def full_tensor(module, pname: str):
 
 
 def unpack_experts(block, args) -> None:
+    """A block's experts dequantized for its forward; without gradient, left for fill_routed to fill."""
     import torch
 
     for module in block.modules():
-        for pname in getattr(module, STATE, {}):
-            module._parameters[pname] = torch.nn.Parameter(dequantized(module, pname), requires_grad=False)
+        for pname, packed in getattr(module, STATE, {}).items():
+            if torch.is_grad_enabled() or not slices_by_expert(packed):
+                tensor = dequantized(module, pname)
+            else:
+                state = packed.quant_state
+                tensor = packed.unfilled = torch.empty(state.shape, dtype=state.dtype, device=packed.codes.device)
+            module._parameters[pname] = torch.nn.Parameter(tensor, requires_grad=False)
+
+
+def fill_routed(experts, args, kwargs) -> None:
+    """The experts the tokens are routed to, dequantized into the tensors unpack_experts left unfilled
+    (all of them where the routing is not among the arguments, or most experts are hit). The others are
+    left unwritten: the experts module multiplies by those it routes to, and only without gradient."""
+    import torch
+
+    indices = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+    for pname, packed in getattr(experts, STATE).items():
+        tensor, packed.unfilled = packed.unfilled, None
+        if tensor is None:
+            continue
+        count = packed.quant_state.shape[0]
+        hit = [] if indices is None else [e for e in torch.unique(indices).tolist() if 0 <= e < count]
+        if indices is None or 2 * len(hit) > count:
+            tensor.copy_(dequantized(experts, pname))
+            continue
+        absmax = block_scales(packed.quant_state)
+        for e in hit:
+            dequantize_expert(packed, absmax, e, tensor[e])
+
+
+def slices_by_expert(packed) -> bool:
+    """Whether each expert's weights are whole 4-bit blocks (of 64), so that one expert dequantizes alone."""
+    return packed.quant_state.shape[1:].numel() % packed.quant_state.blocksize == 0
+
+
+def block_scales(state):
+    """A quantized tensor's block scales in fp32 (double quantization undone)."""
+    import bitsandbytes.functional as bnbf
+
+    if not state.nested:
+        return state.absmax.float()
+    return (bnbf.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+def dequantize_expert(packed, absmax, e: int, out) -> None:
+    """Expert e's weights, dequantized into out (its slice of the full tensor)."""
+    import bitsandbytes.functional as bnbf
+
+    state = packed.quant_state
+    n = state.shape[1:].numel()
+    blocks = n // state.blocksize
+    one = bnbf.QuantState(absmax=absmax[e * blocks:(e + 1) * blocks], shape=out.shape, code=state.code,
+                          blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype)
+    out.copy_(bnbf.dequantize_4bit(packed.codes.data[e * n // 2:(e + 1) * n // 2], one))
 
 
 def pack_experts(block, args, output) -> None:
     for module in block.modules():
         for pname, packed in getattr(module, STATE, {}).items():
             module._parameters[pname] = packed.codes
+            packed.unfilled = None

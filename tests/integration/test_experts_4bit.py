@@ -87,3 +87,31 @@ def test_experts_stay_in_full_where_quant_says(tiny_mixtral, tiny_data, tmp_path
     assert main(["train", *overrides, "quant.experts_in_4bit=false"]) == 0
     assert "expert weights (0.00 GiB in float32) stay in float32 (quant.experts_in_4bit=false" in \
         capsys.readouterr().err
+
+
+def test_a_forward_without_gradient_dequantizes_only_the_routed_experts_to_the_same_logits(tiny_mixtral,
+                                                                                            monkeypatch):
+    """Generating, a token goes to 2 of a layer's 4 experts here: only those are dequantized, one by one,
+    and the logits are those of the whole tensors dequantized (as a forward with gradient does)."""
+    import qlora.experts_4bit as experts_4bit
+
+    model = lora_model(tiny_mixtral, checkpointing=False, in_4bit=True).eval()
+    ids = torch.tensor([[5, 17, 42]])
+    with torch.no_grad():
+        cached = model(input_ids=ids[:, :2], use_cache=True).past_key_values
+    calls = []
+    one_by_one = experts_4bit.dequantize_expert
+    monkeypatch.setattr(experts_4bit, "dequantize_expert", lambda *a: calls.append(a[2]) or one_by_one(*a))
+    with torch.no_grad():
+        routed = model(input_ids=ids[:, 2:], past_key_values=cached, use_cache=False).logits
+    assert 0 < len(calls) <= 2 * 2 * 2  # 2 layers, 2 tensors, at most 2 experts a token
+    with torch.no_grad():
+        cached = model(input_ids=ids[:, :2], use_cache=True).past_key_values
+    monkeypatch.setattr(experts_4bit, "slices_by_expert", lambda packed: False)
+    with torch.no_grad():
+        whole = model(input_ids=ids[:, 2:], past_key_values=cached, use_cache=False).logits
+    assert torch.equal(routed, whole)
+    # and a forward with gradient, which dequantizes every expert, gives them too
+    with torch.no_grad():
+        cached = model(input_ids=ids[:, :2], use_cache=True).past_key_values
+    assert torch.equal(model(input_ids=ids[:, 2:], past_key_values=cached, use_cache=False).logits.detach(), whole)
