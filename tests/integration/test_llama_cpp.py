@@ -3,6 +3,10 @@ transformers' GGUF reader, which takes llama.cpp's conventions from the same `gg
 llama.cpp's tokens equal those of the tokenizer training used, and its logits the model's, for each family
 the export writes, each rotary scaling, each GGUF type and the real SmolLM2. Skipped where llama-cpp-python
 is not installed (.ci/run builds it)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -77,8 +81,20 @@ def export(model, out, kind: str = "f32"):
     return out / f"model-{kind}.gguf"
 
 
+# loads a GGUF and runs two tokens through it, in a process of its own (llama_cpp_model's probe)
+PROBE = """import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=32, n_threads=1, verbose=False)
+llm.eval([0, 1])"""
+
+
 def llama_cpp_model(path):
-    """llama.cpp's model on the file, keys and values cached in f32 (its default f16 rounds them)."""
+    """llama.cpp's model on the file, keys and values cached in f32 (its default f16 rounds them). llama.cpp
+    aborts the process on a file it cannot run (a GGML_ASSERT), which would end the whole test session:
+    the file is first loaded and run in a process of its own, and such an abort fails this test alone."""
+    probe = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True)
+    if probe.returncode:
+        pytest.fail(f"llama.cpp could not load and run {Path(path).name} (exit {probe.returncode}):\n"
+                    f"{probe.stderr[-3000:]}")
     return llama_cpp.Llama(model_path=str(path), n_ctx=256, logits_all=True, n_threads=2, verbose=False,
                            type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)
 
@@ -414,3 +430,12 @@ def test_the_real_smollm2_runs_in_llama_cpp_as_in_transformers(kind, top1, most_
     print(kind, max_diff, agree, kl)
     assert all(same_tokens), same_tokens
     assert agree >= top1 and kl < most_kl, (max_diff, agree, kl)
+
+
+def test_a_file_llama_cpp_cannot_run_fails_its_test_alone(tmp_path):
+    """llama_cpp_model tries the file in a process of its own first: a failure there (an abort would end the
+    session otherwise) fails the test that asked, with llama.cpp's words."""
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + b"\xff" * 64)
+    with pytest.raises(pytest.fail.Exception, match="llama.cpp could not load and run broken.gguf"):
+        llama_cpp_model(broken)
