@@ -52,7 +52,8 @@ def data_digest(path: str, subset: Optional[str] = None, split: str = "train") -
     return h.hexdigest()[:16]
 
 
-# keys the fingerprint gained after runs were made, with the value those runs had
+# keys the config gained after runs were made, with the value those runs had (for their fingerprint.json,
+# and their config.yaml as inference.run_config reads it)
 # (quant.experts_in_4bit: such runs trained a mixture's experts in full; a dense model's are unaffected by
 # the key, but told to pass it all the same, as the fingerprint does not know the model's layers)
 ADDED_KEYS: Dict[str, Any] = {"lora.use_rslora": False, "lora.init": "default", "quant.experts_in_4bit": False}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Iterator, List, Tuple
 
 STATE = "_qlora_4bit_experts"  # on an experts module: {parameter name: Packed}
@@ -31,6 +32,12 @@ def is_expert_tensor(module, tensor) -> bool:
     """A 3-D tensor of a module that holds one slice an expert (transformers' experts modules)."""
     n = getattr(module, "num_experts", None)
     return tensor.dim() == 3 and tensor.is_floating_point() and n is not None and tensor.shape[0] == n
+
+
+def wanted(quant, fsdp: bool = False) -> bool:
+    """Whether a mixture's experts are held in 4 bits: quant.experts_in_4bit on a 4-bit base, but not under
+    FSDP, which shards one dtype."""
+    return quant.load_in_4bit and quant.experts_in_4bit and not fsdp
 
 
 def expert_tensors(model) -> List[Tuple[str, object, str]]:
@@ -74,12 +81,13 @@ def held(model) -> List[Tuple[str, object]]:
 def run_dequantized(model) -> None:
     """Hook each block that runs 4-bit experts: dequantized for its forward, packed again after it
     (also when the forward stops early, as checkpointing's recomputation does)."""
-    modules = dict(model.named_modules())
-    for block in {id(b): b for b in (modules[block_of(name)] for name, _ in held(model))}.values():
-        block.register_forward_pre_hook(unpack_experts)
-        block.register_forward_hook(pack_experts, always_call=True)
-    for _, experts in held(model):
+    modules, blocks = dict(model.named_modules()), {}
+    for name, experts in held(model):
+        blocks.setdefault(block_of(name), []).append(experts)
         experts.register_forward_pre_hook(fill_routed, with_kwargs=True)
+    for name, held_there in blocks.items():
+        modules[name].register_forward_pre_hook(partial(unpack_experts, held_there))
+        modules[name].register_forward_hook(partial(pack_experts, held_there), always_call=True)
 
 
 def block_of(name: str) -> str:
@@ -148,12 +156,12 @@ def full_tensor(module, pname: str):
     return dequantized(module, pname) if pname in getattr(module, STATE, {}) else getattr(module, pname)
 
 
-def unpack_experts(block, args) -> None:
+def unpack_experts(held_there, block, args) -> None:
     """A block's experts dequantized for its forward; without gradient, left for fill_routed to fill."""
     import torch
 
-    for module in block.modules():
-        for pname, packed in getattr(module, STATE, {}).items():
+    for module in held_there:
+        for pname, packed in getattr(module, STATE).items():
             if torch.is_grad_enabled() or not slices_by_expert(packed):
                 tensor = dequantized(module, pname)
             else:
@@ -209,8 +217,8 @@ def dequantize_expert(packed, absmax, e: int, out) -> None:
     out.copy_(bnbf.dequantize_4bit(packed.codes.data[e * n // 2:(e + 1) * n // 2], one))
 
 
-def pack_experts(block, args, output) -> None:
-    for module in block.modules():
-        for pname, packed in getattr(module, STATE, {}).items():
+def pack_experts(held_there, block, args, output) -> None:
+    for module in held_there:
+        for pname, packed in getattr(module, STATE).items():
             module._parameters[pname] = packed.codes
             packed.unfilled = None

@@ -32,12 +32,14 @@ def run_config(adapter: Path) -> Optional[QLoraConfig]:
     path = adapter.parent / "config.yaml"
     if not path.is_file():
         return None
+    from qlora.checkpoints import ADDED_KEYS
+
     register()
     saved = OmegaConf.load(path)
-    trained = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QLoraConfig), saved))
-    if "experts_in_4bit" not in saved.get("quant", {}):  # a run from before the key trained its experts in full
-        trained.quant.experts_in_4bit = False
-    return trained
+    for key, value in ADDED_KEYS.items():  # keys added since the run, at the value it had
+        if OmegaConf.select(saved, key) is None:
+            OmegaConf.update(saved, key, value)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(QLoraConfig), saved))
 
 
 def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False) -> Loaded:

@@ -21,7 +21,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional
 from qlora.config import MergeInto, QLoraConfig
 from qlora.validation import refuse, validate_merge
 from qlora.errors import UserError, WorkError
-from qlora.merge_experts import fused_layout, fused_merged, parameter_of, unwrapped
+from qlora.merge_experts import from_model, fused_layout, fused_merged, parameter_of, unwrapped
 from qlora.outputs import claim_output_dir
 
 # the image processor's settings, which a vision model's merged folder keeps from its base
@@ -120,7 +120,8 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     files = weight_files(base_path)
     rename = checkpoint_names(peft_model.get_base_model())
     dequantized = cfg.merge.into is MergeInto.dequantized
-    fused = fused_layout(peft_model.get_base_model(), modules, dequantized)
+    sources = from_model(modules, dequantized)
+    fused = fused_layout(peft_model.get_base_model(), sources)
     check_all_found(files, modules, rename, fused)
     say(f"merging {cfg.adapter} into the {cfg.merge.into.value} base, {len(files)} shard(s) -> "
         f"{cfg.merge.dtype.value}")
@@ -137,8 +138,8 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
             for key in shard.keys():
                 bar.update()
                 if key in owner:
-                    parts = split.pop(owner[key], None) or fused_merged(peft_model.get_base_model(), modules,
-                                                                        owner[key], dequantized)
+                    parts = split.pop(owner[key], None) or fused_merged(
+                        peft_model.get_base_model(), sources[owner[key]], owner[key], dequantized)
                     tensor = parts.pop(key)
                     if tuple(tensor.shape) != tuple(shard.get_slice(key).get_shape()):
                         raise UserError(f"adapter does not fit the base at {owner[key]}: merged {key} has shape "
@@ -156,7 +157,7 @@ def merge_run(cfg: QLoraConfig, out: Path) -> Path:
     for name in PROCESSOR_FILES:  # a vision model's image processor: the merged folder reads images as the base
         if (files[0].parent / name).is_file():
             shutil.copy(files[0].parent / name, tmp / name)
-    del modules, peft_model
+    del modules, sources, peft_model
     report = self_check(cfg, loaded, tmp, dtype)
     report.update(into=cfg.merge.into.value, dtype=cfg.merge.dtype.value, adapter=str(cfg.adapter),
                   base=str(base_path), seconds=round(time.perf_counter() - started, 2))

@@ -37,33 +37,33 @@ def from_model(modules: Dict[str, object], dequantized: bool) -> Dict[str, Tuple
     return found
 
 
-def fused_layout(model, modules: Dict[str, object], dequantized: bool) -> Dict[str, List[str]]:
-    """{parameter: the file keys it is saved as} for each tensor the merge writes from the model (see
-    from_model): a mixture's experts are one 3-D tensor a layer that the files may hold one expert (and
-    gate and up) apart. Found by reverting transformers' own conversion on empty (meta) tensors."""
+def fused_layout(model, sources: Dict[str, Tuple[object, str, object]]) -> Dict[str, List[str]]:
+    """{parameter: the file keys it is saved as} for each tensor the merge writes from the model (sources:
+    from_model's answer): a mixture's experts are one 3-D tensor a layer that the files may hold one expert
+    (and gate and up) apart. Found by reverting transformers' own conversion on empty (meta) tensors."""
     import torch
     from transformers.core_model_loading import revert_weight_conversion
 
     from qlora.experts_4bit import full_tensor
 
     layout = {}
-    for parameter, (module, pname, _) in from_model(modules, dequantized).items():
+    for parameter, (module, pname, _) in sources.items():
         shape = full_tensor(module, pname).shape
         layout[parameter] = sorted(revert_weight_conversion(model, {parameter: torch.empty(shape, device="meta")}))
     return layout
 
 
-def fused_merged(model, modules: Dict[str, object], parameter: str, dequantized: bool) -> Dict[str, object]:
-    """A tensor the merge writes from the model (see from_model), split into the files' tensors, in fp32:
-    its LoRA (PEFT's own delta) folded into the base training saw (the model's tensor; experts held in 4
-    bits, dequantized); for merge.into=original (not dequantized), the delta alone, for adding to the
-    files' own tensors."""
+def fused_merged(model, source: Tuple[object, str, object], parameter: str, dequantized: bool) -> Dict[str, object]:
+    """A tensor the merge writes from the model (source: its from_model entry), split into the files'
+    tensors, in fp32: its LoRA (PEFT's own delta) folded into the base training saw (the model's tensor;
+    experts held in 4 bits, dequantized); for merge.into=original (not dequantized), the delta alone, for
+    adding to the files' own tensors."""
     import torch
     from transformers.core_model_loading import revert_weight_conversion
 
     from qlora.experts_4bit import full_tensor
 
-    module, pname, wrapper = from_model(modules, dequantized)[parameter]
+    module, pname, wrapper = source
     base = full_tensor(module, pname).detach().float().cpu()  # (the model's own tensor where it is fp32)
     weight = base if dequantized else torch.zeros_like(base)
     if wrapper is not None:

@@ -289,7 +289,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from qlora.distributed import local_rank
-    from qlora.experts_4bit import quantized_while_loading, run_dequantized, say_held
+    from qlora.experts_4bit import quantized_while_loading, run_dequantized, say_held, wanted as experts_wanted
 
     # under torchrun each rank holds its own 4-bit copy on its own GPU (TRL #921)
     kwargs = dict(dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, use_safetensors=True,
@@ -307,11 +307,9 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
             bnb_4bit_compute_dtype=dtype,
             bnb_4bit_quant_storage=getattr(torch, quant.bnb_4bit_quant_storage.value),
         )
-    # a mixture's experts in 4 bits as they load (FSDP, which places the model itself, shards one dtype)
-    in_4bit = quant.load_in_4bit and quant.experts_in_4bit and place
-    try:
+    try:  # a mixture's experts in 4 bits as they load (not placing: FSDP's)
         with quantized_while_loading(quant.bnb_4bit_quant_type.value, quant.bnb_4bit_use_double_quant) \
-                if in_4bit else nullcontext():
+                if experts_wanted(quant, fsdp=not place) else nullcontext():
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except OSError as e:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path}: cannot load it "

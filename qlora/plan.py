@@ -292,6 +292,7 @@ def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, check
 def plan_cli(cfg) -> int:
     """The `qlora plan` verb."""
     from qlora.config import DistStrategy
+    from qlora.experts_4bit import wanted as experts_wanted
     from qlora.models import attention_implementation, compute_dtype, model_config, weight_count
     from qlora.validation import (bf16_base_on, checkpointing_on, fused_lora_on, padding_free_on, pick_optimizer,
                                   refuse, validate_train)
@@ -320,8 +321,7 @@ def plan_cli(cfg) -> int:
 
         return bf16_base_on(t, device, compute_dtype(cfg.quant, device) == torch.float32, fused)
 
-    experts_4bit = cfg.quant.load_in_4bit and cfg.quant.experts_in_4bit and \
-        cfg.dist.strategy is not DistStrategy.fsdp_qlora  # (FSDP shards one dtype: models.load_base_model)
+    experts_4bit = experts_wanted(cfg.quant, fsdp=cfg.dist.strategy is DistStrategy.fsdp_qlora)
 
     def fit(micro, length, checkpointing, first=t.checkpoint_layers, offload=t.offload_checkpoints):
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
