@@ -11,7 +11,9 @@ and without gradient checkpointing. Each run is its own process with one malloc 
 turn, --reps times; the table keeps each case's best speed and highest peak memory (RSS on CPU, the
 CUDA peak on a GPU), with the planner's estimate beside it and the loss curves. Then greedy
 decoding in this process (interleaved, best of --reps + 1): the 4-bit experts with only the routed
-ones dequantized, as qlora does without gradient, with every expert dequantized, and held in full.
+ones dequantized, as qlora does without gradient, with every expert dequantized, and held in full;
+and with LoRA on them, added in place (qlora) and through PEFT's parametrization. Last, a training
+step's forward and backward with LoRA on the 4-bit experts, in place and through PEFT's, interleaved.
 """
 import argparse
 import json
@@ -88,38 +90,106 @@ def planned(case: str, model: Path, batch: int, length: int) -> float:
 def generation(model: Path, new_tokens: int, rounds: int) -> list:
     """Greedy decoding tokens/s, in this process and interleaved: the experts in 4 bits with only a token's
     routed experts dequantized (qlora's way without gradient), with every expert dequantized at each
-    token, and held in full."""
+    token, and held in full; then with LoRA (r=8, B random) on every linear layer and the experts: added
+    in place into the routed experts (qlora's way), and through PEFT's parametrization (every expert,
+    into a copy)."""
     import time
 
     import torch
+    from peft.tuners.lora.layer import ParamWrapper
 
     import qlora.experts_4bit as experts_4bit
+    from qlora.adapters import attach_lora
     from qlora.cli import compose
     from qlora.models import load_base_model, pick_device
 
     device = pick_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     models = {}
-    for in_4bit in ("true", "false"):
-        cfg = compose("train", [f"model.name_or_path={model}", f"quant.experts_in_4bit={in_4bit}"])
-        models[in_4bit] = load_base_model(str(model), cfg.model, cfg.quant, device, dtype).eval()
-    routed = experts_4bit.slices_by_expert
-    cases = {"4 bits, routed experts dequantized": ("true", routed),
-             "4 bits, every expert dequantized": ("true", lambda packed: False),
-             "experts in full": ("false", routed)}
+    for key in ("true", "false", "lora"):
+        cfg = compose("train", [f"model.name_or_path={model}", f"quant.experts_in_4bit={key != 'false'}"])
+        models[key] = load_base_model(str(model), cfg.model, cfg.quant, device, dtype).eval()
+    torch.manual_seed(0)
+    models["lora"] = attach_lora(models["lora"], cfg.lora, False, compute_dtype=dtype).eval()
+    for name, p in models["lora"].named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    wrappers = [m for m in models["lora"].modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)]
+    in_place = {m: m.forward for m in wrappers}
+    routed, every = experts_4bit.slices_by_expert, (lambda packed: False)
+    cases = {"4 bits, routed experts dequantized": ("true", routed, True),
+             "4 bits, every expert dequantized": ("true", every, True),
+             "experts in full": ("false", routed, True),
+             "4 bits + LoRA, in place, routed": ("lora", routed, True),
+             "4 bits + LoRA through PEFT": ("lora", routed, False)}
     ids = torch.tensor([[1, 2, 3, 4]], device=device)
     best = {case: 0.0 for case in cases}
     for _ in range(rounds):
-        for case, (in_4bit, slices) in cases.items():
+        for case, (key, slices, ours) in cases.items():
             experts_4bit.slices_by_expert = slices
+            for m in wrappers:  # PEFT's own forward, or qlora's
+                if ours:
+                    m.forward = in_place[m]
+                else:
+                    vars(m).pop("forward", None)
             start = time.perf_counter()
             with torch.no_grad():
-                models[in_4bit].generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                models[key].generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             if device == "cuda":
                 torch.cuda.synchronize()
             best[case] = max(best[case], new_tokens / (time.perf_counter() - start))
     experts_4bit.slices_by_expert = routed
     return [dict(case=case, tokens_per_second=v) for case, v in best.items()]
+
+
+def lora_steps(model: Path, batch: int, length: int, rounds: int) -> list:
+    """A training step's forward and backward (4-bit experts, LoRA r=8 on every linear layer and the
+    experts, B random), in this process and interleaved: LoRA on the experts added in place (qlora) and
+    through PEFT's parametrization, with and without checkpointing. Seconds a step, best of rounds, and
+    the largest difference between the two ways' LoRA gradients."""
+    import time
+
+    import torch
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from qlora.adapters import attach_lora
+    from qlora.cli import compose
+    from qlora.models import load_base_model, pick_device
+
+    device = pick_device()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cfg = compose("train", [f"model.name_or_path={model}"])
+    ids = torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+    rows = []
+    for checkpointing in (True, False):
+        base = load_base_model(str(model), cfg.model, cfg.quant, device, dtype)
+        torch.manual_seed(0)
+        lora = attach_lora(base, cfg.lora, checkpointing, compute_dtype=dtype).train()
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.01)
+        wrappers = [m for m in lora.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)]
+        in_place = {m: m.forward for m in wrappers}
+        best, grads = {True: float("inf"), False: float("inf")}, {}
+        for _ in range(rounds):
+            for ours in (True, False):
+                for m in wrappers:
+                    if ours:
+                        m.forward = in_place[m]
+                    else:
+                        vars(m).pop("forward", None)
+                lora.zero_grad()
+                start = time.perf_counter()
+                lora(input_ids=ids, labels=ids).loss.backward()
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                best[ours] = min(best[ours], time.perf_counter() - start)
+                grads[ours] = [p.grad.float() for p in lora.parameters() if p.requires_grad]
+        differs = max((a - b).abs().max().item() for a, b in zip(grads[True], grads[False]))
+        rows.append(dict(checkpointing=checkpointing, in_place_s=best[True], peft_s=best[False],
+                         largest_gradient_difference=differs))
+        del base, lora
+    return rows
 
 
 def main():
@@ -143,6 +213,7 @@ def main():
                      peak_gib=max(r["peak_gib"] for r in runs), planned_gib=planned(case, model, batch, length),
                      losses=runs[0]["losses"]) for case, runs in results.items()]
         decoding = generation(model, a.new_tokens, a.reps + 1)
+        steps = lora_steps(model, batch, length, a.reps + 1)
     print(f"\n{'case':38} {'tokens/s':>9} {'peak GiB':>9} {'planned':>8}  losses")
     for r in rows:
         print(f"{r['case']:38} {r['tokens_per_second']:9.0f} {r['peak_gib']:9.2f} {r['planned_gib']:8.2f}  "
@@ -150,8 +221,13 @@ def main():
     print(f"\ngreedy decoding, {a.new_tokens} new tokens:")
     for r in decoding:
         print(f"  {r['case']:38} {r['tokens_per_second']:7.1f} tokens/s")
+    print("\na step's forward and backward, LoRA on the 4-bit experts in place against through PEFT:")
+    for r in steps:
+        print(f"  checkpointing {'on ' if r['checkpointing'] else 'off'}  {r['in_place_s']:.2f} s against "
+              f"{r['peft_s']:.2f} s ({r['peft_s'] / r['in_place_s']:.2f}x), LoRA gradients within "
+              f"{r['largest_gradient_difference']:.1e}")
     result = dict(size=a.size, steps=a.steps, reps=a.reps, batch=batch, length=length, rows=rows,
-                  new_tokens=a.new_tokens, decoding=decoding)
+                  new_tokens=a.new_tokens, decoding=decoding, lora_steps=steps)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nresults: {a.out}")

@@ -67,10 +67,10 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
     if cfg.adapter:
         from peft import PeftModel
 
-        from qlora.experts_4bit import full_size_views
+        from qlora.experts_4bit import peft_wrapping
 
         try:
-            with full_size_views(model):  # a mixture's experts held in 4 bits, at their shape for PEFT
+            with peft_wrapping(model):  # a mixture's 4-bit experts
                 model = PeftModel.from_pretrained(model, str(adir))
             model.peft_config["default"].base_model_name_or_path = path  # where it is now: merge reads it
         except (RuntimeError, ValueError, KeyError) as e:

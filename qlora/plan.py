@@ -249,8 +249,9 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
 
 def experts_parts(s: Shape, b: int, bits: float, in_4bit: bool, checkpointing: bool) -> Dict[str, float]:
     """A mixture's experts (GiB): as held, and as they run. A running layer's are dequantized when held in
-    4 bits, and PEFT adds LoRA on them into a copy; without checkpointing each layer keeps the tensor it
-    multiplied by until the backward."""
+    4 bits (LoRA on them added into that copy); with LoRA, one more layer's: its gradient in the
+    backward (held in full, the copy PEFT adds LoRA into). Without checkpointing each layer keeps the
+    tensor it multiplied by until the backward."""
     if not s.experts:
         return {}
     layer = s.expert_weights() * b / GiB  # one layer's experts in the compute dtype

@@ -115,3 +115,20 @@ def test_a_forward_without_gradient_dequantizes_only_the_routed_experts_to_the_s
     with torch.no_grad():
         cached = model(input_ids=ids[:, :2], use_cache=True).past_key_values
     assert torch.equal(model(input_ids=ids[:, 2:], past_key_values=cached, use_cache=False).logits.detach(), whole)
+
+
+def test_lora_on_4bit_experts_generates_as_peft_adds_it_and_is_left_out_when_disabled(tiny_mixtral):
+    """LoRA on the 4-bit experts is added into their dequantized copy (only the routed experts', without
+    gradient), not through PEFT's parametrization: the logits are PEFT's on the same NF4 values, and
+    with the adapter disabled they are the base model's."""
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
+    logits = {}
+    for in_4bit in (False, True):  # False: the NF4 values held in full, LoRA through PEFT's parametrization
+        model = lora_model(tiny_mixtral, checkpointing=False, in_4bit=in_4bit).eval()
+        with torch.no_grad():
+            logits[in_4bit] = model(input_ids=ids).logits
+            with model.disable_adapter():
+                logits[in_4bit, "disabled"] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-5)
+    assert (logits[True] - logits[True, "disabled"]).abs().max() > 1e-3  # the adapter counts here
+    torch.testing.assert_close(logits[True, "disabled"], logits[False, "disabled"], rtol=0, atol=1e-6)
