@@ -29,7 +29,8 @@
 #   attention qlora alone with train.checkpoint_attention=true on it (attention outputs kept, not recomputed)
 #   llama8b   the Llama-3-8B shape, 2048 x 4: the plain stack, with Liger, qlora
 #   moe       a random Qwen3-MoE (2.4B expert weights) with its experts in 4 bits and in full, with and
-#             without checkpointing: CUDA peaks, tokens/s, the planner's estimates (bench/moe_experts.py)
+#             without checkpointing: CUDA peaks, tokens/s, the planner's estimates; then decoding, and
+#             LoRA on the 4-bit experts in place against PEFT's way (bench/moe_experts.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=gpu_carry
@@ -103,7 +104,7 @@ transformers.__version__, peft.__version__, trl.__version__, bitsandbytes.__vers
                 --plain-cases none --set train.checkpoint_attention=true --out "$OUT/attention.json" ;;
             llama8b) part llama8b 420 python3 bench/gpu_speed.py --plain "$plain" --only l8b-bf16-ckpt \
                 --out "$OUT/llama8b.json" ;;
-            moe) part moe 300 python3 bench/moe_experts.py --size gpu --reps 1 --steps 4 --out "$OUT/moe.json" ;;
+            moe) part moe 420 python3 bench/moe_experts.py --size gpu --reps 1 --steps 4 --out "$OUT/moe.json" ;;
             *) echo "unknown part $name (tests, tinyllama, profile, fused, varied, varied-free, liger, offload, attention, llama8b, moe)" >&2; exit 2 ;;
         esac
     done

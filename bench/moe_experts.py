@@ -200,6 +200,8 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=32, help="greedy decoding's length")
     ap.add_argument("--out", default="bench/results/moe_experts.json")
     a = ap.parse_args()
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         model = moe_model(Path(tmp) / "moe", a.size)
         batch, length = SIZES[a.size][1]
@@ -212,24 +214,25 @@ def main():
         rows = [dict(case=case, tokens_per_second=max(r["tokens_per_second"] for r in runs),
                      peak_gib=max(r["peak_gib"] for r in runs), planned_gib=planned(case, model, batch, length),
                      losses=runs[0]["losses"]) for case, runs in results.items()]
-        decoding = generation(model, a.new_tokens, a.reps + 1)
-        steps = lora_steps(model, batch, length, a.reps + 1)
-    print(f"\n{'case':38} {'tokens/s':>9} {'peak GiB':>9} {'planned':>8}  losses")
-    for r in rows:
-        print(f"{r['case']:38} {r['tokens_per_second']:9.0f} {r['peak_gib']:9.2f} {r['planned_gib']:8.2f}  "
-              + " ".join(f"{x:.4f}" for x in r["losses"]))
-    print(f"\ngreedy decoding, {a.new_tokens} new tokens:")
-    for r in decoding:
-        print(f"  {r['case']:38} {r['tokens_per_second']:7.1f} tokens/s")
+        print(f"\n{'case':38} {'tokens/s':>9} {'peak GiB':>9} {'planned':>8}  losses")
+        for r in rows:
+            print(f"{r['case']:38} {r['tokens_per_second']:9.0f} {r['peak_gib']:9.2f} {r['planned_gib']:8.2f}  "
+                  + " ".join(f"{x:.4f}" for x in r["losses"]))
+        # saved after each part, so that a time limit (bench/gpu_session.sh's) keeps what ran
+        result = dict(size=a.size, steps=a.steps, reps=a.reps, batch=batch, length=length, rows=rows)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        result.update(new_tokens=a.new_tokens, decoding=generation(model, a.new_tokens, a.reps + 1))
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\ngreedy decoding, {a.new_tokens} new tokens:")
+        for r in result["decoding"]:
+            print(f"  {r['case']:38} {r['tokens_per_second']:7.1f} tokens/s", flush=True)
+        result.update(lora_steps=lora_steps(model, batch, length, a.reps + 1))
+        out.write_text(json.dumps(result, indent=2) + "\n")
     print("\na step's forward and backward, LoRA on the 4-bit experts in place against through PEFT:")
-    for r in steps:
+    for r in result["lora_steps"]:
         print(f"  checkpointing {'on ' if r['checkpointing'] else 'off'}  {r['in_place_s']:.2f} s against "
               f"{r['peft_s']:.2f} s ({r['peft_s'] / r['in_place_s']:.2f}x), LoRA gradients within "
               f"{r['largest_gradient_difference']:.1e}")
-    result = dict(size=a.size, steps=a.steps, reps=a.reps, batch=batch, length=length, rows=rows,
-                  new_tokens=a.new_tokens, decoding=decoding, lora_steps=steps)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nresults: {a.out}")
 
 

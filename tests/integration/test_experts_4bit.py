@@ -1,5 +1,7 @@
 """A mixture's experts held in 4 bits (quant.experts_in_4bit): training through them is training on their
 NF4 values, LoRA on them learns, and the model holds only the codes between forwards."""
+import json
+
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
@@ -132,3 +134,20 @@ def test_lora_on_4bit_experts_generates_as_peft_adds_it_and_is_left_out_when_dis
     torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-5)
     assert (logits[True] - logits[True, "disabled"]).abs().max() > 1e-3  # the adapter counts here
     torch.testing.assert_close(logits[True, "disabled"], logits[False, "disabled"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_mixture_with_4bit_experts_and_lora_on_them_trains_compiled_as_eager(tiny_mixtral, tiny_data, tmp_path):
+    """train.compile on a mixture: the experts' hooks and LoRA added in place under torch.compile (which
+    breaks the graph around them) train as eager does."""
+    from qlora.train import fit
+
+    runs = {}
+    for on in ("true", "false"):
+        cfg = compose("train", tiny_overrides(tiny_mixtral, tiny_data, tmp_path / on, **{
+            "train.compile": on, "train.max_steps": 4, "data.padding_free": "false"}))
+        runs[on] = fit(cfg)
+    assert (runs["true"].report["compiled_layers"], runs["false"].report["compiled_layers"]) == (1, 0)
+    curves = {on: [m["loss"] for m in map(json.loads, (r.run_dir / "metrics.jsonl").read_text().splitlines())
+                   if "loss" in m] for on, r in runs.items()}
+    assert len(curves["true"]) == 4 and curves["true"] == pytest.approx(curves["false"], abs=1e-5)
