@@ -12,8 +12,8 @@ turn, --reps times; the table keeps each case's best speed and highest peak memo
 CUDA peak on a GPU), with the planner's estimate beside it and the loss curves. Then greedy
 decoding in this process (interleaved, best of --reps + 1): the 4-bit experts with only the routed
 ones dequantized, as qlora does without gradient, with every expert dequantized, and held in full;
-and with LoRA on them, added in place (qlora) and through PEFT's parametrization. Last, a training
-step's forward and backward with LoRA on the 4-bit experts, in place and through PEFT's, interleaved.
+and with LoRA on them, held in 4 bits and in full, added by qlora and through PEFT's parametrization.
+Last, a training step's forward and backward with LoRA on the experts, both ways, interleaved.
 """
 import argparse
 import json
@@ -87,51 +87,71 @@ def planned(case: str, model: Path, batch: int, length: int) -> float:
                     experts_in_4bit=keys["quant.experts_in_4bit"] == "true").total
 
 
-def generation(model: Path, new_tokens: int, rounds: int) -> list:
-    """Greedy decoding tokens/s, in this process and interleaved: the experts in 4 bits with only a token's
-    routed experts dequantized (qlora's way without gradient), with every expert dequantized at each
-    token, and held in full; then with LoRA (r=8, B random) on every linear layer and the experts: added
-    in place into the routed experts (qlora's way), and through PEFT's parametrization (every expert,
-    into a copy)."""
-    import time
-
+def with_lora(model: Path, in_4bit: bool, checkpointing: bool, device: str, dtype):
+    """The mixture with LoRA (r=8, B random) on every linear layer and the experts, and the PEFT wrappers
+    whose LoRA qlora adds ({wrapper: qlora's forward}; deleting it leaves PEFT's own)."""
     import torch
     from peft.tuners.lora.layer import ParamWrapper
 
-    import qlora.experts_4bit as experts_4bit
     from qlora.adapters import attach_lora
+    from qlora.cli import compose
+    from qlora.models import load_base_model
+
+    cfg = compose("train", [f"model.name_or_path={model}", f"quant.experts_in_4bit={str(in_4bit).lower()}"])
+    base = load_base_model(str(model), cfg.model, cfg.quant, device, dtype)
+    torch.manual_seed(0)
+    lora = attach_lora(base, cfg.lora, checkpointing, compute_dtype=dtype)
+    for name, p in lora.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.01)
+    return lora, {m: m.forward for m in lora.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)}
+
+
+def choose_way(ours: dict, qlora: bool) -> None:
+    """LoRA on the experts added by qlora, or through PEFT's parametrization."""
+    for m, forward in ours.items():
+        if qlora:
+            m.forward = forward
+        else:
+            vars(m).pop("forward", None)
+
+
+def generation(model: Path, new_tokens: int, rounds: int) -> list:
+    """Greedy decoding tokens/s, in this process and interleaved: the experts in 4 bits with only a token's
+    routed experts dequantized (qlora's way without gradient), with every expert dequantized at each
+    token, and held in full; then with LoRA on them, held in 4 bits and in full, added by qlora (into
+    the routed experts only) and through PEFT's parametrization (into a copy of every expert)."""
+    import time
+
+    import torch
+
+    import qlora.experts_4bit as experts_4bit
     from qlora.cli import compose
     from qlora.models import load_base_model, pick_device
 
     device = pick_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    models = {}
-    for key in ("true", "false", "lora"):
-        cfg = compose("train", [f"model.name_or_path={model}", f"quant.experts_in_4bit={key != 'false'}"])
-        models[key] = load_base_model(str(model), cfg.model, cfg.quant, device, dtype).eval()
-    torch.manual_seed(0)
-    models["lora"] = attach_lora(models["lora"], cfg.lora, False, compute_dtype=dtype).eval()
-    for name, p in models["lora"].named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(p, std=0.01)
-    wrappers = [m for m in models["lora"].modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)]
-    in_place = {m: m.forward for m in wrappers}
+    models, ours = {}, {}
+    for in_4bit in (True, False):
+        cfg = compose("train", [f"model.name_or_path={model}", f"quant.experts_in_4bit={str(in_4bit).lower()}"])
+        models[in_4bit] = load_base_model(str(model), cfg.model, cfg.quant, device, dtype).eval()
+        models[in_4bit, "lora"], ours[in_4bit] = with_lora(model, in_4bit, False, device, dtype)
+        models[in_4bit, "lora"].eval()
     routed, every = experts_4bit.slices_by_expert, (lambda packed: False)
-    cases = {"4 bits, routed experts dequantized": ("true", routed, True),
-             "4 bits, every expert dequantized": ("true", every, True),
-             "experts in full": ("false", routed, True),
-             "4 bits + LoRA, in place, routed": ("lora", routed, True),
-             "4 bits + LoRA through PEFT": ("lora", routed, False)}
+    cases = {"4 bits, routed experts dequantized": (True, routed, True),
+             "4 bits, every expert dequantized": (True, every, True),
+             "experts in full": (False, routed, True),
+             "4 bits + LoRA, added by qlora": ((True, "lora"), routed, True),
+             "4 bits + LoRA through PEFT": ((True, "lora"), routed, False),
+             "in full + LoRA, added by qlora": ((False, "lora"), routed, True),
+             "in full + LoRA through PEFT": ((False, "lora"), routed, False)}
     ids = torch.tensor([[1, 2, 3, 4]], device=device)
     best = {case: 0.0 for case in cases}
     for _ in range(rounds):
-        for case, (key, slices, ours) in cases.items():
+        for case, (key, slices, qlora) in cases.items():
             experts_4bit.slices_by_expert = slices
-            for m in wrappers:  # PEFT's own forward, or qlora's
-                if ours:
-                    m.forward = in_place[m]
-                else:
-                    vars(m).pop("forward", None)
+            for way in ours.values():
+                choose_way(way, qlora)
             start = time.perf_counter()
             with torch.no_grad():
                 models[key].generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -143,52 +163,39 @@ def generation(model: Path, new_tokens: int, rounds: int) -> list:
 
 
 def lora_steps(model: Path, batch: int, length: int, rounds: int) -> list:
-    """A training step's forward and backward (4-bit experts, LoRA r=8 on every linear layer and the
-    experts, B random), in this process and interleaved: LoRA on the experts added in place (qlora) and
-    through PEFT's parametrization, with and without checkpointing. Seconds a step, best of rounds, and
-    the largest difference between the two ways' LoRA gradients."""
+    """A training step's forward and backward with LoRA on the experts (held in 4 bits and in full, with
+    and without checkpointing), in this process and interleaved: added by qlora and through PEFT's
+    parametrization. Seconds a step, best of rounds, and the largest difference between the two ways'
+    LoRA gradients."""
     import time
 
     import torch
-    from peft.tuners.lora.layer import ParamWrapper
 
-    from qlora.adapters import attach_lora
-    from qlora.cli import compose
-    from qlora.models import load_base_model, pick_device
+    from qlora.models import pick_device
 
     device = pick_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    cfg = compose("train", [f"model.name_or_path={model}"])
     ids = torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
     rows = []
-    for checkpointing in (True, False):
-        base = load_base_model(str(model), cfg.model, cfg.quant, device, dtype)
-        torch.manual_seed(0)
-        lora = attach_lora(base, cfg.lora, checkpointing, compute_dtype=dtype).train()
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                torch.nn.init.normal_(p, std=0.01)
-        wrappers = [m for m in lora.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)]
-        in_place = {m: m.forward for m in wrappers}
-        best, grads = {True: float("inf"), False: float("inf")}, {}
-        for _ in range(rounds):
-            for ours in (True, False):
-                for m in wrappers:
-                    if ours:
-                        m.forward = in_place[m]
-                    else:
-                        vars(m).pop("forward", None)
-                lora.zero_grad()
-                start = time.perf_counter()
-                lora(input_ids=ids, labels=ids).loss.backward()
-                if device == "cuda":
-                    torch.cuda.synchronize()
-                best[ours] = min(best[ours], time.perf_counter() - start)
-                grads[ours] = [p.grad.float() for p in lora.parameters() if p.requires_grad]
-        differs = max((a - b).abs().max().item() for a, b in zip(grads[True], grads[False]))
-        rows.append(dict(checkpointing=checkpointing, in_place_s=best[True], peft_s=best[False],
-                         largest_gradient_difference=differs))
-        del base, lora
+    for in_4bit in (True, False):
+        for checkpointing in (True, False):
+            lora, ours = with_lora(model, in_4bit, checkpointing, device, dtype)
+            lora.train()
+            best, grads = {True: float("inf"), False: float("inf")}, {}
+            for _ in range(rounds):
+                for qlora in (True, False):
+                    choose_way(ours, qlora)
+                    lora.zero_grad()
+                    start = time.perf_counter()
+                    lora(input_ids=ids, labels=ids).loss.backward()
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    best[qlora] = min(best[qlora], time.perf_counter() - start)
+                    grads[qlora] = [p.grad.float() for p in lora.parameters() if p.requires_grad]
+            differs = max((a - b).abs().max().item() for a, b in zip(grads[True], grads[False]))
+            rows.append(dict(experts_in_4bit=in_4bit, checkpointing=checkpointing, qlora_s=best[True],
+                             peft_s=best[False], largest_gradient_difference=differs))
+            del lora, ours
     return rows
 
 
@@ -228,11 +235,11 @@ def main():
             print(f"  {r['case']:38} {r['tokens_per_second']:7.1f} tokens/s", flush=True)
         result.update(lora_steps=lora_steps(model, batch, length, a.reps + 1))
         out.write_text(json.dumps(result, indent=2) + "\n")
-    print("\na step's forward and backward, LoRA on the 4-bit experts in place against through PEFT:")
+    print("\na step's forward and backward, LoRA on the experts added by qlora against through PEFT:")
     for r in result["lora_steps"]:
-        print(f"  checkpointing {'on ' if r['checkpointing'] else 'off'}  {r['in_place_s']:.2f} s against "
-              f"{r['peft_s']:.2f} s ({r['peft_s'] / r['in_place_s']:.2f}x), LoRA gradients within "
-              f"{r['largest_gradient_difference']:.1e}")
+        print(f"  experts {'in 4 bits' if r['experts_in_4bit'] else 'in full  '}, checkpointing "
+              f"{'on ' if r['checkpointing'] else 'off'}  {r['qlora_s']:.2f} s against {r['peft_s']:.2f} s "
+              f"({r['peft_s'] / r['qlora_s']:.2f}x), LoRA gradients within {r['largest_gradient_difference']:.1e}")
     print(f"\nresults: {a.out}")
 
 

@@ -18,8 +18,8 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype
     fp32, and fp32 norm weights turn the whole residual stream fp32: measured on an H200 (TinyLlama,
     2048 x 8), that cost 2.5 GiB of peak memory and a third of the speed. Its upcast is not made even
     for a moment: a mixture's 16-bit experts (quant.experts_in_4bit=false; 38 GB in gpt-oss-20b) would
-    double in fp32. A mixture's experts held in 4 bits are shown to PEFT at their full shape, and their LoRA
-    runs in place (experts_4bit.peft_wrapping)."""
+    double in fp32. A mixture's experts held in 4 bits are shown to PEFT at their full shape, and LoRA on
+    experts is added by qlora (experts_lora.py)."""
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
     from qlora.experts_4bit import peft_wrapping
@@ -47,7 +47,7 @@ def attach_lora(model, lora: LoraConfig, gradient_checkpointing: bool, one_dtype
         bias=lora.bias.value, modules_to_save=lora.modules_to_save, use_dora=lora.use_dora,
         task_type="CAUSAL_LM")
     try:
-        with peft_wrapping(model):  # a mixture's 4-bit experts
+        with peft_wrapping(model, fsdp=one_dtype is not None):  # a mixture's experts
             model = get_peft_model(model, peft_cfg)
     except ValueError as e:
         raise UserError(f"lora.target_modules={list(targets)}: {str(e).splitlines()[0]}") from None

@@ -5,14 +5,11 @@ transformers holds a layer's experts as 3-D tensors (gate_up_proj, down_proj), w
 Here each is quantized as the linear layers are (NF4 or FP4, blocks of 64, double quantization as
 quant says) the moment transformers sets it while loading, so no more than one layer's experts are ever
 in 16 bits. The block that runs them (the experts module's parent) dequantizes them for its forward and
-puts the codes back after it, so that PEFT's LoRA on them, which it adds at each forward, sees an
-ordinary tensor. With gradient checkpointing one layer's are in 16 bits at a time; without it each
-layer keeps, until its backward, the tensor it multiplied by, as it would with experts in full.
-A forward without gradient (generation, evaluation) dequantizes only the experts its tokens are
-routed to, once the experts module is given them: a generated token goes to a few of a layer's many.
-PEFT's LoRA on these tensors is added in place into the dequantized copy (only the routed experts',
-without gradient), rather than through PEFT's parametrization, which adds it into a second copy of
-every expert, twice a forward.
+puts the codes back after it; LoRA on them is added into that copy in place (experts_lora.py). With
+gradient checkpointing one layer's are in 16 bits at a time; without it each layer keeps, until its
+backward, the tensor it multiplied by, as it would with experts in full. A forward without gradient
+(generation, evaluation) dequantizes only the experts its tokens are routed to, once the experts
+module is given them: a generated token goes to a few of a layer's many.
 """
 from __future__ import annotations
 
@@ -29,7 +26,6 @@ class Packed:
     codes: object  # the packed 4-bit codes, as an nn.Parameter (uint8, no gradient)
     quant_state: object  # bitsandbytes' QuantState: block scales, code book, shape and dtype
     unfilled: object = None  # during a forward without gradient: the tensor its routed experts go into
-    lora: object = None  # during a forward with LoRA on the tensor: PEFT's factors (lhs, rhs, scaling)
 
 
 def is_expert_tensor(module, tensor) -> bool:
@@ -129,11 +125,13 @@ def name_of(dtype) -> str:
 
 
 @contextmanager
-def peft_wrapping(model) -> Iterator[None]:
+def peft_wrapping(model, fsdp: bool = False) -> Iterator[None]:
     """Around PEFT putting LoRA on a model: its 4-bit expert tensors seen at their full shape, dtype and
-    device (one element each, repeated), as PEFT reads their shapes, not their values; after, PEFT's
-    LoRA on them added in place (lora_in_place)."""
+    device (one element each, repeated), as PEFT reads their shapes, not their values; after, LoRA on
+    a mixture's experts added by qlora (experts_lora.take_over; on those held in full, not under FSDP)."""
     import torch
+
+    from qlora.experts_lora import take_over
 
     for _, module in held(model):
         for pname, packed in getattr(module, STATE).items():
@@ -146,7 +144,7 @@ def peft_wrapping(model) -> Iterator[None]:
         for _, module in held(model):
             for pname, packed in getattr(module, STATE).items():
                 module._parameters[pname] = packed.codes
-    lora_in_place(model)
+    take_over(model, full_experts=not fsdp)
 
 
 def dequantized(module, pname: str):
@@ -180,65 +178,25 @@ def fill_experts(experts, args, kwargs) -> None:
     """The experts the tokens are routed to, dequantized into the tensors unpack_experts left unfilled
     (all of them where the routing is not among the arguments, or most experts are hit); the others are
     left unwritten: the experts module multiplies by those it routes to, and only without gradient.
-    Then LoRA's change added in place, to the experts filled (through autograd, with gradient)."""
-    import torch
+    Then LoRA's change added in place to the experts filled (through autograd, with gradient)."""
+    from qlora.experts_lora import LORA, add_lora, routed_experts
 
-    indices = args[1] if len(args) > 1 else kwargs.get("top_k_index", kwargs.get("router_indices"))
+    lora = getattr(experts, LORA, {})  # empty where PEFT adds it (more than one adapter)
     for pname, packed in getattr(experts, STATE).items():
         tensor, packed.unfilled = packed.unfilled, None
         if tensor is None:  # dequantized whole by unpack_experts
-            if packed.lora is not None:  # (else PEFT's parametrization may hold it: more than one adapter)
-                add_lora(experts._parameters[pname], packed.lora)
+            if pname in lora:  # (else PEFT's parametrization may hold the tensor: more than one adapter)
+                add_lora(experts._parameters[pname], lora[pname])
             continue
-        count = packed.quant_state.shape[0]
-        hit = [] if indices is None else [e for e in torch.unique(indices).tolist() if 0 <= e < count]
-        if indices is None or 2 * len(hit) > count:
+        hit = routed_experts(args, kwargs, packed.quant_state.shape[0])
+        if hit is None:
             tensor.copy_(dequantized(experts, pname))
-            add_lora(tensor, packed.lora)
+            add_lora(tensor, lora.get(pname))
             continue
         absmax = block_scales(packed.quant_state)
         for e in hit:
             dequantize_expert(packed, absmax, e, tensor[e])
-            add_lora(tensor[e], packed.lora, e)
-
-
-def add_lora(tensor, lora, expert=None) -> None:
-    """LoRA's change (scaling * lhs @ rhs, one product an expert) added into a dequantized tensor, or
-    into one expert's slice of it."""
-    import torch
-
-    if lora is None:
-        return
-    lhs, rhs, scaling = lora
-    with torch.autocast(device_type=tensor.device.type, enabled=False):  # in the tensor's dtype, as PEFT does
-        if expert is None:
-            tensor.baddbmm_(lhs, rhs, alpha=scaling)
-        else:
-            tensor.addmm_(lhs[expert], rhs[expert], alpha=scaling)
-
-
-def lora_in_place(model) -> None:
-    """PEFT's LoRA on 4-bit expert tensors, added by fill_experts into their dequantized copy. PEFT's own
-    forward registers a parametrization that adds it into a second copy of every expert, and torch
-    evaluates that once more to check it: on CPU, 30 ms a tensor a forward for 32 experts of 768, where
-    a generated token needs a few experts. Left to PEFT: more than one active adapter, or none."""
-    from peft.tuners.lora.layer import ParamWrapper
-
-    for module in model.modules():
-        if isinstance(module, ParamWrapper) and module.parameter_name in getattr(module.get_base_layer(), STATE, {}):
-            module.forward = partial(lora_forward, module)
-
-
-def lora_forward(wrapper, x, *args, **kwargs):
-    adapters = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
-    if wrapper.disable_adapters or wrapper.merged or len(adapters) != 1 or kwargs.get("adapter_names"):
-        return type(wrapper).forward(wrapper, x, *args, **kwargs)
-    packed = getattr(wrapper.get_base_layer(), STATE)[wrapper.parameter_name]
-    packed.lora = wrapper.get_delta_factors(adapters[0])  # cast to the dequantized tensor's dtype
-    try:
-        return wrapper.base_layer(x, *args, **kwargs)
-    finally:
-        packed.lora = None
+            add_lora(tensor[e], lora.get(pname), e)
 
 
 def slices_by_expert(packed) -> bool:

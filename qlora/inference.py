@@ -70,7 +70,7 @@ def load_for_inference(cfg: QLoraConfig, chat: bool = True, exact: bool = False)
         from qlora.experts_4bit import peft_wrapping
 
         try:
-            with peft_wrapping(model):  # a mixture's 4-bit experts
+            with peft_wrapping(model):  # a mixture's experts
                 model = PeftModel.from_pretrained(model, str(adir))
             model.peft_config["default"].base_model_name_or_path = path  # where it is now: merge reads it
         except (RuntimeError, ValueError, KeyError) as e:

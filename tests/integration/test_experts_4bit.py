@@ -119,21 +119,44 @@ def test_a_forward_without_gradient_dequantizes_only_the_routed_experts_to_the_s
     assert torch.equal(model(input_ids=ids[:, 2:], past_key_values=cached, use_cache=False).logits.detach(), whole)
 
 
-def test_lora_on_4bit_experts_generates_as_peft_adds_it_and_is_left_out_when_disabled(tiny_mixtral):
-    """LoRA on the 4-bit experts is added into their dequantized copy (only the routed experts', without
-    gradient), not through PEFT's parametrization: the logits are PEFT's on the same NF4 values, and
-    with the adapter disabled they are the base model's."""
+@pytest.mark.parametrize("in_4bit", [True, False])
+def test_lora_on_experts_added_by_qlora_gives_peft_s_logits_and_gradients(tiny_mixtral, in_4bit):
+    """LoRA on the experts is added by qlora (into the 4-bit experts' dequantized copy, or into a new
+    tensor for experts held in full; without gradient, into the routed experts only), not through
+    PEFT's parametrization: the logits and LoRA gradients are PEFT's, and with the adapter disabled
+    the logits are the base model's."""
+    from peft.tuners.lora.layer import ParamWrapper
+
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
-    logits = {}
-    for in_4bit in (False, True):  # False: the NF4 values held in full, LoRA through PEFT's parametrization
-        model = lora_model(tiny_mixtral, checkpointing=False, in_4bit=in_4bit).eval()
+    model = lora_model(tiny_mixtral, checkpointing=False, in_4bit=in_4bit)
+    ours = {m: m.forward for m in model.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)}
+    assert len(ours) == 4  # gate_up_proj and down_proj of 2 layers (the routers' LoRA is PEFT's)
+    runs = {}
+    for way in ("qlora", "peft"):
+        for m, forward in ours.items():
+            if way == "qlora":
+                m.forward = forward
+            else:
+                del m.forward
         with torch.no_grad():
-            logits[in_4bit] = model(input_ids=ids).logits
+            logits = model(input_ids=ids).logits
             with model.disable_adapter():
-                logits[in_4bit, "disabled"] = model(input_ids=ids).logits
-    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-5)
-    assert (logits[True] - logits[True, "disabled"]).abs().max() > 1e-3  # the adapter counts here
-    torch.testing.assert_close(logits[True, "disabled"], logits[False, "disabled"], rtol=0, atol=1e-6)
+                base = model(input_ids=ids).logits
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs[way] = logits, base, grads
+    (logits, base, grads), (peft_logits, peft_base, peft_grads) = runs["qlora"], runs["peft"]
+    torch.testing.assert_close(logits, peft_logits, rtol=0, atol=1e-5)
+    assert (logits - base).abs().max() > 1e-3  # the adapter counts here
+    assert torch.equal(base, peft_base)
+    expert_lora = [n for n in grads if "experts" in n]
+    assert expert_lora and all(grads[n].abs().sum() > 0 for n in expert_lora)
+    for name in grads:
+        torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-7)
+    # between forwards, the experts hold their own tensors: the codes, or the unchanged weights
+    for _, module, name in expert_tensors(model):
+        assert isinstance(getattr(module, name), torch.nn.Parameter) and not getattr(module, name).requires_grad
 
 
 @pytest.mark.slow
