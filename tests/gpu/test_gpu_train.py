@@ -223,3 +223,47 @@ def test_experts_in_4bit_train_on_gpu(tiny_mixtral, tiny_data, tmp_path, dtype):
         losses[in_4bit] = [x["loss"] for x in lines if "loss" in x]
     assert losses[True][-1] < losses[True][0]
     assert losses[True] == pytest.approx(losses[False], rel=0.05)
+
+
+@pytest.mark.parametrize("in_4bit", [True, False])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_lora_on_experts_added_by_qlora_matches_peft_s_on_gpu(tiny_mixtral, dtype, in_4bit):
+    """LoRA on a mixture's experts (qlora/experts_lora.py) on a GPU, in 16 bits: the logits without
+    gradient (routed experts only) and the LoRA gradients are those of PEFT's parametrization."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    from qlora.adapters import attach_lora
+    from qlora.config import LoraConfig
+    from qlora.models import load_base_model
+
+    if dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        pytest.skip("no bf16 on this GPU")
+    torch_dtype = getattr(torch, dtype)
+    cfg = compose("train", [f"model.name_or_path={tiny_mixtral}", f"quant.experts_in_4bit={str(in_4bit).lower()}"])
+    model = load_base_model(str(tiny_mixtral), cfg.model, cfg.quant, "cuda", torch_dtype)
+    torch.manual_seed(0)
+    model = attach_lora(model, LoraConfig(r=8, lora_alpha=16), True, compute_dtype=torch_dtype)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)
+    ours = {m: m.forward for m in model.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)}
+    assert len(ours) == 4
+    ids = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]], device="cuda")
+    runs = {}
+    for way in ("qlora", "peft"):
+        for m, forward in ours.items():
+            if way == "qlora":
+                m.forward = forward
+            else:
+                del m.forward
+        model.eval()
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+        model.train()
+        model.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        runs[way] = logits, [p.grad.float().flatten() for p in model.parameters() if p.requires_grad]
+    (logits, grads), (peft_logits, peft_grads) = runs["qlora"], runs["peft"]
+    torch.testing.assert_close(logits, peft_logits, rtol=0, atol=0.05)
+    ours_all, theirs_all = torch.cat(grads), torch.cat(peft_grads)
+    assert torch.nn.functional.cosine_similarity(ours_all, theirs_all, dim=0) > 0.999
