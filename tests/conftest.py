@@ -132,6 +132,23 @@ def tiny_data(tmp_path_factory):
     return write_jsonl(d / "train.jsonl", people_rows(24)), write_jsonl(d / "eval.jsonl", people_rows(6, seed=1))
 
 
+def experts_lora_ways(model):
+    """A function that sets how LoRA on the model's experts is added: way="qlora" (experts_lora.py) or
+    "peft" (PEFT's own parametrization); and how many PEFT wrappers qlora took over."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    ours = {m: m.forward for m in model.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)}
+
+    def choose(way: str) -> None:
+        for m, forward in ours.items():
+            if way == "qlora":
+                m.forward = forward
+            else:
+                vars(m).pop("forward", None)
+
+    return choose, len(ours)
+
+
 def tiny_overrides(model: Path, data, out: Path, **extra) -> list:
     train, held = data
     args = {"model.name_or_path": str(model), "data.path": str(train), "data.eval_path": str(held),

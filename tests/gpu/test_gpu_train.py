@@ -9,7 +9,7 @@ import torch
 
 from qlora.cli import compose
 from qlora.train import fit
-from tests.conftest import people_rows, tiny_overrides, write_jsonl
+from tests.conftest import experts_lora_ways, people_rows, tiny_overrides, write_jsonl
 
 pytestmark = pytest.mark.gpu
 
@@ -230,8 +230,6 @@ def test_experts_in_4bit_train_on_gpu(tiny_mixtral, tiny_data, tmp_path, dtype):
 def test_lora_on_experts_added_by_qlora_matches_peft_s_on_gpu(tiny_mixtral, dtype, in_4bit):
     """LoRA on a mixture's experts (qlora/experts_lora.py) on a GPU, in 16 bits: the logits without
     gradient (routed experts only) and the LoRA gradients are those of PEFT's parametrization."""
-    from peft.tuners.lora.layer import ParamWrapper
-
     from qlora.adapters import attach_lora
     from qlora.config import LoraConfig
     from qlora.models import load_base_model
@@ -246,16 +244,12 @@ def test_lora_on_experts_added_by_qlora_matches_peft_s_on_gpu(tiny_mixtral, dtyp
     for name, p in model.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.1)
-    ours = {m: m.forward for m in model.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)}
-    assert len(ours) == 4
+    choose, taken_over = experts_lora_ways(model)
+    assert taken_over == 4
     ids = torch.tensor([[5, 17, 42, 7, 99, 3, 250, 11]], device="cuda")
     runs = {}
     for way in ("qlora", "peft"):
-        for m, forward in ours.items():
-            if way == "qlora":
-                m.forward = forward
-            else:
-                del m.forward
+        choose(way)
         model.eval()
         with torch.no_grad():
             logits = model(input_ids=ids).logits.float()

@@ -12,7 +12,7 @@ from qlora.cli import compose, main
 from qlora.config import LoraConfig
 from qlora.experts_4bit import STATE, expert_tensors
 from qlora.models import load_base_model
-from tests.conftest import tiny_overrides
+from tests.conftest import experts_lora_ways, tiny_overrides
 
 
 def lora_model(folder, checkpointing: bool, in_4bit: bool):
@@ -125,19 +125,13 @@ def test_lora_on_experts_added_by_qlora_gives_peft_s_logits_and_gradients(tiny_m
     tensor for experts held in full; without gradient, into the routed experts only), not through
     PEFT's parametrization: the logits and LoRA gradients are PEFT's, and with the adapter disabled
     the logits are the base model's."""
-    from peft.tuners.lora.layer import ParamWrapper
-
     ids = torch.tensor([[5, 17, 42, 7, 99, 3]])
     model = lora_model(tiny_mixtral, checkpointing=False, in_4bit=in_4bit)
-    ours = {m: m.forward for m in model.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)}
-    assert len(ours) == 4  # gate_up_proj and down_proj of 2 layers (the routers' LoRA is PEFT's)
+    choose, taken_over = experts_lora_ways(model)
+    assert taken_over == 4  # gate_up_proj and down_proj of 2 layers (the routers' LoRA is PEFT's)
     runs = {}
     for way in ("qlora", "peft"):
-        for m, forward in ours.items():
-            if way == "qlora":
-                m.forward = forward
-            else:
-                del m.forward
+        choose(way)
         with torch.no_grad():
             logits = model(input_ids=ids).logits
             with model.disable_adapter():
