@@ -88,10 +88,9 @@ def planned(case: str, model: Path, batch: int, length: int) -> float:
 
 
 def with_lora(model: Path, in_4bit: bool, checkpointing: bool, device: str, dtype):
-    """The mixture with LoRA (r=8, B random) on every linear layer and the experts, and the PEFT wrappers
-    whose LoRA qlora adds ({wrapper: qlora's forward}; deleting it leaves PEFT's own)."""
+    """The mixture with LoRA (r=8, B random) on every linear layer and the experts, and the function that
+    chooses how LoRA on the experts is added: choose("qlora") or choose("peft")."""
     import torch
-    from peft.tuners.lora.layer import ParamWrapper
 
     from qlora.adapters import attach_lora
     from qlora.cli import compose
@@ -104,16 +103,9 @@ def with_lora(model: Path, in_4bit: bool, checkpointing: bool, device: str, dtyp
     for name, p in lora.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
-    return lora, {m: m.forward for m in lora.modules() if isinstance(m, ParamWrapper) and "forward" in vars(m)}
+    from tests.conftest import experts_lora_ways
 
-
-def choose_way(ours: dict, qlora: bool) -> None:
-    """LoRA on the experts added by qlora, or through PEFT's parametrization."""
-    for m, forward in ours.items():
-        if qlora:
-            m.forward = forward
-        else:
-            vars(m).pop("forward", None)
+    return lora, experts_lora_ways(lora)[0]
 
 
 def generation(model: Path, new_tokens: int, rounds: int) -> list:
@@ -131,12 +123,13 @@ def generation(model: Path, new_tokens: int, rounds: int) -> list:
 
     device = pick_device()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    models, ours = {}, {}
+    models, ways = {}, []
     for in_4bit in (True, False):
         cfg = compose("train", [f"model.name_or_path={model}", f"quant.experts_in_4bit={str(in_4bit).lower()}"])
         models[in_4bit] = load_base_model(str(model), cfg.model, cfg.quant, device, dtype).eval()
-        models[in_4bit, "lora"], ours[in_4bit] = with_lora(model, in_4bit, False, device, dtype)
+        models[in_4bit, "lora"], choose = with_lora(model, in_4bit, False, device, dtype)
         models[in_4bit, "lora"].eval()
+        ways.append(choose)
     routed, every = experts_4bit.slices_by_expert, (lambda packed: False)
     cases = {"4 bits, routed experts dequantized": (True, routed, True),
              "4 bits, every expert dequantized": (True, every, True),
@@ -150,8 +143,8 @@ def generation(model: Path, new_tokens: int, rounds: int) -> list:
     for _ in range(rounds):
         for case, (key, slices, qlora) in cases.items():
             experts_4bit.slices_by_expert = slices
-            for way in ours.values():
-                choose_way(way, qlora)
+            for choose in ways:
+                choose("qlora" if qlora else "peft")
             start = time.perf_counter()
             with torch.no_grad():
                 models[key].generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -179,12 +172,12 @@ def lora_steps(model: Path, batch: int, length: int, rounds: int) -> list:
     rows = []
     for in_4bit in (True, False):
         for checkpointing in (True, False):
-            lora, ours = with_lora(model, in_4bit, checkpointing, device, dtype)
+            lora, choose = with_lora(model, in_4bit, checkpointing, device, dtype)
             lora.train()
             best, grads = {True: float("inf"), False: float("inf")}, {}
             for _ in range(rounds):
                 for qlora in (True, False):
-                    choose_way(ours, qlora)
+                    choose("qlora" if qlora else "peft")
                     lora.zero_grad()
                     start = time.perf_counter()
                     lora(input_ids=ids, labels=ids).loss.backward()
@@ -195,7 +188,7 @@ def lora_steps(model: Path, batch: int, length: int, rounds: int) -> list:
             differs = max((a - b).abs().max().item() for a, b in zip(grads[True], grads[False]))
             rows.append(dict(experts_in_4bit=in_4bit, checkpointing=checkpointing, qlora_s=best[True],
                              peft_s=best[False], largest_gradient_difference=differs))
-            del lora, ours
+            del lora, choose
     return rows
 
 

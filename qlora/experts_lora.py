@@ -105,6 +105,7 @@ def with_lora(experts, args, kwargs) -> None:
 
 
 def without_lora(experts, args, output) -> None:
+    """Experts held in full: their own tensors back after the forward (also one checkpointing stops)."""
     for name, tensor in getattr(experts, ORIGINAL, {}).items():
         experts._parameters[name] = tensor
     getattr(experts, ORIGINAL, {}).clear()
