@@ -13,7 +13,7 @@ The estimate adds up what training holds at its peak, from the model's shape alo
 - logits: on GPUs TRL's fused head holds only fp32 copies of the hidden states it scores; on CPU
   a measured per-token term (about 1.4 fp32 rows of the vocabulary per token with the head in
   small tiles, 2.9 with TRL's own tiles; 6.9 and 11 with PEFT's own LoRA forward, whose many
-  temporaries leave glibc holding more; 0.6 more under train.bf16_base_products with
+  temporaries leave glibc holding more; 0.8 more under train.bf16_base_products with
   checkpointing): the head's temporaries and what the allocator keeps;
 - on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS.
 
@@ -45,7 +45,7 @@ CPU_PROCESS_GB = 0.46  # RSS of Python with torch, transformers, peft, trl, bits
 # fp32 rows of the vocabulary a token adds to CPU peak RSS, by (train.fused_lora, train.small_head_tiles) (measured)
 CPU_HEAD_ROWS = {(True, True): 1.4, (True, False): 2.9, (False, True): 6.9, (False, False): 11.0}
 # rows more with train.bf16_base_products under gradient checkpointing (measured; none without it)
-CPU_BF16_CHECKPOINTED_ROWS = 0.6
+CPU_BF16_CHECKPOINTED_ROWS = 0.8
 
 
 @dataclass
