@@ -148,7 +148,7 @@ def test_lora_on_experts_added_by_qlora_gives_peft_s_logits_and_gradients(tiny_m
     assert expert_lora and all(grads[n].abs().sum() > 0 for n in expert_lora)
     for name in grads:
         torch.testing.assert_close(grads[name], peft_grads[name], rtol=1e-4, atol=1e-7)
-    # between forwards, the experts hold their own tensors: the codes, or the unchanged weights
+    # between forwards, experts held in full hold their own weights again (4-bit ones their codes: above)
     for _, module, name in expert_tensors(model):
         assert isinstance(getattr(module, name), torch.nn.Parameter) and not getattr(module, name).requires_grad
 
