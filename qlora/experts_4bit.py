@@ -182,13 +182,14 @@ def fill_experts(experts, args, kwargs) -> None:
     from qlora.experts_lora import LORA, add_lora, routed_experts
 
     lora = getattr(experts, LORA, {})  # empty where PEFT adds it (more than one adapter)
-    for pname, packed in getattr(experts, STATE).items():
+    held_there = getattr(experts, STATE)
+    hit = routed_experts(args, kwargs, next(iter(held_there.values())).quant_state.shape[0])  # once a forward
+    for pname, packed in held_there.items():
         tensor, packed.unfilled = packed.unfilled, None
         if tensor is None:  # dequantized whole by unpack_experts
             if pname in lora:  # (else PEFT's parametrization may hold the tensor: more than one adapter)
                 add_lora(experts._parameters[pname], lora[pname])
             continue
-        hit = routed_experts(args, kwargs, packed.quant_state.shape[0])
         if hit is None:
             tensor.copy_(dequantized(experts, pname))
             add_lora(tensor, lora.get(pname))

@@ -89,10 +89,10 @@ def with_lora(experts, args, kwargs) -> None:
     holding only the routed experts, each with its change."""
     import torch
 
-    originals = experts.__dict__.setdefault(ORIGINAL, {})
-    for name, factors in getattr(experts, LORA, {}).items():
+    originals, lora = experts.__dict__.setdefault(ORIGINAL, {}), getattr(experts, LORA, {})
+    hit = routed_experts(args, kwargs, experts.num_experts) if lora else None  # once a forward
+    for name, factors in lora.items():
         tensor = originals[name] = experts._parameters[name]
-        hit = routed_experts(args, kwargs, tensor.shape[0])
         lhs, rhs, scaling = factors
         with torch.autocast(device_type=tensor.device.type, enabled=False):
             if hit is None:
