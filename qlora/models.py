@@ -16,7 +16,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from qlora.config import ComputeDtype, ModelConfig, QuantConfig
 from qlora.errors import UserError
@@ -320,6 +320,7 @@ def load_base_model(path: str, model_cfg: ModelConfig, quant: QuantConfig, devic
         raise UserError(f"model.attn_implementation={kwargs['attn_implementation']}: "
                         f"{str(e).split(' yet.')[0]}; use model.attn_implementation=auto") from None
     keep_4bit_layout(model)
+    leave_weight_files(model)
     run_dequantized(model)
     say_held(model, quant)
     return model
@@ -342,6 +343,40 @@ def keep_4bit_layout(model) -> None:
     for module in model.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):
             module.support_avx512bf16_for_cpu = False
+
+
+def leave_weight_files(model) -> int:
+    """Copy each tensor that still lies in a weights file's memory map into memory of its own, so that
+    the map closes; returns how many were copied.
+
+    transformers hands out a tensor stored in the dtype it is loaded in without copying it (on CPU: a
+    checkpoint in fp32). The map then stays open for that tensor's sake, and every page read through it
+    while loading, the weights quantized since included, stays in the process's RSS: SmolLM2-135M's
+    fp32 file kept 0.29 GiB there for its embeddings and norms (0.11 GiB). Linux only (/proc/self/maps
+    says where files are mapped); elsewhere nothing is copied."""
+    spans = [(start, end) for start, end, _ in mapped_weight_files()]
+    copied = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        at = tensor.untyped_storage().data_ptr()
+        if tensor.device.type == "cpu" and any(start <= at < end for start, end in spans):
+            tensor.data = tensor.data.clone()
+            copied += 1
+    return copied
+
+
+def mapped_weight_files() -> List[Tuple[int, int, str]]:
+    """(start, end, path) of each span of a safetensors file mapped into this process (Linux; none
+    elsewhere)."""
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return []
+    spans = []
+    for line in maps.read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".safetensors"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end, fields[5]))
+    return spans
 
 
 def resize_for_tokenizer(model, tokenizer) -> List[str]:

@@ -232,6 +232,36 @@ def test_a_forward_without_gradient_leaves_the_4bit_weights_as_loaded_and_traina
     assert after.keys() == loaded.keys() and all(torch.equal(after[k], loaded[k]) for k in loaded)
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads where files are mapped (Linux)")
+def test_the_loaded_model_keeps_nothing_in_its_weights_file_s_memory_map(tiny_model):
+    """tiny_model is stored in fp32, the dtype it loads in on CPU: transformers hands out its embeddings
+    and norms as views of the file's memory map, which then stays open with every page read through it
+    in the process's RSS. load_base_model copies them out (qlora.models.leave_weight_files)."""
+    import gc
+
+    from transformers import AutoModelForCausalLM
+
+    from qlora.config import ModelConfig, QuantConfig
+    from qlora.models import load_base_model, mapped_weight_files
+
+    def in_map(model):
+        spans = [(a, b) for a, b, path in mapped_weight_files() if Path(path).parent == tiny_model.resolve()]
+        return [n for n, p in model.named_parameters() if any(a <= p.data_ptr() < b for a, b in spans)]
+
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model), dtype=torch.float32)
+    assert "model.embed_tokens.weight" in in_map(plain)  # as transformers loads it
+    # the tensors that stay as loaded (the linear layers' are quantized)
+    expected = {n: p.detach().clone() for n, p in plain.named_parameters() if "embed" in n or "norm" in n}
+    del plain
+    gc.collect()
+
+    model = load_base_model(str(tiny_model), ModelConfig(name_or_path=str(tiny_model)), QuantConfig(), "cpu",
+                            torch.float32)
+    assert in_map(model) == []
+    got = dict(model.named_parameters())
+    assert len(expected) == 6 and all(torch.equal(got[n], t) for n, t in expected.items())
+
+
 def test_the_model_pads_as_the_tokenizer_so_training_starts_without_a_token_warning(tiny_model):
     import logging
 
