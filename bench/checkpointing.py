@@ -21,7 +21,7 @@ from pathlib import Path
 
 from plots import checkpointing_plot
 
-from qlora.plan import estimate, model_file_gb, model_shape
+from qlora.plan import estimate, model_shape
 
 CASES = {
     "off": ["train.gradient_checkpointing=false"],
@@ -58,10 +58,9 @@ def run(case: str, data: Path, out: Path, a) -> dict:
 
 
 def planned(case: str, a) -> float:
-    shape, folder = model_shape("smollm2-135m-instruct")
+    shape, _ = model_shape("smollm2-135m-instruct")
     keys = dict(x.split("=") for x in CASES[case])
     return estimate(shape, r=16, batch=a.batch, max_length=a.length, optim="adamw_torch", device="cpu",
-                    model_file_gb=model_file_gb(folder),
                     checkpointing=keys["train.gradient_checkpointing"] == "true",
                     checkpoint_layers=int(keys["train.checkpoint_layers"]) if "train.checkpoint_layers" in keys else None,
                     checkpoint_attention=keys.get("train.checkpoint_attention") == "true").total

@@ -23,7 +23,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qlora.plan import estimate, model_file_gb, model_shape
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.conftest builds the model
+from qlora.plan import estimate, model_shape  # noqa: E402
+from tests.conftest import MOE_ON_CPU, experts_lora_ways, make_qwen3_moe, make_tokenizer  # noqa: E402
 
 CASES = {
     "experts in 4 bits, checkpointed": ["quant.experts_in_4bit=true", "train.gradient_checkpointing=true"],
@@ -32,9 +34,7 @@ CASES = {
     "experts in full, no checkpointing": ["quant.experts_in_4bit=false", "train.gradient_checkpointing=false"],
 }
 SIZES = {  # the model's own settings, the micro-batch
-    "cpu": (dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                 num_key_value_heads=2, head_dim=64, num_experts=32, num_experts_per_tok=4,
-                 moe_intermediate_size=768), (4, 256)),
+    "cpu": (MOE_ON_CPU, (4, 256)),
     "gpu": (dict(hidden_size=2048, intermediate_size=4096, num_hidden_layers=8, num_attention_heads=16,
                  num_key_value_heads=4, head_dim=128, num_experts=64, num_experts_per_tok=8,
                  moe_intermediate_size=768), (4, 1024)),
@@ -42,23 +42,12 @@ SIZES = {  # the model's own settings, the micro-batch
 
 
 def moe_model(folder: Path, size: str) -> Path:
-    import torch
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import AutoTokenizer
 
     from qlora.models import resolve_model
 
-    if size == "cpu":
-        tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct"))
-    else:
-        from tests.conftest import make_tokenizer
-
-        tok = make_tokenizer()
-    cfg = Qwen3MoeConfig(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, **SIZES[size][0])
-    torch.manual_seed(0)
-    Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)  # as checkpoints are shipped
-    tok.save_pretrained(folder)
-    return folder
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m-instruct")) if size == "cpu" else make_tokenizer()
+    return make_qwen3_moe(folder, tok, **SIZES[size][0])
 
 
 def run(case: str, model: Path, out: Path, steps: int, batch: int, length: int) -> dict:
@@ -78,13 +67,16 @@ def run(case: str, model: Path, out: Path, steps: int, batch: int, length: int) 
 def planned(case: str, model: Path, batch: int, length: int) -> float:
     import torch
 
-    shape, folder = model_shape(str(model))
+    from qlora.fused_lora import cpu_has_bf16_units
+
+    shape, _ = model_shape(str(model))
     keys = dict(x.split("=") for x in CASES[case])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpointing = keys["train.gradient_checkpointing"] == "true"
     return estimate(shape, r=8, batch=batch, max_length=length, optim="adamw_torch", device=device,
-                    model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
-                    checkpointing=keys["train.gradient_checkpointing"] == "true",
-                    experts_in_4bit=keys["quant.experts_in_4bit"] == "true").total
+                    checkpointing=checkpointing, experts_in_4bit=keys["quant.experts_in_4bit"] == "true",
+                    # as `qlora plan` counts train.bf16_base_products=auto (on such CPUs, with checkpointing)
+                    bf16_products=device == "cpu" and checkpointing and cpu_has_bf16_units()).total
 
 
 def with_lora(model: Path, in_4bit: bool, checkpointing: bool, device: str, dtype):
@@ -103,8 +95,6 @@ def with_lora(model: Path, in_4bit: bool, checkpointing: bool, device: str, dtyp
     for name, p in lora.named_parameters():
         if "lora_B" in name:
             torch.nn.init.normal_(p, std=0.01)
-    from tests.conftest import experts_lora_ways
-
     return lora, experts_lora_ways(lora)[0]
 
 

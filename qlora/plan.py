@@ -6,6 +6,9 @@ The estimate adds up what training holds at its peak, from the model's shape alo
   embeddings, head and norms in the compute dtype;
 - LoRA: fp32 weights, their gradients, and the optimizer state (8 bytes a weight for AdamW,
   about 2 for the 8-bit optimizers, which keep tensors under 4096 weights in 32 bits);
+- a mixture's experts: held in 4 bits (or in the compute dtype), one layer's dequantized as it runs
+  (every layer's, kept for the backward, without checkpointing), and in the backward, once the head's
+  temporaries are gone, one more layer's where LoRA is on them: their gradient;
 - activations: what each layer keeps for backward per token (about 6 hidden + 2 key/value +
   4 intermediate values, in the compute dtype), for every layer, or with gradient checkpointing
   each checkpointed layer's input (none on the GPU when offloaded; one more hidden value where its
@@ -15,14 +18,17 @@ The estimate adds up what training holds at its peak, from the model's shape alo
   small tiles, 2.9 with TRL's own tiles; 6.9 and 11 with PEFT's own LoRA forward, whose many
   temporaries leave glibc holding more; 0.8 more under train.bf16_base_products with
   checkpointing): the head's temporaries and what the allocator keeps;
-- on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS.
+- on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS
+  (memory glibc keeps from the tensors freed while quantizing); or, where loading peaks higher than
+  training (a mixture of experts trained with checkpointing), that peak.
 
 Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
 
 Calibrated on CPU against the high end of measured peak RSS, which moves run to run with how glibc
-reuses freed memory (SmolLM2 with one malloc arena, 512 to 4096 tokens: 2.0 to 4.8 GiB, each
-estimate within 12% of the highest run; tests/integration/test_plan.py keeps two cases within 15%
-of the highest of three runs). On GPUs: against the plain stack's CUDA peaks in
+reuses freed memory (one malloc arena; SmolLM2, 1024 to 4096 tokens: 1.4 to 4.2 GiB, and a mixture of
+experts saved in bf16 with 151M of its 179M weights in experts, 1.4 to 2.1 GiB: each estimate within
+10% of the highest run; tests/integration/test_plan.py keeps five cases within 15% of the highest of
+three runs). On GPUs: against the plain stack's CUDA peaks in
 shared/bench/README.md (TinyLlama-1.1B 2048 x 8: 3.53 estimated vs 3.85 GiB; Llama-3-8B 2048 x 4:
 9.23 vs 9.52 GiB) and qlora's own TinyLlama run on an H200 (3.53 vs 3.86 GiB); other GPUs and
 shapes are the model's word.
@@ -46,6 +52,15 @@ CPU_PROCESS_GB = 0.46  # RSS of Python with torch, transformers, peft, trl, bits
 CPU_HEAD_ROWS = {(True, True): 1.4, (True, False): 2.9, (False, True): 6.9, (False, False): 11.0}
 # rows more with train.bf16_base_products under gradient checkpointing (measured; none without it)
 CPU_BF16_CHECKPOINTED_ROWS = 0.8
+# what loading leaves in CPU RSS through training, per byte (in the compute dtype) of the tensors it
+# quantized that glibc served from its heap, those under its largest mmap threshold: the memory it keeps
+# from them once freed (measured on SmolLM2, all of whose linear layers are such; larger tensors, a
+# mixture's experts or an 8B model's layers, are mapped apart and given back when freed)
+CPU_LOAD_LEFT = 1.0
+GLIBC_MMAP_MAX = 32 * 2 ** 20
+# what loading itself peaks at beyond the weights it keeps, per byte of all weights in the compute dtype
+# (measured on a mixture of experts saved in bf16, whose loading peaks above its training)
+CPU_LOAD_PEAK = 1.15
 
 
 @dataclass
@@ -183,7 +198,7 @@ class Estimate:
 
 def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing: bool, optim: str,
              device: str, double_quant: bool = True, load_in_4bit: bool = True, packing: bool = False,
-             model_file_gb: float = 0.0, small_head_tiles: bool = True, checkpoint_layers: Optional[int] = None,
+             small_head_tiles: bool = True, checkpoint_layers: Optional[int] = None,
              checkpoint_attention: bool = False, offload_checkpoints: bool = False,
              fused_lora: bool = True, one_row: bool = False, mask_bytes: int = 1,
              bf16_products: bool = False, experts_in_4bit: bool = True) -> Estimate:
@@ -197,6 +212,7 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     b = 4 if device == "cpu" else 2  # compute dtype bytes: fp32 on CPU, bf16/fp16 on GPUs
     linear = s.layers * sum(i * o for i, o in s.linears())
     other = s.vocab * s.hidden * (1 if s.tied else 2) + s.hidden * (2 * s.layers + 1)
+    experts = s.layers * s.expert_weights()
     bits = (4.127 if double_quant else 4.5) if load_in_4bit else 8 * b
     lora = s.layers * (sum(r * (i + o) for i, o in s.linears()) + s.expert_lora(r))
     # bitsandbytes' 8-bit optimizers keep two uint8 moments a weight and two fp32 scales a block of
@@ -221,10 +237,11 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     mask = 0 if split else (batch * max_length) ** 2 if one_row else batch * max_length ** 2 if packing else 0
     head_rows = CPU_HEAD_ROWS[fused_lora, small_head_tiles] + (CPU_BF16_CHECKPOINTED_ROWS
                                                                if bf16_products and checkpointing else 0.0)
+    held, backward = experts_parts(s, b, bits, experts_in_4bit, checkpointing)
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
         "base weights": ((linear + s.beside) * bits / 8 + other * b) / GiB,
-        **experts_parts(s, b, bits, experts_in_4bit, checkpointing),
+        **held,
         "LoRA weights + grads + optimizer": (lora * (4 + 4) + state) / GiB,
         "activations": act / GiB,
         **({"attention mask": mask * mask_bytes / GiB} if mask * mask_bytes else {}),
@@ -240,35 +257,42 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         # 8 x 256 peaked at 2.29-2.79 GiB with it, 2.0-2.3 without; without checkpointing, no more
         "logits": (head_rows * tokens * s.vocab * 4 if device == "cpu" else 2 * tokens * s.hidden * 4) / GiB,
     }
-    if device == "cpu":  # RSS also counts the libraries
-        # and what loading leaves behind: the file's pages and the memory glibc keeps from the
-        # full-precision weights it quantized (measured: 1.6x the file on SmolLM2)
-        parts["process + model load"] = CPU_PROCESS_GB + 1.6 * model_file_gb
+    # the head's temporaries are gone before the layers' backward, where a mixture's experts need more
+    if backward > parts["logits"]:
+        parts["experts in the backward, beyond the logits"] = backward - parts["logits"]
+    if device == "cpu":  # RSS also counts the libraries, and what loading leaves behind
+        parts["process"] = CPU_PROCESS_GB
+        # the decoder's linear layers, each tensor under the threshold or not, and a vision tower's (all under)
+        small = s.layers * sum(i * o * b for i, o in s.linears() if i * o * b < GLIBC_MMAP_MAX) + s.beside * b
+        parts["left by loading"] = CPU_LOAD_LEFT * small / GiB
+        # a model whose loading peaks above its training: the weights it keeps, the file's pages read
+        # through its memory map and the full-precision copies made to quantize them
+        kept = parts["base weights"] + sum(v for k, v in held.items() if k.startswith("experts ("))
+        loading = CPU_PROCESS_GB + kept + CPU_LOAD_PEAK * (linear + s.beside + other + experts) * b / GiB
+        if loading > sum(parts.values()):
+            parts["loading's peak, above training's"] = loading - sum(parts.values())
     return Estimate(parts, tokens)
 
 
-def experts_parts(s: Shape, b: int, bits: float, in_4bit: bool, checkpointing: bool) -> Dict[str, float]:
-    """A mixture's experts (GiB): as held, and as they run. A running layer's are dequantized when held in
-    4 bits (LoRA on them added into that copy); with LoRA, one more layer's: its gradient in the
-    backward (held in full, the copy PEFT adds LoRA into). Without checkpointing each layer keeps the
-    tensor it multiplied by until the backward."""
+def experts_parts(s: Shape, b: int, bits: float, in_4bit: bool, checkpointing: bool) -> Tuple[Dict[str, float], float]:
+    """A mixture's experts (GiB): as held and as the forward keeps them, and what the layers' backward
+    needs besides, after the head's temporaries are gone. A running layer's are dequantized when held
+    in 4 bits (LoRA on them added into that copy); with LoRA, one more layer's: its gradient in the
+    backward (held in full, the copy qlora adds LoRA into). Without checkpointing each layer keeps the
+    tensor it multiplied by until the backward; with it, the backward recomputes one layer at a time."""
     if not s.experts:
-        return {}
+        return {}, 0.0
     layer = s.expert_weights() * b / GiB  # one layer's experts in the compute dtype
     lora = 1 if s.expert_lora_per_rank else 0
     if in_4bit:
-        running = (1 + lora) * layer if checkpointing else (s.layers + lora) * layer
-        return {"experts (4-bit)": s.layers * s.expert_weights() * bits / 8 / GiB, "experts as they run": running}
-    running = lora * layer * (1 if checkpointing else s.layers)
-    return {"experts (not quantized)": s.layers * layer, **({"experts as they run": running} if running else {})}
-
-
-def model_file_gb(folder: Optional[Path]) -> float:
-    if folder is None:
-        return 0.0
-    from qlora.models import listed_weight_files
-
-    return sum(f.stat().st_size for f in listed_weight_files(folder)) / GiB
+        held = {"experts (4-bit)": s.layers * s.expert_weights() * bits / 8 / GiB}
+        if checkpointing:
+            return held, (1 + lora) * layer
+        return {**held, "experts as they run": s.layers * layer}, lora * layer
+    held = {"experts (not quantized)": s.layers * layer}
+    if checkpointing:
+        return held, lora * layer
+    return {**held, **({"experts as they run": lora * layer * s.layers} if lora else {})}, 0.0
 
 
 def suggest(fit, capacity: float, batch: int, accum: int, max_length: int, checkpointing: bool) -> Optional[str]:
@@ -328,7 +352,6 @@ def plan_cli(cfg) -> int:
         return estimate(shape, r=cfg.lora.r, batch=micro, max_length=length, checkpointing=checkpointing,
                         optim=optim, device=device, double_quant=cfg.quant.bnb_4bit_use_double_quant,
                         load_in_4bit=cfg.quant.load_in_4bit, packing=cfg.data.packing,
-                        model_file_gb=model_file_gb(folder) if device == "cpu" else 0.0,
                         small_head_tiles=t.small_head_tiles, checkpoint_layers=first,
                         checkpoint_attention=t.checkpoint_attention, offload_checkpoints=offload,
                         fused_lora=fused, one_row=one_row, mask_bytes=mask_bytes,

@@ -85,6 +85,25 @@ def make_tiny_gemma3_with_vision(folder: Path, head_dim: int = 16) -> Path:
 GEMMA3_TEST_MEAN, GEMMA3_TEST_STD = [0.48, 0.46, 0.41], [0.27, 0.26, 0.28]
 
 
+# a mixture of experts large enough for its experts to weigh in memory and speed on CPU: 4 layers of 32
+# experts of 768 (4 a token), 151M expert weights (bench/moe_experts.py, the planner's slow test)
+MOE_ON_CPU = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2, head_dim=64, num_experts=32, num_experts_per_tok=4, moe_intermediate_size=768)
+
+
+def make_qwen3_moe(folder: Path, tok, **shape) -> Path:
+    """A random Qwen3-MoE of that shape with that tokenizer, saved in bf16 as checkpoints are shipped."""
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    cfg = Qwen3MoeConfig(vocab_size=len(tok), tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, **shape)
+    torch.manual_seed(0)
+    Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def write_jsonl(path: Path, rows) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path
