@@ -3,8 +3,8 @@ from a picture than from a table.
 
 usage: python bench/plots.py bench/results/NAME.json [...]    # writes bench/results/NAME.png
 
-bench/cpu_speed.py, gpu_speed.py, checkpointing.py and gguf_quality.py draw theirs after a run; this
-command draws them again from saved results (the kind is told from the JSON's shape).
+bench/cpu_speed.py, gpu_speed.py, checkpointing.py, gguf_quality.py and plan_memory.py draw theirs after a
+run; this command draws them again from saved results (the kind is told from the JSON's shape).
 """
 import json
 import sys
@@ -95,26 +95,40 @@ def gpu_plot(rows: list, path: Path) -> None:
     _save(fig, path)
 
 
+def _memory_bars(ax, rows, title: str) -> None:
+    """Each case's highest measured peak beside the planner's estimate, with the estimate's error."""
+    y = list(range(len(rows)))
+    ax.barh([i - 0.2 for i in y], [r["peak_gib"] for r in rows], height=0.4, color=OURS, label="measured peak RSS")
+    ax.barh([i + 0.2 for i in y], [r["planned_gib"] for r in rows], height=0.4, color=PLAN, label="qlora plan")
+    for i, r in enumerate(rows):
+        ax.text(max(r["peak_gib"], r["planned_gib"]), i, f" {r['plan_error']:+.0%}", va="center")
+    ax.set_yticks(y, [r["case"] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlim(0, max(max(r["peak_gib"], r["planned_gib"]) for r in rows) * 1.2)
+    ax.set_xlabel("GiB")
+    ax.set_title(title)
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def checkpointing_plot(result: dict, path: Path) -> None:
     """bench/checkpointing.py: each lever's measured peak beside the planner's estimate, and its speed."""
     plt = _pyplot()
     rows = result["summary"]
     fig, (mem, speed) = plt.subplots(1, 2, figsize=(12, 0.8 + 0.6 * len(rows)), dpi=100)
-    y = list(range(len(rows)))
-    mem.barh([i - 0.2 for i in y], [r["peak_gib"] for r in rows], height=0.4, color=OURS, label="measured peak RSS")
-    mem.barh([i + 0.2 for i in y], [r["planned_gib"] for r in rows], height=0.4, color=PLAN, label="qlora plan")
-    for i, r in enumerate(rows):
-        mem.text(max(r["peak_gib"], r["planned_gib"]), i, f" {r['plan_error']:+.0%}", va="center")
-    mem.set_yticks(y, [r["case"] for r in rows])
-    mem.invert_yaxis()
-    mem.set_xlim(0, max(max(r["peak_gib"], r["planned_gib"]) for r in rows) * 1.2)
-    mem.set_xlabel("GiB")
-    mem.set_title(f"checkpointing, {result['batch']} x {result['length']} tokens: memory")
-    mem.legend(fontsize=8, loc="lower right")
+    _memory_bars(mem, rows, f"checkpointing, {result['batch']} x {result['length']} tokens: memory")
     _bars(speed, [r["warm_tokens_per_second"] for r in rows], [""] * len(rows),
           [f" {r['speedup']:.2f}x" for r in rows], OURS,
           f"warm tokens/s, best of {result['reps']} (x: against every layer)")
     speed.set_title("speed")
+    _save(fig, path)
+
+
+def plan_plot(result: dict, path: Path) -> None:
+    """bench/plan_memory.py: each case's highest peak RSS beside `qlora plan`'s estimate."""
+    plt = _pyplot()
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(10, 0.8 + 0.55 * len(rows)), dpi=100)
+    _memory_bars(ax, rows, f"qlora plan against the highest of {result['runs']} runs' peak RSS")
     _save(fig, path)
 
 
@@ -149,8 +163,11 @@ def plot(path: Path) -> Path:
         checkpointing_plot(result, target)
     elif "rows" in result and "kl" in result["rows"][0]:
         gguf_quality_plot(result, target)
+    elif "rows" in result and "planned_gib" in result["rows"][0]:
+        plan_plot(result, target)
     else:
-        raise SystemExit(f"{path}: not a result of cpu_speed.py, gpu_speed.py, checkpointing.py or gguf_quality.py")
+        raise SystemExit(f"{path}: not a result of cpu_speed.py, gpu_speed.py, checkpointing.py, gguf_quality.py "
+                         "or plan_memory.py")
     return target
 
 
