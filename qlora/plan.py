@@ -267,7 +267,7 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         parts["left by loading"] = CPU_LOAD_LEFT * small / GiB
         # a model whose loading peaks above its training: the weights it keeps, the file's pages read
         # through its memory map and the full-precision copies made to quantize them
-        kept = parts["base weights"] + sum(v for k, v in held.items() if k.startswith("experts ("))
+        kept = parts["base weights"] + experts * (bits / 8 if experts_in_4bit else b) / GiB
         loading = CPU_PROCESS_GB + kept + CPU_LOAD_PEAK * (linear + s.beside + other + experts) * b / GiB
         if loading > sum(parts.values()):
             parts["loading's peak, above training's"] = loading - sum(parts.values())
