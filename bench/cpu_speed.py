@@ -17,7 +17,6 @@ train.compile's compilation, and the first-call costs of every case); peak = the
 """
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,8 @@ import time
 from pathlib import Path
 
 from plots import speed_plot
+
+from qlora.tracking import peak_memory_gb
 
 LORA = dict(r=8, lora_alpha=16)
 # plain: the baseline; qlora: the same loss as the baseline (every token); qlora-compiled: the same
@@ -146,7 +147,7 @@ def one_case(case: str, model_path: str, data: str, steps: int) -> None:
             r = qlora(model_path, data, steps, out, extra=EXTRA_CASES[case])
         else:
             r = {"plain": plain_stack, "qlora": qlora}[case](model_path, data, steps, out)
-    r["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    r["peak_rss_gb"] = peak_memory_gb("cpu")  # this process's own peak, not its launcher's (qlora.tracking)
     print("RESULT " + json.dumps(r), flush=True)
 
 
