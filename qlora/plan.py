@@ -16,10 +16,10 @@ The estimate adds up what training holds at its peak, from the model's shape alo
 - logits: on GPUs TRL's fused head holds only fp32 copies of the hidden states it scores; on CPU
   a measured per-token term (about 1.4 fp32 rows of the vocabulary per token with the head in
   small tiles, 2.9 with TRL's own tiles; 6.9 and 11 with PEFT's own LoRA forward, whose many
-  temporaries leave glibc holding more; 0.8 more under train.bf16_base_products with
-  checkpointing): the head's temporaries and what the allocator keeps;
+  temporaries leave glibc holding more, 6.2 with it on an unquantized base; 0.8 more under
+  train.bf16_base_products with checkpointing): the head's temporaries and what the allocator keeps;
 - on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS
-  (memory glibc keeps from the tensors freed while quantizing); or, where loading peaks higher than
+  (memory glibc keeps from the tensors freed while quantizing: none for an unquantized base); or, where loading peaks higher than
   training (a mixture of experts trained with checkpointing), that peak.
 
 Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
@@ -50,6 +50,8 @@ BF16 = {"T4": False, "A10G": True, "L4": True, "A100-40": True, "A100-80": True,
 CPU_PROCESS_GB = 0.46  # RSS of Python with torch, transformers, peft, trl, bitsandbytes and datasets imported (measured)
 # fp32 rows of the vocabulary a token adds to CPU peak RSS, by (train.fused_lora, train.small_head_tiles) (measured)
 CPU_HEAD_ROWS = {(True, True): 1.4, (True, False): 2.9, (False, True): 6.9, (False, False): 11.0}
+# the same with PEFT's LoRA on an unquantized base (quant.load_in_4bit=false) and small tiles (measured)
+CPU_HEAD_ROWS_UNQUANTIZED = 6.2
 # rows more with train.bf16_base_products under gradient checkpointing (measured; none without it)
 CPU_BF16_CHECKPOINTED_ROWS = 0.8
 # what loading leaves in CPU RSS through training, per byte (in the compute dtype) of the tensors it
@@ -235,8 +237,9 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     # padding_free.segment_attention splits the row: no soft-capping, no window shorter than an example
     split = one_row and mask_bytes == 1 and not s.softcap and not (s.window and s.window < max_length)
     mask = 0 if split else (batch * max_length) ** 2 if one_row else batch * max_length ** 2 if packing else 0
-    head_rows = CPU_HEAD_ROWS[fused_lora, small_head_tiles] + (CPU_BF16_CHECKPOINTED_ROWS
-                                                               if bf16_products and checkpointing else 0.0)
+    head_rows = (CPU_HEAD_ROWS_UNQUANTIZED if not load_in_4bit and small_head_tiles
+                 else CPU_HEAD_ROWS[fused_lora, small_head_tiles])
+    head_rows += CPU_BF16_CHECKPOINTED_ROWS if bf16_products and checkpointing else 0.0
     held, backward = experts_parts(s, b, bits, experts_in_4bit, checkpointing)
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
@@ -262,9 +265,11 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         parts["experts in the backward, beyond the logits"] = backward - parts["logits"]
     if device == "cpu":  # RSS also counts the libraries, and what loading leaves behind
         parts["process"] = CPU_PROCESS_GB
-        # the decoder's linear layers, each tensor under the threshold or not, and a vision tower's (all under)
+        # the decoder's linear layers, each tensor under the threshold or not, and a vision tower's (all
+        # under); none where nothing is quantized (quant.load_in_4bit=false), which frees nothing
         small = s.layers * sum(i * o * b for i, o in s.linears() if i * o * b < GLIBC_MMAP_MAX) + s.beside * b
-        parts["left by loading"] = CPU_LOAD_LEFT * small / GiB
+        if load_in_4bit:
+            parts["left by loading"] = CPU_LOAD_LEFT * small / GiB
         # a model whose loading peaks above its training: the weights it keeps, the file's pages read
         # through its memory map and the full-precision copies made to quantize them
         kept = parts["base weights"] + experts * (bits / 8 if experts_in_4bit else b) / GiB
