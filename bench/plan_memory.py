@@ -7,7 +7,8 @@ RSS then varies least), on rows longer than train.max_length, so that every micr
 the planner plans for; `qlora plan` with the same overrides gives the estimate. The table keeps each
 case's lowest and highest peak and compares the estimate with the highest, the memory a user has to
 have. smollm2: SmolLM2-135M (LoRA r=16), with and without checkpointing, the base's products in fp32
-and in bf16 (train.bf16_base_products; bf16 cases only on CPUs with bf16 units). moe: the random
+and in bf16 (train.bf16_base_products; bf16 cases only on CPUs with bf16 units), and LoRA on the
+unquantized base (quant.load_in_4bit=false). moe: the random
 Qwen3-MoE of bench/moe_experts.py (151M of its 179M weights in experts, saved in bf16; LoRA r=8 on
 every linear layer and the experts), experts in 4 bits and in full, with and without checkpointing.
 """
@@ -26,9 +27,10 @@ from plots import plan_plot
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.conftest builds the mixture
 from tests.conftest import MOE_ON_CPU, make_qwen3_moe  # noqa: E402
 
-SMOLLM2 = [  # (micro-batch, length, checkpointing, bf16 base products)
-    (8, 256, False, False), (8, 256, True, False), (8, 256, True, True),
-    (4, 256, True, True), (8, 512, True, True), (4, 512, False, True),
+SMOLLM2 = [  # (micro-batch, length, checkpointing, bf16 base products, base in 4 bits)
+    (8, 256, False, False, True), (8, 256, True, False, True), (8, 256, True, True, True),
+    (4, 256, True, True, True), (8, 512, True, True, True), (4, 512, False, True, True),
+    (8, 256, True, False, False), (8, 256, False, False, False),
 ]
 MOE = [(4, 256, ckpt, in_4bit) for ckpt in (True, False) for in_4bit in (True, False)]
 
@@ -39,14 +41,15 @@ def cases(models, folder: Path):
 
     out = []
     if "smollm2" in models:
-        for batch, length, ckpt, bf16 in SMOLLM2:
+        for batch, length, ckpt, bf16, in_4bit in SMOLLM2:
             if bf16 and not cpu_has_bf16_units():
                 continue
-            out.append((f"SmolLM2 {batch} x {length}, checkpointing {'on' if ckpt else 'off'}, "
-                        f"{'bf16' if bf16 else 'fp32'} base products",
+            base = f"{'bf16' if bf16 else 'fp32'} base products" if in_4bit else "unquantized base"
+            out.append((f"SmolLM2 {batch} x {length}, checkpointing {'on' if ckpt else 'off'}, {base}",
                         [f"train.per_device_train_batch_size={batch}", f"train.max_length={length}",
                          f"train.gradient_checkpointing={str(ckpt).lower()}",
-                         f"train.bf16_base_products={str(bf16).lower()}"]))
+                         f"train.bf16_base_products={str(bf16).lower()}",
+                         f"quant.load_in_4bit={str(in_4bit).lower()}"]))
     if "moe" in models:
         from transformers import AutoTokenizer
 

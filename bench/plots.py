@@ -107,7 +107,7 @@ def _memory_bars(ax, rows, title: str) -> None:
     ax.set_xlim(0, max(max(r["peak_gib"], r["planned_gib"]) for r in rows) * 1.2)
     ax.set_xlabel("GiB")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # clear of the bars
 
 
 def checkpointing_plot(result: dict, path: Path) -> None:
