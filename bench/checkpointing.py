@@ -21,7 +21,8 @@ from pathlib import Path
 
 from plots import checkpointing_plot
 
-from qlora.plan import estimate, model_shape
+from qlora.model_shape import model_shape
+from qlora.plan import estimate
 
 CASES = {
     "off": ["train.gradient_checkpointing=false"],

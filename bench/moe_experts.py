@@ -24,7 +24,8 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository: tests.conftest builds the model
-from qlora.plan import estimate, model_shape  # noqa: E402
+from qlora.model_shape import model_shape  # noqa: E402
+from qlora.plan import estimate  # noqa: E402
 from tests.conftest import MOE_ON_CPU, experts_lora_ways, make_qwen3_moe, make_tokenizer  # noqa: E402
 
 CASES = {

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from qlora.cli import main
-from qlora.plan import GPUS, KNOWN, Shape, estimate, model_shape
+from qlora.model_shape import KNOWN, Shape, model_shape
+from qlora.plan import GPUS, estimate
 from tests.conftest import MOE_ON_CPU, make_qwen3_moe, make_tiny_gemma3_with_vision, write_jsonl
 
 SHAPE = KNOWN["meta-llama/Llama-3.1-8B-Instruct"]
