@@ -16,8 +16,9 @@ The estimate adds up what training holds at its peak, from the model's shape alo
 - logits: on GPUs TRL's fused head holds only fp32 copies of the hidden states it scores; on CPU
   a measured per-token term (about 1.4 fp32 rows of the vocabulary per token with the head in
   small tiles, 2.9 with TRL's own tiles; 6.9 and 11 with PEFT's own LoRA forward, whose many
-  temporaries leave glibc holding more, 6.2 with it on an unquantized base; 0.8 more under
-  train.bf16_base_products with checkpointing): the head's temporaries and what the allocator keeps;
+  temporaries leave glibc holding more, 6.0 with it on an unquantized base; 0.5 more without
+  checkpointing, 0.8 more under train.bf16_base_products with it): the head's temporaries and what the
+  allocator keeps;
 - on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS
   (memory glibc keeps from the tensors freed while quantizing: none for an unquantized base); or, where loading peaks higher than
   training (a mixture of experts trained with checkpointing), that peak.
@@ -25,10 +26,10 @@ The estimate adds up what training holds at its peak, from the model's shape alo
 Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
 
 Calibrated on CPU against the high end of measured peak RSS, which moves run to run with how glibc
-reuses freed memory (one malloc arena; SmolLM2, 1024 to 4096 tokens: 1.4 to 4.2 GiB, and a mixture of
-experts saved in bf16 with 151M of its 179M weights in experts, 1.4 to 2.1 GiB: each estimate within
-10% of the highest run; tests/integration/test_plan.py keeps five cases within 15% of the highest of
-three runs). On GPUs: against the plain stack's CUDA peaks in
+reuses freed memory (one malloc arena; SmolLM2, 1024 to 4096 tokens: 1.3 to 5.8 GiB, its base in 4
+bits or not, and a mixture of experts saved in bf16 with 151M of its 179M weights in experts, 1.3 to
+2.4 GiB: each estimate within 8% of the highest run; tests/integration/test_plan.py keeps six cases
+within 15% of the highest of three runs). On GPUs: against the plain stack's CUDA peaks in
 shared/bench/README.md (TinyLlama-1.1B 2048 x 8: 3.53 estimated vs 3.85 GiB; Llama-3-8B 2048 x 4:
 9.23 vs 9.52 GiB) and qlora's own TinyLlama run on an H200 (3.53 vs 3.86 GiB); other GPUs and
 shapes are the model's word.
@@ -50,7 +51,10 @@ CPU_PROCESS_GB = 0.46  # RSS of Python with torch, transformers, peft, trl, bits
 # fp32 rows of the vocabulary a token adds to CPU peak RSS, by (train.fused_lora, train.small_head_tiles) (measured)
 CPU_HEAD_ROWS = {(True, True): 1.4, (True, False): 2.9, (False, True): 6.9, (False, False): 11.0}
 # the same with PEFT's LoRA on an unquantized base (quant.load_in_4bit=false) and small tiles (measured)
-CPU_HEAD_ROWS_UNQUANTIZED = 6.2
+CPU_HEAD_ROWS_UNQUANTIZED = 6.0
+# rows more without gradient checkpointing, where the head's temporaries come while every layer's
+# activations are held (measured)
+CPU_UNCHECKPOINTED_ROWS = 0.5
 # rows more with train.bf16_base_products under gradient checkpointing (measured; none without it)
 CPU_BF16_CHECKPOINTED_ROWS = 0.8
 # what loading leaves in CPU RSS through training, per byte (in the compute dtype) of the tensors it
@@ -118,7 +122,10 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
     mask = 0 if split else (batch * max_length) ** 2 if one_row else batch * max_length ** 2 if packing else 0
     head_rows = (CPU_HEAD_ROWS_UNQUANTIZED if not load_in_4bit and small_head_tiles
                  else CPU_HEAD_ROWS[fused_lora, small_head_tiles])
-    head_rows += CPU_BF16_CHECKPOINTED_ROWS if bf16_products and checkpointing else 0.0
+    if checkpointing:
+        head_rows += CPU_BF16_CHECKPOINTED_ROWS if bf16_products else 0.0
+    else:
+        head_rows += CPU_UNCHECKPOINTED_ROWS
     held, backward = experts_parts(s, b, bits, experts_in_4bit, checkpointing)
     parts = {
         # embeddings, head and norms stay in the compute dtype (adapters.attach_lora)
@@ -131,9 +138,10 @@ def estimate(shape: Shape, *, r: int, batch: int, max_length: int, checkpointing
         # of the hidden states it scores (and their gradient). On CPU, measured peak RSS grows by about
         # 1.4 (tokens x vocab) fp32 arrays beyond the other parts with train.small_head_tiles, 2.9
         # without: the head's temporaries in its torch fallback, and memory glibc keeps from them
-        # (6.9 and 11 without train.fused_lora: PEFT's temporaries leave glibc holding more). One
-        # coefficient for runs with and without checkpointing: those with fit 0.8-1.5 on SmolLM2 8 x 256,
-        # those without 1.8-2.6; it is within 10% of the highest run of each (bench/README.md).
+        # (6.9 and 11 without train.fused_lora: PEFT's temporaries leave glibc holding more). Without
+        # checkpointing they come while every layer's activations are held, and runs hold 0.5 more: with
+        # one coefficient for both, every run without checkpointing (SmolLM2, the mixture) was 5-12%
+        # above its estimate and every run with it 1-16% below (bench/README.md).
         # train.bf16_base_products leaves glibc holding more where the layers are checkpointed (its
         # bf16 copies are freed between the fp32 tensors; the layers save the same tensors): SmolLM2
         # 8 x 256 peaked at 2.29-2.79 GiB with it, 2.0-2.3 without; without checkpointing, no more
