@@ -12,6 +12,8 @@ from qlora.errors import UserError
 
 @dataclass
 class Shape:
+    """A decoder's sizes, as the planner counts them (a vision tower's and a mixture's experts too)."""
+
     hidden: int
     intermediate: int
     layers: int
@@ -48,7 +50,7 @@ class Shape:
 
     def expert_weights(self) -> int:
         """A layer's expert weights: transformers holds each layer's experts as 3-D tensors (gate and
-        up, down), which bitsandbytes' loading leaves in the compute dtype (see experts_parts)."""
+        up, down), which bitsandbytes' loading leaves in the compute dtype (see plan.experts_parts)."""
         return self.experts * 3 * self.hidden * self.expert_size
 
     def expert_lora(self, r: int) -> int:
