@@ -20,8 +20,9 @@ The estimate adds up what training holds at its peak, from the model's shape alo
   checkpointing, 0.8 more under train.bf16_base_products with it): the head's temporaries and what the
   allocator keeps;
 - on CPU, the process itself: Python and the libraries, and what loading the model leaves in RSS
-  (memory glibc keeps from the tensors freed while quantizing: none for an unquantized base); or, where loading peaks higher than
-  training (a mixture of experts trained with checkpointing), that peak.
+  (memory glibc keeps from the tensors freed while quantizing: none for an unquantized base); or,
+  where loading peaks higher than training (a mixture of experts trained with checkpointing), that
+  peak.
 
 Tokens are counted as micro-batch x train.max_length: the planner plans for the longest batch.
 
